@@ -1,0 +1,1 @@
+"""ROS 2 bags from datasets, and bag evaluation offline or live."""

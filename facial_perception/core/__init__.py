@@ -1,0 +1,1 @@
+"""Pure-PyTorch core: models, data, training and evaluation. Never imports ROS."""

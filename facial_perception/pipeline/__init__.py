@@ -1,0 +1,1 @@
+"""Inference pipeline without ROS: decode -> detect -> track -> batch -> model -> smooth -> identify."""

@@ -1,0 +1,1 @@
+"""Thin ROS 2 layer: lifecycle node, message conversion, services, demo nodes."""
