@@ -1,0 +1,472 @@
+"""Classification metrics, per-subgroup tables, calibration and checkpoint evaluation.
+
+The metric functions are plain numpy so they work on predictions from anywhere (the core
+predictor, ROS bags, a spreadsheet). ``evaluate_checkpoint`` glues them to a checkpoint and a
+dataset folder; it is what ``facial-perception evaluate`` runs, so every number in the model card
+comes out of this file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class EvaluationError(ValueError):
+    """Inputs that cannot be evaluated (shape mismatch, unknown task, labels the model lacks)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Basic metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_labels(y: Any, name: str) -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise EvaluationError(f"{name} must be a 1-D array of class indices, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise EvaluationError(f"{name} must hold integer class indices")
+        arr = arr.astype(np.int64)
+    return arr.astype(np.int64, copy=False)
+
+
+def _pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    t, p = _as_labels(y_true, "y_true"), _as_labels(y_pred, "y_pred")
+    if t.shape != p.shape:
+        raise EvaluationError(f"y_true and y_pred differ in length ({t.size} vs {p.size})")
+    return t, p
+
+
+def _num_classes(num_classes: int | None, *arrays: np.ndarray) -> int:
+    seen = max((int(a.max()) + 1 for a in arrays if a.size), default=0)
+    if num_classes is None:
+        return seen
+    if seen > num_classes:
+        raise EvaluationError(f"class index {seen - 1} out of range for {num_classes} classes")
+    return num_classes
+
+
+def accuracy(y_true: Any, y_pred: Any) -> float:
+    """Fraction of exact matches; NaN for empty inputs (nothing to measure, not 0 %)."""
+    t, p = _pair(y_true, y_pred)
+    return float(np.mean(t == p)) if t.size else math.nan
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np.ndarray:
+    """Counts ``C[i, j]`` of samples with true class ``i`` predicted as ``j`` (int64)."""
+    t, p = _pair(y_true, y_pred)
+    if t.size and (t.min() < 0 or p.min() < 0):
+        raise EvaluationError("class indices must be >= 0")
+    n = _num_classes(num_classes, t, p)
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (t, p), 1)
+    return cm
+
+
+def per_class_recall(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np.ndarray:
+    """Recall of each class (diagonal / row sum); NaN for classes without samples."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    support = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+
+
+def per_class_precision(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np.ndarray:
+    """Precision of each class (diagonal / column sum); NaN for classes never predicted."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    predicted = cm.sum(axis=0)
+    return np.where(predicted > 0, np.diag(cm) / np.maximum(predicted, 1), np.nan)
+
+
+def per_class_f1(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np.ndarray:
+    """F1 per class; 0 for a class that has samples or predictions but no hit, NaN if neither."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+
+
+def macro_f1(y_true: Any, y_pred: Any, num_classes: int | None = None) -> float:
+    """Unweighted mean of F1 over classes that occur in ``y_true`` or ``y_pred``.
+
+    Classes absent from both are skipped, so evaluating on a subset of classes is not punished
+    for classes nobody asked about.
+    """
+    f1 = per_class_f1(y_true, y_pred, num_classes)
+    f1 = f1[~np.isnan(f1)]
+    return float(f1.mean()) if f1.size else math.nan
+
+
+def within_k_accuracy(y_true: Any, y_pred: Any, k: int = 1) -> float:
+    """Ordinal accuracy: prediction at most ``k`` classes away ("within one age group")."""
+    t, p = _pair(y_true, y_pred)
+    return float(np.mean(np.abs(t - p) <= k)) if t.size else math.nan
+
+
+def top_k_accuracy(y_true: Any, probabilities: Any, k: int = 2) -> float:
+    """Fraction of samples whose true class is among the ``k`` most probable ones."""
+    t = _as_labels(y_true, "y_true")
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] != t.size:
+        raise EvaluationError(f"probabilities must have shape (N, C) with N={t.size}, got {probs.shape}")
+    if not t.size:
+        return math.nan
+    k = max(1, min(k, probs.shape[1]))
+    top = np.argpartition(-probs, kth=k - 1, axis=1)[:, :k]
+    return float(np.mean(np.any(top == t[:, None], axis=1)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Subgroups
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SubgroupRow:
+    """Accuracy of one group (one value per attribute, e.g. ``("Black", "female")``)."""
+
+    group: tuple[str, ...]
+    count: int
+    correct: int
+    accuracy: float
+
+
+@dataclass
+class SubgroupTable:
+    """Per-group accuracy for one attribute or a pair of attributes, with the largest gap.
+
+    ``largest_gap`` is the difference between the best and the worst group that has at least
+    ``min_count`` samples (groups below it are listed but do not define the gap: one image is
+    not evidence of bias).
+    """
+
+    attributes: tuple[str, ...]
+    rows: list[SubgroupRow]
+    largest_gap: float
+    best_group: tuple[str, ...] | None
+    worst_group: tuple[str, ...] | None
+    min_count: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (tuples become lists, NaN becomes null)."""
+        return _jsonable(asdict(self))
+
+    def to_markdown(self) -> str:
+        """A Markdown table; for two attributes a grid (first attribute down, second across)."""
+        title = " x ".join(self.attributes)
+        lines: list[str] = []
+        if len(self.attributes) == 2:
+            rows = sorted({r.group[0] for r in self.rows}, key=_natural_key)
+            cols = sorted({r.group[1] for r in self.rows}, key=_natural_key)
+            cell = {r.group: r for r in self.rows}
+            lines.append(f"| {self.attributes[0]} \\ {self.attributes[1]} | " + " | ".join(cols) + " |")
+            lines.append("|---|" + "---|" * len(cols))
+            for a in rows:
+                cells = []
+                for b in cols:
+                    r = cell.get((a, b))
+                    cells.append("-" if r is None else f"{_pct(r.accuracy)} (n={r.count})")
+                lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        else:
+            lines.append(f"| {title} | accuracy | n |")
+            lines.append("|---|---|---|")
+            for r in self.rows:
+                lines.append(f"| {' / '.join(r.group)} | {_pct(r.accuracy)} | {r.count} |")
+        if self.best_group is not None and self.worst_group is not None:
+            lines.append("")
+            lines.append(
+                f"Largest gap ({title}): {100 * self.largest_gap:.1f} points, "
+                f"best {' / '.join(self.best_group)}, worst {' / '.join(self.worst_group)}"
+                + (f" (groups with n >= {self.min_count})" if self.min_count > 1 else "")
+            )
+        return "\n".join(lines)
+
+
+def _natural_key(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def subgroup_table(
+    y_true: Any,
+    y_pred: Any,
+    groups: Mapping[str, Any],
+    pair: Sequence[str] | str = ("race", "gender"),
+    min_count: int = 1,
+) -> SubgroupTable:
+    """Accuracy per combination of the attributes in ``pair`` (one name or several).
+
+    ``groups`` maps attribute name -> per-sample values (any hashable; printed with ``str``).
+    Samples whose value is ``None`` or empty for any of the attributes are left out.
+    """
+    t, p = _pair(y_true, y_pred)
+    attrs = (pair,) if isinstance(pair, str) else tuple(pair)
+    if not attrs:
+        raise EvaluationError("subgroup_table needs at least one attribute")
+    columns = []
+    for name in attrs:
+        if name not in groups:
+            known = ", ".join(sorted(groups)) or "none"
+            raise EvaluationError(f"attribute {name!r} not available (known: {known})")
+        values = list(groups[name])
+        if len(values) != t.size:
+            raise EvaluationError(f"attribute {name!r} has {len(values)} values for {t.size} samples")
+        columns.append(values)
+    stats: dict[tuple[str, ...], list[int]] = {}
+    for i in range(t.size):
+        key_values = [col[i] for col in columns]
+        if any(v is None or (isinstance(v, str) and not v) for v in key_values):
+            continue
+        key = tuple(str(v) for v in key_values)
+        entry = stats.setdefault(key, [0, 0])
+        entry[0] += 1
+        entry[1] += int(t[i] == p[i])
+    rows = [
+        SubgroupRow(group=key, count=n, correct=c, accuracy=c / n)
+        for key, (n, c) in sorted(stats.items(), key=lambda kv: tuple(_natural_key(v) for v in kv[0]))
+    ]
+    eligible = [r for r in rows if r.count >= min_count]
+    if eligible:
+        best = max(eligible, key=lambda r: r.accuracy)
+        worst = min(eligible, key=lambda r: r.accuracy)
+        gap, best_g, worst_g = best.accuracy - worst.accuracy, best.group, worst.group
+    else:
+        gap, best_g, worst_g = math.nan, None, None
+    return SubgroupTable(attrs, rows, gap, best_g, worst_g, min_count)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Expected calibration error and the data of a reliability diagram (equal-width bins)."""
+
+    ece: float
+    mce: float
+    bin_edges: list[float]
+    bin_confidence: list[float]
+    bin_accuracy: list[float]
+    bin_count: list[int]
+    mean_confidence: float
+    brier: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def calibration(probabilities: Any, y_true: Any, n_bins: int = 15) -> Calibration:
+    """ECE/MCE of the top-class confidence over ``n_bins`` equal-width bins, and the Brier score.
+
+    Empty bins get NaN confidence/accuracy and do not contribute to the ECE.
+    """
+    t = _as_labels(y_true, "y_true")
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] != t.size:
+        raise EvaluationError(f"probabilities must have shape (N, C) with N={t.size}, got {probs.shape}")
+    if n_bins < 1:
+        raise EvaluationError("n_bins must be >= 1")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    if not t.size:
+        nan = [math.nan] * n_bins
+        return Calibration(math.nan, math.nan, edges.tolist(), nan, nan, [0] * n_bins, math.nan, math.nan)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == t).astype(np.float64)
+    # Bin i holds (edges[i], edges[i+1]]; confidence 0 goes to the first bin.
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = np.bincount(idx, weights=correct, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bin_conf = np.where(count > 0, conf_sum / np.maximum(count, 1), np.nan)
+        bin_acc = np.where(count > 0, acc_sum / np.maximum(count, 1), np.nan)
+    gaps = np.abs(bin_acc - bin_conf)
+    filled = count > 0
+    ece = float(np.sum(gaps[filled] * count[filled]) / t.size)
+    mce = float(np.max(gaps[filled]))
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(t.size), t] = 1.0
+    brier = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    return Calibration(
+        ece, mce, edges.tolist(), bin_conf.tolist(), bin_acc.tolist(), count.astype(int).tolist(),
+        float(conf.mean()), brier,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationReport:
+    """Everything measured for one task on one dataset; serialises to JSON and Markdown."""
+
+    task: str
+    labels: list[str]
+    num_samples: int
+    accuracy: float
+    macro_f1: float
+    per_class_recall: dict[str, float]
+    per_class_support: dict[str, int]
+    confusion_matrix: list[list[int]]
+    within_one: float | None = None
+    top2: float | None = None
+    calibration: Calibration | None = None
+    subgroups: list[SubgroupTable] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k not in ("calibration", "subgroups")}
+        data["calibration"] = self.calibration.to_dict() if self.calibration else None
+        data["subgroups"] = [s.to_dict() for s in self.subgroups]
+        return _jsonable(data)
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The report as JSON text; also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        if path is not None:
+            atomic_write_text(Path(path), text + "\n")
+        return text
+
+    def to_markdown(self) -> str:
+        """Human-readable summary: headline metrics, per-class recall, subgroup tables."""
+        lines = [f"### {self.task}: {self.num_samples} samples", ""]
+        lines.append("| metric | value |")
+        lines.append("|---|---|")
+        lines.append(f"| accuracy | {_pct(self.accuracy)} |")
+        lines.append(f"| macro-F1 | {_pct(self.macro_f1)} |")
+        if self.within_one is not None:
+            lines.append(f"| within one group | {_pct(self.within_one)} |")
+        if self.top2 is not None:
+            lines.append(f"| top-2 | {_pct(self.top2)} |")
+        if self.calibration is not None:
+            lines.append(f"| ECE ({len(self.calibration.bin_count)} bins) | {self.calibration.ece:.3f} |")
+            lines.append(f"| mean confidence | {_pct(self.calibration.mean_confidence)} |")
+        lines += ["", "| class | recall | n |", "|---|---|---|"]
+        for name in self.labels:
+            recall = _pct(self.per_class_recall.get(name))
+            lines.append(f"| {name} | {recall} | {self.per_class_support.get(name, 0)} |")
+        for table in self.subgroups:
+            lines += ["", f"#### accuracy per {' x '.join(table.attributes)}", "", table.to_markdown()]
+        return "\n".join(lines) + "\n"
+
+
+def evaluate_predictions(
+    task: str,
+    labels: Sequence[str],
+    y_true: Any,
+    probabilities: Any,
+    groups: Mapping[str, Any] | None = None,
+    subgroup_sets: Sequence[Sequence[str]] = (),
+    ordinal: bool = False,
+    n_bins: int = 15,
+    min_group_count: int = 1,
+    meta: Mapping[str, Any] | None = None,
+) -> EvaluationReport:
+    """Build an :class:`EvaluationReport` from true indices and predicted probabilities.
+
+    ``subgroup_sets`` lists attribute combinations, e.g. ``[("race", "gender"), ("race",)]``.
+    ``ordinal`` adds "within one group" accuracy (for age groups).
+    """
+    t = _as_labels(y_true, "y_true")
+    probs = np.asarray(probabilities, dtype=np.float64)
+    labels = list(labels)
+    if probs.ndim != 2 or probs.shape != (t.size, len(labels)):
+        raise EvaluationError(f"probabilities must have shape ({t.size}, {len(labels)}), got {probs.shape}")
+    pred = probs.argmax(axis=1) if t.size else np.zeros(0, dtype=np.int64)
+    n = len(labels)
+    cm = confusion_matrix(t, pred, n)
+    recall = per_class_recall(t, pred, n)
+    tables = [subgroup_table(t, pred, groups or {}, s, min_group_count) for s in subgroup_sets]
+    return EvaluationReport(
+        task=task,
+        labels=labels,
+        num_samples=int(t.size),
+        accuracy=accuracy(t, pred),
+        macro_f1=macro_f1(t, pred, n),
+        per_class_recall={name: float(r) for name, r in zip(labels, recall, strict=True)},
+        per_class_support={name: int(s) for name, s in zip(labels, cm.sum(axis=1), strict=True)},
+        confusion_matrix=cm.tolist(),
+        within_one=within_k_accuracy(t, pred, 1) if ordinal else None,
+        top2=top_k_accuracy(t, probs, 2) if n > 2 else None,
+        calibration=calibration(probs, t, n_bins),
+        subgroups=tables,
+        meta=dict(meta or {}),
+    )
+
+
+def parse_subgroups(spec: str | Sequence[str] | None) -> list[tuple[str, ...]]:
+    """``"race,gender"`` -> ``[("race", "gender"), ("race",), ("gender",)]``.
+
+    Several specs can be separated by ``;``. The combined table comes first, then one table per
+    single attribute (that is where "gap between race groups" is read).
+    """
+    if spec is None:
+        return []
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[tuple[str, ...]] = []
+    for item in itertools.chain.from_iterable(s.split(";") for s in specs):
+        attrs = tuple(a.strip() for a in item.split(",") if a.strip())
+        if not attrs:
+            continue
+        for combo in [attrs] + ([(a,) for a in attrs] if len(attrs) > 1 else []):
+            if combo not in out:
+                out.append(combo)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.1f}%"
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples -> lists, numpy scalars -> Python, NaN/inf -> None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

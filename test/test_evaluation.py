@@ -1,0 +1,135 @@
+"""Metrics on hand-checkable arrays, subgroup gaps, calibration, reports and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facial_perception.core import plots
+from facial_perception.core.evaluation import (
+    EvaluationError,
+    accuracy,
+    calibration,
+    confusion_matrix,
+    evaluate_predictions,
+    macro_f1,
+    parse_subgroups,
+    per_class_recall,
+    subgroup_table,
+    top_k_accuracy,
+    within_k_accuracy,
+)
+
+Y_TRUE = np.array([0, 0, 0, 1, 1, 2])
+Y_PRED = np.array([0, 0, 1, 1, 2, 2])
+
+
+def test_accuracy_and_confusion_by_hand():
+    assert accuracy(Y_TRUE, Y_PRED) == pytest.approx(4 / 6)
+    cm = confusion_matrix(Y_TRUE, Y_PRED, 3)
+    assert cm.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert cm.sum() == Y_TRUE.size
+
+
+def test_recall_and_macro_f1_by_hand():
+    recall = per_class_recall(Y_TRUE, Y_PRED, 4)
+    assert recall[:3] == pytest.approx([2 / 3, 1 / 2, 1.0])
+    assert math.isnan(recall[3])  # no samples of class 3
+    # F1: class0 p=1 r=2/3 -> 0.8; class1 p=1/2 r=1/2 -> 0.5; class2 p=1/2 r=1 -> 2/3; class 3 skipped
+    assert macro_f1(Y_TRUE, Y_PRED, 4) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+
+
+def test_ordinal_and_top_k():
+    assert within_k_accuracy([0, 3, 5], [1, 1, 5], k=1) == pytest.approx(2 / 3)
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.1, 0.3]])
+    assert top_k_accuracy([1, 1, 1], probs, k=1) == 0.0
+    assert top_k_accuracy([1, 1, 1], probs, k=2) == pytest.approx(2 / 3)
+
+
+def test_bad_inputs_raise_one_clear_error():
+    with pytest.raises(EvaluationError, match="differ in length"):
+        accuracy([0, 1], [0])
+    with pytest.raises(EvaluationError, match="out of range"):
+        confusion_matrix([0, 3], [0, 0], num_classes=2)
+    with pytest.raises(EvaluationError, match="not available"):
+        subgroup_table([0], [0], {"race": ["a"]}, ("race", "gender"))
+
+
+def test_subgroup_table_pair_and_gap():
+    race = np.array(["A", "A", "A", "A", "B", "B", "B", "B"])
+    gender = np.array(["m", "f", "m", "f", "m", "f", "m", "f"])
+    y_true = np.zeros(8, dtype=int)
+    y_pred = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    pair = subgroup_table(y_true, y_pred, {"race": race, "gender": gender}, ("race", "gender"))
+    by_group = {r.group: (r.count, r.accuracy) for r in pair.rows}
+    assert by_group == {
+        ("A", "f"): (2, 1.0), ("A", "m"): (2, 1.0), ("B", "f"): (2, 0.0), ("B", "m"): (2, 0.5)
+    }
+    assert pair.largest_gap == pytest.approx(1.0)
+    assert pair.worst_group == ("B", "f")
+    single = subgroup_table(y_true, y_pred, {"race": race}, "race")
+    assert single.largest_gap == pytest.approx(1.0 - 0.25)
+    md = pair.to_markdown()
+    assert "race \\ gender" in md and "Largest gap" in md
+    # A group below min_count is listed but does not define the gap.
+    tiny = subgroup_table([0, 0, 0], [0, 0, 1], {"g": ["x", "x", "y"]}, "g", min_count=2)
+    assert len(tiny.rows) == 2 and tiny.largest_gap == 0.0
+
+
+def test_calibration_perfect_and_overconfident():
+    y = np.array([0, 1, 0, 1])
+    confident_right = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert calibration(confident_right, y, 10).ece == pytest.approx(0.0)
+    confident_half_wrong = np.array([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]])
+    cal = calibration(confident_half_wrong, y, 10)
+    assert cal.ece == pytest.approx(0.4)  # confidence 0.9, accuracy 0.5
+    assert sum(cal.bin_count) == 4
+
+
+def test_report_json_and_markdown(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"]
+    y = rng.integers(0, 3, size=40)
+    logits = rng.normal(size=(40, 3)) + 3 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    groups = {"race": rng.choice(["0", "1"], 40), "gender": rng.choice(["m", "f"], 40)}
+    report = evaluate_predictions(
+        "age", labels, y, probs, groups, parse_subgroups("race,gender"), ordinal=True
+    )
+    assert report.accuracy == pytest.approx(float(np.mean(probs.argmax(1) == y)))
+    assert [s.attributes for s in report.subgroups] == [("race", "gender"), ("race",), ("gender",)]
+    out = tmp_path / "r.json"
+    report.to_json(out)
+    data = json.loads(out.read_text())
+    assert data["num_samples"] == 40 and set(data["per_class_recall"]) == set(labels)
+    assert data["subgroups"][0]["attributes"] == ["race", "gender"]
+    assert "within one group" in report.to_markdown()
+
+
+def test_plots_write_real_pngs(tmp_path):
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_acc": 0.1 * e, "val_acc": 0.08 * e}
+        for e in range(1, 5)
+    ]
+    cm = confusion_matrix(Y_TRUE, Y_PRED, 3)
+    table = subgroup_table(Y_TRUE, Y_PRED, {"g": ["x", "x", "y", "y", "z", "z"]}, "g")
+    cal = calibration(np.eye(3)[Y_PRED] * 0.7 + 0.1, Y_TRUE, 5)
+    paths = [
+        plots.plot_learning_curves(history, tmp_path / "curves.png"),
+        plots.plot_confusion_matrix(cm, ["a", "b", "c"], tmp_path / "cm.png"),
+        plots.plot_reliability(cal, tmp_path / "rel.png"),
+        plots.plot_group_accuracy(table, tmp_path / "groups.png"),
+        plots.plot_curve_comparison({"with": [[0.1, 0.5], [0.2, 0.6, 0.7]], "without": [[0.1, 0.2]]},
+                                    tmp_path / "cmp.png"),
+        plots.save_image_grid(np.linspace(-1, 1, 5 * 8 * 8).reshape(5, 1, 8, 8), tmp_path / "grid.png", 3),
+    ]
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 10
+    with Image.open(paths[-1]) as grid:
+        assert grid.size == (3 * 10 + 2, 2 * 10 + 2)
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
