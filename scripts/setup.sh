@@ -63,17 +63,32 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE=\${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST
 ENV
 
 # ---- 4. build + install the package (interfaces, Python library, launch, config) into the venv -------------------
+# AMENT_PREFIX_PATH=venv lets rosidl find its typesupports; Python3_EXECUTABLE pins the venv interpreter (the
+# generated C extensions are built for it); prefix=venv makes `import facial_perception.msg` work without any
+# extra environment. The build and the install are incremental, so a re-run with nothing changed takes seconds.
 if [ -f "$REPO/CMakeLists.txt" ]; then
   BUILD="$VENV/build/facial_perception"
+  mkdir -p "$BUILD"
   ( set +u; . "$VENV/bin/ros_env.sh"
     if [ ! -f "$BUILD/CMakeCache.txt" ]; then
-      log "configuring the package (CMake)"
-      cmake -S "$REPO" -B "$BUILD" -DCMAKE_INSTALL_PREFIX="$VENV" -DPython3_EXECUTABLE="$VENV/bin/python" \
-        -DBUILD_TESTING=OFF > "$BUILD.configure.log" 2>&1 || { mkdir -p "$BUILD"; tail -40 "$BUILD.configure.log"; exit 1; }
+      log "configuring the package (CMake; the first build takes a minute or two)"
+      if ! cmake -S "$REPO" -B "$BUILD" -DCMAKE_INSTALL_PREFIX="$VENV" -DPython3_EXECUTABLE="$VENV/bin/python" \
+          -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release > "$BUILD.configure.log" 2>&1; then
+        tail -40 "$BUILD.configure.log" >&2
+        rm -f "$BUILD/CMakeCache.txt"   # a failed configure must not be mistaken for a done one next time
+        echo "setup: CMake configure failed (full log: $BUILD.configure.log)" >&2; exit 1
+      fi
     fi
-    cmake --build "$BUILD" -j"$(nproc)" > "$BUILD.build.log" 2>&1 || { tail -40 "$BUILD.build.log"; exit 1; }
-    cmake --install "$BUILD" > "$BUILD.install.log" 2>&1 || { tail -40 "$BUILD.install.log"; exit 1; }
+    cmake --build "$BUILD" -j"$(nproc)" > "$BUILD.build.log" 2>&1 \
+      || { tail -40 "$BUILD.build.log" >&2; echo "setup: build failed (log: $BUILD.build.log)" >&2; exit 1; }
+    cmake --install "$BUILD" > "$BUILD.install.log" 2>&1 \
+      || { tail -40 "$BUILD.install.log" >&2; echo "setup: install failed (log: $BUILD.install.log)" >&2; exit 1; }
   )
+  # the generated interfaces import from the venv alone, and combine with the sources on PYTHONPATH
+  "$VENV/bin/python" -c 'from facial_perception.msg import FaceArray; from facial_perception.srv import ListTasks; from facial_perception.action import AddTaskColumn' \
+    || { echo "setup: the installed interfaces do not import (see $BUILD.install.log)" >&2; exit 1; }
+  ( cd "$REPO" && PYTHONPATH="$REPO" "$VENV/bin/python" -c 'import facial_perception.msg, facial_perception.core' ) \
+    || { echo "setup: facial_perception.msg does not import beside the sources on PYTHONPATH" >&2; exit 1; }
   log "package built and installed into $VENV"
 fi
 log "done; activate with: source $VENV/bin/ros_env.sh"
