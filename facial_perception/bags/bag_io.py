@@ -253,6 +253,10 @@ class BagWriter:
             raise BagError(f"cannot add topic {topic} to {self.path}: {exc}") from None
         self.counts[topic] = 0
 
+    def set_custom_data(self, key: str, value: str) -> None:
+        """Store a string in the bag's ``metadata.yaml`` ``custom_data`` (how the bag was made)."""
+        self._writer.set_custom_data(key, value)
+
     def write(self, topic: str, timestamp_ns: int, msg: Any) -> None:
         """Serialize a rosbags message object and write it at ``timestamp_ns`` (receive time)."""
         self.add_topic(topic, msg.__msgtype__)
@@ -439,6 +443,12 @@ class BagReader:
     def message_count(self, topic: str) -> int:
         """Number of messages on ``topic`` (0 for an unknown topic)."""
         return sum(c.msgcount for c in self._reader.connections if c.topic == topic)
+
+    @property
+    def custom_data(self) -> dict[str, str]:
+        """``custom_data`` of ``metadata.yaml`` (empty for single-file bags)."""
+        metadata = getattr(self._reader.storage, "metadata", None)
+        return dict(getattr(metadata, "custom", None) or {})
 
     @property
     def duration_s(self) -> float:
