@@ -281,7 +281,9 @@ def _layout_kind(dataset: Any) -> str:
     return "default"
 
 
-def _load_items(dataset_path: Path, tasks: Sequence[str] | None) -> tuple[list[_Item], dict[str, list[str]], str]:
+def _load_items(
+    dataset_path: Path, tasks: Sequence[str] | None
+) -> tuple[list[_Item], dict[str, list[str]], str]:
     """Samples with string labels of every requested task (joined by file path) and attributes."""
     from facial_perception.core.datasets import DatasetError, open_dataset
 
@@ -374,8 +376,9 @@ def make_bag(
         order = order[: options.max_samples]
     mean_faces = sum(options.faces_per_frame) / 2
     n_frames = options.frames or max(1, math.ceil(len(order) / mean_faces) * options.track_length)
-    topic = options.topic or (DEFAULT_COMPRESSED_TOPIC if options.image_type == "compressed" else DEFAULT_IMAGE_TOPIC)
-    image_type = COMPRESSED_IMAGE_TYPE if options.image_type == "compressed" else IMAGE_TYPE
+    compressed = options.image_type == "compressed"
+    topic = options.topic or (DEFAULT_COMPRESSED_TOPIC if compressed else DEFAULT_IMAGE_TOPIC)
+    image_type = COMPRESSED_IMAGE_TYPE if compressed else IMAGE_TYPE
     period_ns = round(1e9 / options.fps)
     cache: dict[int, np.ndarray] = {}
 
@@ -416,7 +419,8 @@ def make_bag(
                     frame[y0:y1, x0:x1] = resized[p.track]
                     item = items[order[p.sample]]
                     used.add(p.sample)
-                    box = (x0 + region[0] * p.w, y0 + region[1] * p.h, x0 + region[2] * p.w, y0 + region[3] * p.h)
+                    box = (x0 + region[0] * p.w, y0 + region[1] * p.h,
+                           x0 + region[2] * p.w, y0 + region[3] * p.h)
                     attributes = {**item.attributes, ATTRIBUTE_TRACK: str(p.track)}
                     gt_faces.append(GroundTruthFace(box, dict(item.labels), attributes))
                 source = ",".join(_relative(items[order[p.sample]].path, Path(dataset)) for p in placements)
@@ -429,8 +433,8 @@ def make_bag(
         bar.close()
         summary = MakeBagSummary(
             path=str(output), storage=options.storage, frames=n_frames, faces=faces_written, tracks=tracks,
-            samples=len(used), tasks=list(label_names), image_topic=topic, ground_truth_topic=GROUND_TRUTH_TOPIC,
-            label_names=label_names,
+            samples=len(used), tasks=list(label_names), image_topic=topic,
+            ground_truth_topic=GROUND_TRUTH_TOPIC, label_names=label_names,
         )
         writer.set_custom_data("facial_perception.make_bag", json.dumps({
             "dataset": str(dataset), "tasks": list(label_names), "label_names": label_names,
