@@ -119,17 +119,37 @@ class DemoCamera(Node):
         self.image_topic = str(declare("image_topic", "/camera/image_raw", "Topic of the published images"))
         self.frame_id = str(declare("frame_id", "camera", "frame_id written into every header"))
         self.rate = float(
-            declare("rate", 10.0, "Frames per second",
-                    floating_point_range=[FloatingPointRange(from_value=0.1, to_value=120.0)])
+            declare(
+                "rate",
+                10.0,
+                "Frames per second",
+                floating_point_range=[FloatingPointRange(from_value=0.1, to_value=120.0)],
+            )
         )
         self.num_frames = int(
-            declare("num_frames", 0, "Frames to publish before stopping (0 = loop forever)",
-                    integer_range=[IntegerRange(from_value=0, to_value=10_000_000, step=1)])
+            declare(
+                "num_frames",
+                0,
+                "Frames to publish before stopping (0 = loop forever)",
+                integer_range=[IntegerRange(from_value=0, to_value=10_000_000, step=1)],
+            )
         )
-        width = int(declare("width", 640, "Frame width (pixels)",
-                            integer_range=[IntegerRange(from_value=64, to_value=4096, step=1)]))
-        height = int(declare("height", 480, "Frame height (pixels)",
-                             integer_range=[IntegerRange(from_value=64, to_value=4096, step=1)]))
+        width = int(
+            declare(
+                "width",
+                640,
+                "Frame width (pixels)",
+                integer_range=[IntegerRange(from_value=64, to_value=4096, step=1)],
+            )
+        )
+        height = int(
+            declare(
+                "height",
+                480,
+                "Frame height (pixels)",
+                integer_range=[IntegerRange(from_value=64, to_value=4096, step=1)],
+            )
+        )
         self.compressed = bool(
             declare("compressed", False, "Publish JPEG CompressedImage on <image_topic>/compressed")
         )
