@@ -1,0 +1,453 @@
+"""One camera frame -> per-face results: detect, track, crop, ONE model batch, smooth, identify.
+
+This is the ROS-free heart shared by the perception node and the offline bag evaluator, so both
+measure exactly the same thing.  Per frame:
+
+1. ``detector.detect`` -> boxes (largest first, at most ``max_faces``);
+2. ``tracker.update`` -> stable track ids (state of removed tracks is dropped from the smoother);
+3. ``crop_face`` + ``preprocess_batch`` -> one ``(N, 1, S, S)`` tensor for all faces of the frame;
+4. ``predictor.predict`` -> per-face task probabilities and the identity embedding (one forward);
+5. ``smoother`` -> per-track moving averages of probabilities and embeddings;
+6. ``gallery.match`` on the smoothed embeddings -> name or ``"unknown"`` (``""`` when identity
+   recognition is off, i.e. no gallery, or the model has no identity column).
+
+Enrolment ("the next N frames of this face") is an :class:`EnrolmentCollector` fed by
+:meth:`FramePipeline.process`; the predictor can be hot-swapped with :meth:`FramePipeline.set_predictor`.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from facial_perception.core.preprocess import crop_face, preprocess_batch
+from facial_perception.pipeline.detection import Detection, FaceDetector
+from facial_perception.pipeline.gallery import GalleryError, IdentityGallery
+from facial_perception.pipeline.smoothing import PredictionSmoother
+from facial_perception.pipeline.tracking import FaceTracker, Track
+
+__all__ = [
+    "IDENTITY_TASK",
+    "STANDARD_TASKS",
+    "EnrolmentCollector",
+    "FacePipelineError",
+    "FaceResult",
+    "FramePipeline",
+    "FrameResult",
+    "TaskResult",
+    "draw_annotations",
+]
+
+IDENTITY_TASK = "identity"
+STANDARD_TASKS = ("identity", "age", "gender", "emotion")
+
+
+class FacePipelineError(ValueError):
+    """A frame or request the pipeline cannot handle (bad image, bad enrolment request); one line."""
+
+
+class _Predictor(Protocol):
+    """The part of ``core.inference.FacePredictor`` the pipeline uses (see docs/ARCHITECTURE.md)."""
+
+    def predict(self, batch: Any) -> list[Any]: ...
+
+
+@dataclass
+class TaskResult:
+    """One task's (smoothed) prediction for one face."""
+
+    label: str
+    index: int
+    confidence: float
+    labels: list[str]
+    probabilities: np.ndarray
+
+
+@dataclass
+class FaceResult:
+    """Everything known about one face in one frame."""
+
+    track_id: int
+    box: np.ndarray  # float32 xyxy pixels
+    box_normalized: np.ndarray  # float32 xyxy in [0, 1] of width/height
+    detection_score: float
+    identity: str  # enrolled name, "unknown", or "" when identity recognition is off
+    identity_confidence: float
+    tasks: dict[str, TaskResult]
+    embedding: np.ndarray | None  # smoothed, unit-norm identity embedding
+    keypoints: np.ndarray | None = None
+
+
+@dataclass
+class FrameResult:
+    """All faces of a frame plus per-stage timings in milliseconds."""
+
+    faces: list[FaceResult]
+    timings: dict[str, float]
+    stamp: float | None = None
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class EnrolmentCollector:
+    """Collects the per-frame identity embeddings of one face for enrolment.
+
+    With ``track_id=None`` the largest face of the first frame that has one is chosen and then
+    followed by its track id.  Collection fails if that track disappears, or after ``timeout_s``
+    seconds (checked as frames arrive; callers also bound their :meth:`wait`).  When ``frames``
+    embeddings are collected, the pipeline enrols them in its gallery; :attr:`count` is then the
+    person's number of stored embeddings, or :attr:`error` says what went wrong.
+    """
+
+    name: str
+    frames: int
+    track_id: int | None = None
+    timeout_s: float | None = 10.0
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    crops: list[np.ndarray] = field(default_factory=list)
+    error: str | None = None
+    count: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def done(self) -> bool:
+        """True once finished, successfully or not."""
+        return self._done.is_set()
+
+    @property
+    def ok(self) -> bool:
+        return self.done and self.error is None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until finished (or ``timeout`` seconds); True when finished."""
+        return self._done.wait(timeout)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop collecting (no-op when already finished)."""
+        self._finish(error=reason)
+
+    def _finish(self, error: str | None = None, count: int | None = None) -> None:
+        if self._done.is_set():
+            return
+        self.error, self.count = error, count
+        self._done.set()
+
+
+def _timed(timings: dict[str, float], key: str, start: float) -> float:
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + (now - start) * 1000.0
+    return now
+
+
+class FramePipeline:
+    """Detect -> track -> batch -> model -> smooth -> identify, for one frame at a time.
+
+    ``predictor`` follows the ``FacePredictor`` contract (``predict(tensor) -> list[FacePrediction]``
+    with ``.tasks[name].probabilities/.labels`` and ``.embedding``).  ``input_size`` defaults to the
+    predictor's model input size.  :meth:`process` is meant to be called from one thread at a
+    time; :meth:`set_predictor`, :meth:`start_enrolment` and the gallery may be used from others.
+    """
+
+    def __init__(
+        self,
+        predictor: _Predictor,
+        detector: FaceDetector,
+        tracker: FaceTracker | None = None,
+        smoother: PredictionSmoother | None = None,
+        gallery: IdentityGallery | None = None,
+        input_size: int | None = None,
+        crop_margin: float = 0.2,
+        max_faces: int = 5,
+    ) -> None:
+        if max_faces < 1:
+            raise FacePipelineError(f"max_faces must be >= 1, got {max_faces}")
+        if crop_margin < 0:
+            raise FacePipelineError(f"crop_margin must be >= 0, got {crop_margin}")
+        self.detector = detector
+        self.tracker = tracker if tracker is not None else FaceTracker()
+        self.smoother = smoother if smoother is not None else PredictionSmoother()
+        self.gallery = gallery
+        self.crop_margin = float(crop_margin)
+        self.max_faces = int(max_faces)
+        self._lock = threading.Lock()
+        self._collectors: list[EnrolmentCollector] = []
+        self._predictor = predictor
+        self.input_size = int(input_size) if input_size is not None else _input_size_of(predictor)
+
+    # -- configuration -------------------------------------------------------------------------
+    @property
+    def predictor(self) -> _Predictor:
+        return self._predictor
+
+    def set_predictor(self, predictor: _Predictor, input_size: int | None = None) -> None:
+        """Hot-swap the model; the next frame uses it.  Smoothing state restarts (labels may differ)."""
+        size = int(input_size) if input_size is not None else _input_size_of(predictor)
+        with self._lock:
+            self._predictor = predictor
+            self.input_size = size
+            self.smoother.reset()
+
+    def reset(self) -> None:
+        """Forget tracks and smoothing state (e.g. between bag sequences)."""
+        self.tracker.reset()
+        self.smoother.reset()
+
+    # -- per frame -----------------------------------------------------------------------------
+    def process(
+        self, rgb: np.ndarray, stamp: float | None = None, decode_ms: float | None = None
+    ) -> FrameResult:
+        """Run the whole pipeline on an RGB ``uint8`` frame; ``decode_ms`` is recorded when given."""
+        t_start = time.perf_counter()
+        frame = _check_frame(rgb)
+        height, width = frame.shape[:2]
+        timings: dict[str, float] = {}
+        if decode_ms is not None:
+            timings["decode"] = float(decode_ms)
+        with self._lock:
+            predictor, input_size = self._predictor, self.input_size
+
+        t = time.perf_counter()
+        detections = self.detector.detect(frame)
+        detections = sorted(detections, key=lambda d: d.area, reverse=True)[: self.max_faces]
+        t = _timed(timings, "detect", t)
+
+        tracks = self.tracker.update(detections)
+        self.smoother.drop(self.tracker.removed_ids)
+        t = _timed(timings, "track", t)
+
+        faces: list[FaceResult] = []
+        raw_embeddings: list[np.ndarray | None] = []
+        crops: list[np.ndarray] = []
+        if tracks:
+            crops = [crop_face(frame, track.box, self.crop_margin, square=True) for track in tracks]
+            batch = preprocess_batch(crops, input_size)
+            t = _timed(timings, "preprocess", t)
+            predictions = predictor.predict(batch)
+            if len(predictions) != len(tracks):
+                got, want = len(predictions), len(tracks)
+                raise FacePipelineError(f"predictor returned {got} results for {want} faces")
+            t = _timed(timings, "model", t)
+            for track, prediction in zip(tracks, predictions, strict=True):
+                face, raw = self._smooth_face(track, prediction, width, height)
+                faces.append(face)
+                raw_embeddings.append(raw)
+            t = _timed(timings, "smooth", t)
+            self._identify(faces)
+            t = _timed(timings, "identify", t)
+        self._feed_collectors(tracks, raw_embeddings, crops)
+        timings["total"] = (time.perf_counter() - t_start) * 1000.0 + timings.get("decode", 0.0)
+        return FrameResult(faces=faces, timings=timings, stamp=stamp, width=width, height=height)
+
+    def _smooth_face(
+        self, track: Track, prediction: Any, width: int, height: int
+    ) -> tuple[FaceResult, np.ndarray | None]:
+        tasks: dict[str, TaskResult] = {}
+        for name, task in prediction.tasks.items():
+            labels = [str(label) for label in task.labels]
+            probs = self.smoother.smooth(track.track_id, name, labels, np.asarray(task.probabilities))
+            index = int(np.argmax(probs))
+            tasks[name] = TaskResult(
+                label=labels[index],
+                index=index,
+                confidence=float(probs[index]),
+                labels=labels,
+                probabilities=probs,
+            )
+        raw = getattr(prediction, "embedding", None)
+        raw = None if raw is None else np.asarray(raw, dtype=np.float32).reshape(-1)
+        embedding = self.smoother.smooth_embedding(track.track_id, raw) if raw is not None else None
+        scale = np.array([width, height, width, height], dtype=np.float32)
+        box = np.asarray(track.box, dtype=np.float32).copy()
+        face = FaceResult(
+            track_id=track.track_id,
+            box=box,
+            box_normalized=np.clip(box / scale, 0.0, 1.0),
+            detection_score=float(track.score),
+            identity="",
+            identity_confidence=0.0,
+            tasks=tasks,
+            embedding=embedding,
+            keypoints=track.keypoints,
+        )
+        return face, raw
+
+    def _identify(self, faces: list[FaceResult]) -> None:
+        if self.gallery is None:
+            return
+        indexed = [(i, f.embedding) for i, f in enumerate(faces) if f.embedding is not None]
+        if not indexed:
+            return
+        matches = self.gallery.match(np.stack([e for _, e in indexed]))
+        for (i, _), (name, confidence) in zip(indexed, matches, strict=True):
+            faces[i].identity, faces[i].identity_confidence = name, float(confidence)
+
+    # -- enrolment -----------------------------------------------------------------------------
+    def start_enrolment(
+        self, name: str, frames: int = 10, track_id: int | None = None, timeout_s: float | None = 10.0
+    ) -> EnrolmentCollector:
+        """Collect the next ``frames`` embeddings of ``track_id`` (or the largest face) and enrol them."""
+        if self.gallery is None:
+            raise FacePipelineError("identity recognition is disabled (no gallery): cannot enrol")
+        if not isinstance(name, str) or not name.strip():
+            raise FacePipelineError("enrolment needs a non-empty name")
+        if not 1 <= int(frames) <= 1000:
+            raise FacePipelineError(f"frames must be between 1 and 1000, got {frames}")
+        if track_id is not None and track_id < 1:
+            raise FacePipelineError(f"track ids start at 1, got {track_id}")
+        collector = EnrolmentCollector(
+            name=name.strip(), frames=int(frames), track_id=track_id, timeout_s=timeout_s
+        )
+        with self._lock:
+            self._collectors.append(collector)
+        return collector
+
+    def _feed_collectors(
+        self, tracks: Sequence[Track], embeddings: Sequence[np.ndarray | None], crops: Sequence[np.ndarray]
+    ) -> None:
+        with self._lock:
+            collectors = [c for c in self._collectors if not c.done]
+            self._collectors = collectors
+        if not collectors:
+            return
+        live_ids = {t.track_id for t in self.tracker.tracks}
+        by_id = {t.track_id: i for i, t in enumerate(tracks)}
+        now = time.monotonic()
+        for collector in collectors:
+            if collector.timeout_s is not None and now - collector.started > collector.timeout_s:
+                got = f"{len(collector.embeddings)}/{collector.frames}"
+                collector._finish(error=f"timed out after {collector.timeout_s:g} s with {got} frames")
+                continue
+            if collector.track_id is None:
+                if not tracks:
+                    continue
+                largest = max(range(len(tracks)), key=lambda i: _area(tracks[i].box))
+                collector.track_id = tracks[largest].track_id
+            elif collector.track_id not in live_ids:
+                collector._finish(error=f"track {collector.track_id} is not (or no longer) in view")
+                continue
+            index = by_id.get(collector.track_id)
+            if index is None:
+                continue  # the track is coasting through a missed detection
+            if embeddings[index] is None:
+                collector._finish(error="the model has no identity column: nothing to enrol")
+                continue
+            collector.embeddings.append(embeddings[index])
+            collector.crops.append(crops[index])
+            if len(collector.embeddings) >= collector.frames:
+                self._commit(collector)
+
+    def _commit(self, collector: EnrolmentCollector) -> None:
+        if self.gallery is None:
+            collector._finish(error="identity recognition is disabled (no gallery)")
+            return
+        try:
+            count = self.gallery.enrol(collector.name, np.stack(collector.embeddings), images=collector.crops)
+        except GalleryError as exc:
+            collector._finish(error=str(exc))
+            return
+        collector._finish(count=count)
+
+    def embed_faces(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Identity embeddings ``(K, D)`` of the largest face in each image (enrolment from files).
+
+        Raises :class:`FacePipelineError` naming the first image without a face, or when the model
+        has no identity column.  Does not touch tracking or smoothing state.
+        """
+        if not images:
+            raise FacePipelineError("no images given")
+        crops: list[np.ndarray] = []
+        for i, image in enumerate(images):
+            frame = _check_frame(image)
+            detections: list[Detection] = self.detector.detect(frame)
+            if not detections:
+                raise FacePipelineError(f"no face found in image {i}")
+            largest = max(detections, key=lambda d: d.area)
+            crops.append(crop_face(frame, largest.box, self.crop_margin, square=True))
+        with self._lock:
+            predictor, input_size = self._predictor, self.input_size
+        predictions = predictor.predict(preprocess_batch(crops, input_size))
+        embeddings = [getattr(p, "embedding", None) for p in predictions]
+        if any(e is None for e in embeddings):
+            raise FacePipelineError("the model has no identity column: no embeddings to enrol")
+        return np.stack([np.asarray(e, dtype=np.float32).reshape(-1) for e in embeddings]), crops
+
+
+def _area(box: np.ndarray) -> float:
+    return float(max(box[2] - box[0], 0) * max(box[3] - box[1], 0))
+
+
+def _check_frame(rgb: np.ndarray) -> np.ndarray:
+    frame = np.asarray(rgb)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or frame.size == 0:
+        raise FacePipelineError(
+            f"frame must be a non-empty RGB uint8 (H, W, 3) array, got {frame.dtype} {frame.shape}"
+        )
+    return frame
+
+
+def _input_size_of(predictor: Any) -> int:
+    """The model input size from the predictor (``input_size`` or ``model.config.input_size``)."""
+    for getter in (
+        lambda p: p.input_size,
+        lambda p: p.model.config.input_size,
+    ):
+        try:
+            size = getter(predictor)
+        except AttributeError:
+            continue
+        if isinstance(size, int | np.integer) and size > 0:
+            return int(size)
+    raise FacePipelineError("cannot tell the model input size from the predictor: pass input_size")
+
+
+# -- debug drawing ----------------------------------------------------------------------------
+def _track_colour(track_id: int) -> tuple[int, int, int]:
+    hue = (track_id * 0.61803398875) % 1.0  # golden-ratio hues: neighbouring ids look different
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _face_lines(face: FaceResult, order: Sequence[str]) -> list[str]:
+    head = f"#{face.track_id}"
+    if face.identity:
+        head += f" {face.identity} {face.identity_confidence:.2f}"
+    names = [n for n in order if n in face.tasks and n != IDENTITY_TASK]
+    names += [n for n in face.tasks if n not in names and n != IDENTITY_TASK]
+    return [head] + [f"{n}: {face.tasks[n].label} {face.tasks[n].confidence:.2f}" for n in names]
+
+
+def draw_annotations(
+    rgb: np.ndarray,
+    frame_result: FrameResult,
+    task_order: Sequence[str] = ("gender", "age", "emotion"),
+    line_formatter: Callable[[FaceResult], list[str]] | None = None,
+) -> np.ndarray:
+    """A copy of the frame with each face's box (colour per track) and its labels drawn on it."""
+    canvas = np.array(_check_frame(rgb), dtype=np.uint8, copy=True, order="C")
+    height, width = canvas.shape[:2]
+    scale = float(np.clip(min(width, height) / 800.0, 0.35, 1.2))
+    thickness = max(1, round(scale * 2))
+    for face in frame_result.faces:
+        colour = _track_colour(face.track_id)
+        x1, y1, x2, y2 = (round(float(v)) for v in face.box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
+        lines = line_formatter(face) if line_formatter else _face_lines(face, task_order)
+        (_, text_h), base = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        step = text_h + base + 2
+        y = y2 + step if y2 + step * len(lines) < height else max(step, y1 - step * (len(lines) - 1) - 4)
+        for line in lines:
+            (text_w, _), _ = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+            x = int(np.clip(x1, 0, max(width - text_w, 0)))
+            cv2.rectangle(canvas, (x, y - text_h - 2), (x + text_w + 2, y + base), (0, 0, 0), -1)
+            cv2.putText(canvas, line, (x + 1, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+            y += step
+    return canvas
