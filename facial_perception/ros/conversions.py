@@ -17,6 +17,7 @@ from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from facial_perception.msg import Face, FaceArray, NormalizedRoi, TaskInfo, TaskPrediction, TrainingStatus
+from facial_perception.pipeline.frame_pipeline import FaceResult, FrameResult, TaskResult
 from facial_perception.pipeline.images import (
     DEFAULT_MAX_SIZE,
     ImageDecodeError,
@@ -94,16 +95,6 @@ def stamp_to_ns(stamp: Time) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- results
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    """First present attribute (or mapping key) of ``obj`` among ``names``."""
-    for name in names:
-        if isinstance(obj, Mapping) and name in obj:
-            return obj[name]
-        if hasattr(obj, name):
-            return getattr(obj, name)
-    return default
-
-
 def _unit(value: Any) -> float:
     """A finite float in [0, 1] (NaN/None -> 0), so messages never carry garbage confidences."""
     try:
@@ -113,18 +104,23 @@ def _unit(value: Any) -> float:
     return min(max(number, 0.0), 1.0) if math.isfinite(number) else 0.0
 
 
-def _task_prediction_msg(task: str, prediction: Any) -> TaskPrediction:
-    """``core.inference.TaskPrediction`` -> ``facial_perception/TaskPrediction``."""
-    labels = [str(label) for label in (_get(prediction, "labels", default=()) or ())]
-    probabilities = np.asarray(_get(prediction, "probabilities", default=()), dtype=np.float64).reshape(-1)
+def _task_prediction_msg(task: str, prediction: TaskResult) -> TaskPrediction:
+    """``pipeline.TaskResult`` (smoothed) -> ``facial_perception/TaskPrediction``."""
+    labels = [str(label) for label in prediction.labels]
+    probabilities = np.asarray(prediction.probabilities, dtype=np.float64).reshape(-1)
     probabilities = np.nan_to_num(probabilities, nan=0.0, posinf=0.0, neginf=0.0)
     msg = TaskPrediction()
     msg.task = str(task)
-    msg.label = str(_get(prediction, "label", default="") or "")
-    msg.confidence = _unit(_get(prediction, "confidence", default=0.0))
+    msg.label = str(prediction.label)
+    msg.confidence = _unit(prediction.confidence)
     msg.label_names = labels
     msg.probabilities = [float(p) for p in probabilities[: len(labels)]] if labels else []
     return msg
+
+
+def _area(box: Iterable[float]) -> float:
+    x1, y1, x2, y2 = (float(v) for v in list(box)[:4])
+    return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
 
 
 def _roi_msgs(box: Iterable[float], width: int, height: int) -> tuple[RegionOfInterest, NormalizedRoi]:
@@ -143,22 +139,18 @@ def _roi_msgs(box: Iterable[float], width: int, height: int) -> tuple[RegionOfIn
     return roi, norm
 
 
-def _face_msg(face: Any, width: int, height: int, kinds: Mapping[str, str], identity_enabled: bool) -> Face:
-    """One ``pipeline`` face result -> ``Face`` (ROI, score, identity, built-in fields, all predictions)."""
+def _face_msg(
+    face: FaceResult, width: int, height: int, kinds: Mapping[str, str], identity_enabled: bool
+) -> Face:
+    """One ``pipeline.FaceResult`` -> ``Face`` (ROI, score, identity, built-in fields, all predictions)."""
     msg = Face()
-    msg.track_id = int(_get(face, "track_id", default=0) or 0)
-    msg.roi, msg.roi_normalized = _roi_msgs(_get(face, "box", "bbox", default=(0, 0, 0, 0)), width, height)
-    msg.detection_score = _unit(_get(face, "score", "detection_score", default=0.0))
+    msg.track_id = int(face.track_id)
+    msg.roi, msg.roi_normalized = _roi_msgs(face.box, width, height)
+    msg.detection_score = _unit(face.detection_score)
     if identity_enabled:
-        name = _get(face, "identity", "identity_name", default=None)
-        msg.identity = str(name) if name else "unknown"
-        msg.identity_confidence = _unit(_get(face, "identity_confidence", "identity_score", default=0.0))
-    else:
-        msg.identity, msg.identity_confidence = "", 0.0
-    predictions = _get(face, "predictions", "tasks", default={}) or {}
-    if not isinstance(predictions, Mapping):  # a FacePrediction: its .tasks holds the per-task results
-        predictions = _get(predictions, "tasks", default={}) or {}
-    for task, prediction in predictions.items():
+        msg.identity = str(face.identity)
+        msg.identity_confidence = _unit(face.identity_confidence)
+    for task, prediction in face.tasks.items():
         if kinds.get(task, "classification") != "classification":
             continue  # identity columns are reported through the gallery, not as a label of training people
         task_msg = _task_prediction_msg(task, prediction)
@@ -171,7 +163,7 @@ def _face_msg(face: Any, width: int, height: int, kinds: Mapping[str, str], iden
 
 
 def face_array_from_result(
-    result: Any,
+    result: FrameResult,
     header: Header,
     width: int,
     height: int,
@@ -181,11 +173,11 @@ def face_array_from_result(
     latency_ms: float = 0.0,
     frame_seq: int = 0,
 ) -> FaceArray:
-    """A ``FrameResult`` (or a plain list of face results) -> ``FaceArray`` with the image's header.
+    """A ``pipeline.FrameResult`` -> ``FaceArray`` with the image's header.
 
     ``kinds`` maps task name -> ``TaskSpec.kind``; only classification columns go to ``predictions``.
     """
-    faces = _get(result, "faces", default=result) or []
+    faces = sorted(result.faces, key=lambda f: _area(f.box), reverse=True)  # largest first, as documented
     msg = FaceArray()
     msg.header = header
     msg.faces = [_face_msg(face, width, height, kinds or {}, identity_enabled) for face in faces]
