@@ -1,6 +1,7 @@
 """Example: a USB camera driver plus the perception node on its images.
 
-    ros2 launch facial_perception camera_perception.launch.py [video_device:=/dev/video0] [camera:=v4l2_camera]
+    ros2 launch facial_perception camera_perception.launch.py
+        [camera:=v4l2_camera|usb_cam] [video_device:=/dev/video0]
 
 The camera driver is `v4l2_camera` (apt: ros-$ROS_DISTRO-v4l2-camera) or `usb_cam`
 (apt: ros-$ROS_DISTRO-usb-cam); both publish sensor_msgs/Image on <namespace>/image_raw.
@@ -8,13 +9,14 @@ The camera driver is `v4l2_camera` (apt: ros-$ROS_DISTRO-v4l2-camera) or `usb_ca
 
 import os
 
-import launch
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
 from launch.conditions import LaunchConfigurationEquals
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+
+import launch
 
 PACKAGE = "facial_perception"
 CAMERA_NAMESPACE = "camera"

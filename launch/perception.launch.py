@@ -1,6 +1,7 @@
 """Launch the facial_perception lifecycle node and bring it to 'active' automatically.
 
-    ros2 launch facial_perception perception.launch.py [params_file:=...] [image_topic:=...] [auto_activate:=true]
+    ros2 launch facial_perception perception.launch.py
+        [params_file:=...] [image_topic:=...] [auto_activate:=true] [namespace:=...] [log_level:=info]
 
 The node is a lifecycle node: 'configure' loads the model, 'activate' subscribes to the camera. With
 auto_activate (the default) this file sends 'configure' at start-up and 'activate' once the node reports
@@ -9,7 +10,6 @@ auto_activate (the default) this file sends 'configure' at start-up and 'activat
 
 import os
 
-import launch
 import launch.events
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, EmitEvent, RegisterEventHandler
@@ -19,6 +19,8 @@ from launch_ros.actions import LifecycleNode
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
+
+import launch
 
 PACKAGE = "facial_perception"
 EXECUTABLE = "perception_node"
