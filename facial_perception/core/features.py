@@ -1,0 +1,230 @@
+"""Frozen-encoder feature cache: run the encoder over a dataset once, train columns on the maps.
+
+With the encoder frozen, its output for a given image never changes, so recomputing it every
+epoch wastes most of the CPU time of column training. :func:`compute_features` runs the encoder
+once over an in-memory ``uint8`` image array (optionally also over the mirrored images, the
+one augmentation that stays cheap), stores the maps as float16 and :func:`cached_features` keeps
+them on disk keyed by a hash of the encoder weights and of the image bytes, so a second run (an
+ablation, a resumed job, another column on the same data) skips the encoder entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from facial_perception.core.preprocess import normalise_tensor
+
+FORMAT_VERSION = 1
+# Never let the cache take more than this share of the memory that is available right now.
+MEMORY_FRACTION = 0.6
+
+
+class FeatureCacheError(RuntimeError):
+    """The cache cannot be built (too big for memory, bad image array, unreadable cache file)."""
+
+
+@dataclass
+class FeatureSet:
+    """Encoder feature maps of a dataset (float16, CPU), and optionally of its mirror images."""
+
+    features: torch.Tensor
+    flipped: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape[1:])
+
+    def nbytes(self) -> int:
+        total = self.features.numel() * self.features.element_size()
+        if self.flipped is not None:
+            total += self.flipped.numel() * self.flipped.element_size()
+        return total
+
+    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 maps for ``indices``; where ``flip`` is true, the mirrored image's maps."""
+        out = self.features[indices]
+        if flip is not None and self.flipped is not None and bool(flip.any()):
+            out = torch.where(flip.view(-1, *([1] * (out.ndim - 1))), self.flipped[indices], out)
+        return out.float()
+
+
+def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Validate a uint8 image array (N, S, S) or (N, 1, S, S) and return it as (N, 1, S, S) uint8."""
+    tensor = torch.as_tensor(images)
+    if tensor.dtype != torch.uint8:
+        raise FeatureCacheError(f"expected uint8 images, got {tensor.dtype}")
+    if tensor.ndim == 3:
+        tensor = tensor.unsqueeze(1)
+    if tensor.ndim != 4 or tensor.shape[1] != 1 or tensor.shape[2] != tensor.shape[3]:
+        raise FeatureCacheError(
+            f"expected grey square images (N, S, S) or (N, 1, S, S), got {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """SHA-256 over the encoder's parameter/buffer names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def data_fingerprint(images: np.ndarray | torch.Tensor) -> str:
+    """SHA-256 of an image array's shape and bytes (the cache key's data half)."""
+    tensor = images_to_tensor(images).contiguous()
+    digest = hashlib.sha256(f"{tuple(tensor.shape)};".encode())
+    digest.update(memoryview(tensor.numpy()).cast("B"))
+    return digest.hexdigest()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(nbytes: int, limit: int | None = None) -> None:
+    """Raise :class:`FeatureCacheError` if a cache of ``nbytes`` would not fit comfortably."""
+    budget = limit
+    if budget is None:
+        available = available_memory()
+        budget = None if available is None else int(available * MEMORY_FRACTION)
+    if budget is not None and nbytes > budget:
+        raise FeatureCacheError(
+            f"feature cache needs {nbytes / 2**30:.2f} GiB but only {budget / 2**30:.2f} GiB may be used; "
+            "train without the cache (--no-feature-cache), without flipped features, or on fewer images"
+        )
+
+
+def feature_bytes(encoder: nn.Module, count: int, flip: bool) -> int:
+    """Size in bytes of the float16 cache of ``count`` images."""
+    shape = getattr(encoder, "feature_shape", None)
+    if shape is None:
+        raise FeatureCacheError("the encoder does not report its feature_shape")
+    per_image = int(np.prod(shape)) * 2
+    return per_image * count * (2 if flip else 1)
+
+
+@torch.inference_mode()
+def compute_features(
+    encoder: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    flip: bool = False,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    memory_limit: int | None = None,
+    desc: str = "encoder features",
+) -> FeatureSet:
+    """Run ``encoder.forward_features`` over all images once (in eval mode, restored afterwards)."""
+    tensor = images_to_tensor(images)
+    count = tensor.shape[0]
+    check_memory(feature_bytes(encoder, count, flip), memory_limit)
+    c, h, w = encoder.feature_shape
+    features = torch.empty((count, c, h, w), dtype=torch.float16)
+    flipped = torch.empty_like(features) if flip else None
+    was_training = encoder.training
+    encoder.eval()
+    bar = _progress(total=count * (2 if flip else 1), desc=desc, enabled=progress)
+    try:
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            x = normalise_tensor(tensor[start:stop].to(device))
+            features[start:stop] = encoder.forward_features(x).to("cpu", torch.float16)
+            bar.update(stop - start)
+            if flipped is not None:
+                flipped[start:stop] = encoder.forward_features(torch.flip(x, dims=[3])).to(
+                    "cpu", torch.float16
+                )
+                bar.update(stop - start)
+    finally:
+        bar.close()
+        encoder.train(was_training)
+    return FeatureSet(features, flipped)
+
+
+def cache_key(encoder: nn.Module, images: np.ndarray | torch.Tensor, flip: bool) -> str:
+    """File stem that changes whenever the encoder weights or the images change."""
+    return (
+        f"features-v{FORMAT_VERSION}-{encoder_fingerprint(encoder)[:20]}-{data_fingerprint(images)[:20]}"
+        + ("-flip" if flip else "")
+    )
+
+
+def cached_features(
+    encoder: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    cache_dir: str | os.PathLike[str] | None,
+    flip: bool = False,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    memory_limit: int | None = None,
+    write: bool = True,
+) -> FeatureSet:
+    """:func:`compute_features` with an on-disk cache (``safetensors``) in ``cache_dir``.
+
+    ``write=False`` only reads an existing entry (used by non-zero ranks under torchrun, which
+    wait for rank 0 to write it). A corrupt entry is recomputed and replaced.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    if cache_dir is None:
+        return compute_features(encoder, images, flip, batch_size, device, progress, memory_limit)
+    folder = Path(cache_dir)
+    path = folder / (cache_key(encoder, images, flip) + ".safetensors")
+    if path.is_file():
+        check_memory(path.stat().st_size, memory_limit)
+        try:
+            tensors = load_file(str(path))
+            return FeatureSet(tensors["features"], tensors.get("flipped"))
+        except (SafetensorError, OSError, KeyError, RuntimeError):
+            if not write:
+                raise FeatureCacheError(f"feature cache file {path} is unreadable") from None
+    result = compute_features(encoder, images, flip, batch_size, device, progress, memory_limit)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"features": result.features.contiguous()}
+        if result.flipped is not None:
+            tensors["flipped"] = result.flipped.contiguous()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return result
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
