@@ -131,8 +131,9 @@ def make_header(stamp_ns: int, frame_id: str = "camera") -> Any:
     store = get_typestore()
     time_cls = store.types["builtin_interfaces/msg/Time"]
     header_cls = store.types["std_msgs/msg/Header"]
-    return header_cls(stamp=time_cls(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000),
-                      frame_id=frame_id)
+    return header_cls(
+        stamp=time_cls(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000), frame_id=frame_id
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,10 +174,17 @@ class GroundTruthFace:
         if len(msg.tasks) != len(msg.labels) or len(msg.attribute_names) != len(msg.attribute_values):
             raise BagError("ground truth message has parallel lists of different lengths (tasks/labels)")
         roi = msg.roi
-        box = (float(roi.x_offset), float(roi.y_offset),
-               float(roi.x_offset + roi.width), float(roi.y_offset + roi.height))
-        return cls(box, dict(zip(msg.tasks, msg.labels, strict=True)),
-                   dict(zip(msg.attribute_names, msg.attribute_values, strict=True)))
+        box = (
+            float(roi.x_offset),
+            float(roi.y_offset),
+            float(roi.x_offset + roi.width),
+            float(roi.y_offset + roi.height),
+        )
+        return cls(
+            box,
+            dict(zip(msg.tasks, msg.labels, strict=True)),
+            dict(zip(msg.attribute_names, msg.attribute_values, strict=True)),
+        )
 
 
 @dataclass
@@ -190,8 +198,11 @@ class GroundTruthFrame:
     def to_msg(self, frame_id: str = "camera") -> Any:
         """The ``facial_perception/msg/GroundTruthArray`` rosbags object."""
         cls = get_typestore().types[GROUND_TRUTH_TYPE]
-        return cls(header=make_header(self.stamp_ns, frame_id), faces=[f.to_msg() for f in self.faces],
-                   source=self.source)
+        return cls(
+            header=make_header(self.stamp_ns, frame_id),
+            faces=[f.to_msg() for f in self.faces],
+            source=self.source,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,8 +288,9 @@ class BagWriter:
             raise BagError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
         self.counts[topic] += 1
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is not None:
             with contextlib.suppress(Exception):
                 self._writer.abort()
@@ -340,8 +352,16 @@ class BagImage:
 def _storage_errors() -> tuple[type[BaseException], ...]:
     from rosbags.rosbag2 import ReaderError
 
-    errors: list[type[BaseException]] = [ReaderError, sqlite3.DatabaseError, struct.error, EOFError,
-                                         ValueError, KeyError, IndexError, AssertionError]
+    errors: list[type[BaseException]] = [
+        ReaderError,
+        sqlite3.DatabaseError,
+        struct.error,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        AssertionError,
+    ]
     with contextlib.suppress(ImportError):
         import apsw
 
@@ -391,15 +411,19 @@ class BagReader:
                 raise BagError(f"{path}: not a ROS 2 bag (no metadata.yaml and no single .db3/.mcap file)")
             declared = _declared_storage(meta)
             if declared not in STORAGES:
-                raise BagError(f"{path}: storage plugin {declared!r} in metadata.yaml is not supported "
-                               f"(supported: {', '.join(STORAGES)})")
+                raise BagError(
+                    f"{path}: storage plugin {declared!r} in metadata.yaml is not supported "
+                    f"(supported: {', '.join(STORAGES)})"
+                )
             for file in files:
                 actual = sniff_storage(file)
                 if actual is None:
                     raise BagError(f"{file}: corrupt bag file (neither a sqlite3 database nor an mcap file)")
                 if actual != declared:
-                    raise BagError(f"{path}: wrong storage plugin: metadata.yaml says {declared!r} "
-                                   f"but {file.name} is a {actual} file")
+                    raise BagError(
+                        f"{path}: wrong storage plugin: metadata.yaml says {declared!r} "
+                        f"but {file.name} is a {actual} file"
+                    )
             if expected is not None and expected != declared:
                 raise BagError(f"{path}: bag uses storage {declared!r}, not {expected!r}")
             return path, declared
@@ -472,13 +496,16 @@ class BagReader:
             if topic not in topics:
                 raise BagError(f"{self.path}: topic {topic} not in the bag (topics: {_list(topics)})")
             if topics[topic] not in IMAGE_TYPES:
-                raise BagError(f"{self.path}: topic {topic} has type {topics[topic]}, not an image type "
-                               f"({' or '.join(IMAGE_TYPES)})")
+                raise BagError(
+                    f"{self.path}: topic {topic} has type {topics[topic]}, not an image type "
+                    f"({' or '.join(IMAGE_TYPES)})"
+                )
             return topic
         images = [t for t, typ in topics.items() if typ in IMAGE_TYPES]
         if not images:
-            raise BagError(f"{self.path}: no sensor_msgs/Image or CompressedImage topic "
-                           f"(topics: {_list(topics)})")
+            raise BagError(
+                f"{self.path}: no sensor_msgs/Image or CompressedImage topic (topics: {_list(topics)})"
+            )
         for preferred in (DEFAULT_IMAGE_TOPIC, DEFAULT_COMPRESSED_TOPIC):
             if preferred in images:
                 return preferred
@@ -496,8 +523,10 @@ class BagReader:
         topics = self.topics
         if GROUND_TRUTH_TOPIC in topics:
             if topics[GROUND_TRUTH_TOPIC] != GROUND_TRUTH_TYPE:
-                raise BagError(f"{self.path}: {GROUND_TRUTH_TOPIC} has type {topics[GROUND_TRUTH_TOPIC]}, "
-                               f"expected {GROUND_TRUTH_TYPE}")
+                raise BagError(
+                    f"{self.path}: {GROUND_TRUTH_TOPIC} has type {topics[GROUND_TRUTH_TOPIC]}, "
+                    f"expected {GROUND_TRUTH_TYPE}"
+                )
             return GROUND_TRUTH_TOPIC
         labelled = [t for t, typ in topics.items() if typ == GROUND_TRUTH_TYPE]
         return labelled[0] if labelled else None
@@ -508,8 +537,9 @@ class BagReader:
         conns = [c for c in self._reader.connections if c.topic in topics]
         missing = set(topics) - {c.topic for c in conns}
         if missing:
-            raise BagError(f"{self.path}: missing topic(s) {', '.join(sorted(missing))} "
-                           f"(topics: {_list(self.topics)})")
+            raise BagError(
+                f"{self.path}: missing topic(s) {', '.join(sorted(missing))} (topics: {_list(self.topics)})"
+            )
         iterator = self._reader.messages(connections=conns)
         errors = _storage_errors()
         while True:
@@ -525,8 +555,10 @@ class BagReader:
         """CDR bytes -> rosbags object; unknown types and damaged payloads -> :class:`BagError`."""
         store = get_typestore()
         if msgtype not in store.types:
-            raise BagError(f"{self.path}: unknown message type {msgtype} on {topic or 'a topic'} "
-                           "(the bag carries no definition for it)")
+            raise BagError(
+                f"{self.path}: unknown message type {msgtype} on {topic or 'a topic'} "
+                "(the bag carries no definition for it)"
+            )
         try:
             return store.deserialize_cdr(raw, msgtype)
         except Exception as exc:  # rosbags raises assorted errors on garbage CDR

@@ -54,8 +54,17 @@ __all__ = [
 
 BACKGROUNDS = ("gradient", "noise", "blur", "photo")
 #: scikit-image sample photos without faces (``camera`` shows a person, ``chelsea`` a cat face).
-_PHOTOS = ("coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel",
-           "coins", "moon")
+_PHOTOS = (
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "moon",
+)
 #: Where the face lies inside a dataset's crop, as fractions ``(x0, y0, x1, y1)`` of the crop.  FER+
 #: declares the whole 48x48 image as the face box; UTKFace crops are aligned to the face; the LFW crops
 #: of ``lfw_identity`` (central 150 of the 250-pixel deep-funneled images) leave forehead and
@@ -125,8 +134,10 @@ class MakeBagOptions:
         if self.face_region is not None:
             x0, y0, x1, y1 = self.face_region
             if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-                raise BagError(f"face region must be fractions 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1, got "
-                               f"{self.face_region}")
+                raise BagError(
+                    f"face region must be fractions 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1, got "
+                    f"{self.face_region}"
+                )
 
 
 @dataclass
@@ -229,7 +240,7 @@ def _background(kind: str, rng: np.random.Generator, width: int, height: int) ->
         c0, c1 = rng.integers(20, 236, size=(2, 3))
         angle = rng.uniform(0, 2 * math.pi)
         yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-        t = (xx * math.cos(angle) + yy * math.sin(angle))
+        t = xx * math.cos(angle) + yy * math.sin(angle)
         t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
         img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
         img += rng.normal(0, 3, size=img.shape)
@@ -252,11 +263,14 @@ def _background(kind: str, rng: np.random.Generator, width: int, height: int) ->
         photo = cv2.cvtColor(photo.astype(np.uint8), cv2.COLOR_GRAY2RGB)
     photo = photo[..., :3].astype(np.uint8)
     scale = max(width / photo.shape[1], height / photo.shape[0])
-    resized = cv2.resize(photo, (math.ceil(photo.shape[1] * scale), math.ceil(photo.shape[0] * scale)),
-                         interpolation=cv2.INTER_LINEAR)
+    resized = cv2.resize(
+        photo,
+        (math.ceil(photo.shape[1] * scale), math.ceil(photo.shape[0] * scale)),
+        interpolation=cv2.INTER_LINEAR,
+    )
     oy = int(rng.integers(0, resized.shape[0] - height + 1))
     ox = int(rng.integers(0, resized.shape[1] - width + 1))
-    return np.ascontiguousarray(resized[oy:oy + height, ox:ox + width])
+    return np.ascontiguousarray(resized[oy : oy + height, ox : ox + width])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,10 +312,16 @@ def _load_items(
         if ds.task == "unlabeled" or not ds.label_names:
             raise BagError(f"{dataset_path}: task {ds.task!r} has no class labels to put in a bag")
         label_names[ds.task] = list(ds.label_names)
-        per_task.append((ds.task, {
-            s.path: ds.label_names[s.label] for s in ds.samples
-            if s.label is not None and 0 <= s.label < len(ds.label_names)
-        }))
+        per_task.append(
+            (
+                ds.task,
+                {
+                    s.path: ds.label_names[s.label]
+                    for s in ds.samples
+                    if s.label is not None and 0 <= s.label < len(ds.label_names)
+                },
+            )
+        )
     primary = datasets[0]
     items = []
     for sample in primary.samples:
@@ -343,8 +363,15 @@ def _image_message(rgb: np.ndarray, stamp_ns: int, options: MakeBagOptions) -> A
         return cls(header=header, format="jpeg", data=np.frombuffer(data, dtype=np.uint8))
     data, step = encode_raw(rgb, "rgb8")
     cls = store.types[IMAGE_TYPE]
-    return cls(header=header, height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", is_bigendian=0,
-               step=step, data=np.frombuffer(data, dtype=np.uint8))
+    return cls(
+        header=header,
+        height=rgb.shape[0],
+        width=rgb.shape[1],
+        encoding="rgb8",
+        is_bigendian=0,
+        step=step,
+        data=np.frombuffer(data, dtype=np.uint8),
+    )
 
 
 def make_bag(
@@ -402,14 +429,28 @@ def make_bag(
             count = rng.randint(*options.faces_per_frame)
             ids = [(next_sample + k) % len(order) for k in range(count)]
             aspects = [face(i).shape[0] / face(i).shape[1] for i in ids]
-            placements = plan_placements(rng, aspects, options.width, options.height, options.face_size,
-                                         length, options.motion, tracks + 1, ids)
+            placements = plan_placements(
+                rng,
+                aspects,
+                options.width,
+                options.height,
+                options.face_size,
+                length,
+                options.motion,
+                tracks + 1,
+                ids,
+            )
             next_sample = (next_sample + max(len(placements), 1)) % len(order)
             tracks += len(placements)
             background = _background(options.background, np_rng, options.width, options.height)
-            resized = {p.track: cv2.resize(face(p.sample), (p.w, p.h), interpolation=cv2.INTER_AREA
-                                           if p.w < face(p.sample).shape[1] else cv2.INTER_LINEAR)
-                       for p in placements}
+            resized = {
+                p.track: cv2.resize(
+                    face(p.sample),
+                    (p.w, p.h),
+                    interpolation=cv2.INTER_AREA if p.w < face(p.sample).shape[1] else cv2.INTER_LINEAR,
+                )
+                for p in placements
+            }
             for t in range(length):
                 stamp = START_TIME_NS + frame_index * period_ns
                 frame = background.copy()
@@ -419,27 +460,49 @@ def make_bag(
                     frame[y0:y1, x0:x1] = resized[p.track]
                     item = items[order[p.sample]]
                     used.add(p.sample)
-                    box = (x0 + region[0] * p.w, y0 + region[1] * p.h,
-                           x0 + region[2] * p.w, y0 + region[3] * p.h)
+                    box = (
+                        x0 + region[0] * p.w,
+                        y0 + region[1] * p.h,
+                        x0 + region[2] * p.w,
+                        y0 + region[3] * p.h,
+                    )
                     attributes = {**item.attributes, ATTRIBUTE_TRACK: str(p.track)}
                     gt_faces.append(GroundTruthFace(box, dict(item.labels), attributes))
                 source = ",".join(_relative(items[order[p.sample]].path, Path(dataset)) for p in placements)
                 writer.write(topic, stamp, _image_message(frame, stamp, options))
-                writer.write(GROUND_TRUTH_TOPIC, stamp,
-                             GroundTruthFrame(stamp, gt_faces, source).to_msg(options.frame_id))
+                writer.write(
+                    GROUND_TRUTH_TOPIC,
+                    stamp,
+                    GroundTruthFrame(stamp, gt_faces, source).to_msg(options.frame_id),
+                )
                 faces_written += len(gt_faces)
                 frame_index += 1
                 bar.update(1)
         bar.close()
         summary = MakeBagSummary(
-            path=str(output), storage=options.storage, frames=n_frames, faces=faces_written, tracks=tracks,
-            samples=len(used), tasks=list(label_names), image_topic=topic,
-            ground_truth_topic=GROUND_TRUTH_TOPIC, label_names=label_names,
+            path=str(output),
+            storage=options.storage,
+            frames=n_frames,
+            faces=faces_written,
+            tracks=tracks,
+            samples=len(used),
+            tasks=list(label_names),
+            image_topic=topic,
+            ground_truth_topic=GROUND_TRUTH_TOPIC,
+            label_names=label_names,
         )
-        writer.set_custom_data("facial_perception.make_bag", json.dumps({
-            "dataset": str(dataset), "tasks": list(label_names), "label_names": label_names,
-            "face_region": list(region), "options": _options_dict(options),
-        }))
+        writer.set_custom_data(
+            "facial_perception.make_bag",
+            json.dumps(
+                {
+                    "dataset": str(dataset),
+                    "tasks": list(label_names),
+                    "label_names": label_names,
+                    "face_region": list(region),
+                    "options": _options_dict(options),
+                }
+            ),
+        )
     return summary
 
 

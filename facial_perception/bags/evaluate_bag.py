@@ -1,0 +1,854 @@
+"""Evaluate a bag: offline through the node's FramePipeline, or live through DDS against the node.
+
+Both modes feed one :class:`BagEvaluator`, so their reports have the same structure:
+
+- per-task accuracy of the faces matched to ground truth (IoU >= ``iou_threshold``, Hungarian
+  matching on IoU), the confusion matrices, and per-subgroup accuracy with the largest gap;
+- detection recall and precision against the ground-truth boxes;
+- track-id stability: id switches per ground-truth track (a pasted face kept for several frames);
+- latency distribution, throughput and dropped frames;
+- for unlabelled bags (recorded on a robot): throughput, latency and prediction statistics only.
+
+Offline mode reads frames straight from the bag as fast as possible.  Live mode publishes the
+bag's raw CDR bytes (never re-encoded) with the original relative timing, or at ``rate`` times it,
+together with ``/clock``, and matches the node's ``FaceArray`` results to frames by header stamp.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from facial_perception.bags.bag_io import (
+    ATTRIBUTE_TRACK,
+    CLOCK_TYPE,
+    FACE_ARRAY_TYPE,
+    FACES_TOPIC,
+    BagError,
+    BagImage,
+    BagReader,
+    BagWriter,
+    GroundTruthFrame,
+    decode_bag_image,
+    get_typestore,
+    make_header,
+    stamp_to_ns,
+)
+
+__all__ = [
+    "BagEvaluation",
+    "BagEvaluator",
+    "PipelineSettings",
+    "PredictedFace",
+    "build_pipeline",
+    "evaluate_live",
+    "evaluate_offline",
+    "face_array_msg",
+    "faces_from_face_array",
+    "faces_from_frame_result",
+    "iou_matrix",
+    "match_faces",
+]
+
+#: Tasks whose names differ between datasets and model columns.
+_TASK_ALIASES = {"age": ("age", "age_group", "age8"), "age_group": ("age_group", "age", "age8")}
+#: Face message fields that mirror the built-in columns (same as ros.conversions.BUILTIN_FIELDS).
+_BUILTIN_FIELDS = {
+    "age": ("age_group", "age_confidence"),
+    "age_group": ("age_group", "age_confidence"),
+    "gender": ("gender", "gender_confidence"),
+    "emotion": ("emotion", "emotion_confidence"),
+}
+#: Attributes with more distinct values than this are not subgroup attributes (ages in years, names).
+MAX_GROUPS = 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictions in one form for both modes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictedFace:
+    """One face the pipeline/node reported: track id, ``xyxy`` box, score and label per task."""
+
+    track_id: int
+    box: tuple[float, float, float, float]
+    score: float
+    labels: dict[str, str] = field(default_factory=dict)
+    confidences: dict[str, float] = field(default_factory=dict)
+
+
+def faces_from_frame_result(result: Any) -> list[PredictedFace]:
+    """``pipeline.FrameResult`` -> faces.  Identity: the gallery's name, else the identity column."""
+    faces = []
+    for face in result.faces:
+        labels = {name: task.label for name, task in face.tasks.items()}
+        confidences = {name: float(task.confidence) for name, task in face.tasks.items()}
+        if face.identity:
+            labels["identity"], confidences["identity"] = face.identity, float(face.identity_confidence)
+        box = tuple(float(v) for v in np.asarray(face.box).reshape(-1)[:4])
+        faces.append(PredictedFace(int(face.track_id), box, float(face.detection_score), labels, confidences))  # type: ignore[arg-type]
+    return faces
+
+
+def faces_from_face_array(msg: Any) -> list[PredictedFace]:
+    """A deserialized ``facial_perception/FaceArray`` (rosbags object) -> faces."""
+    faces = []
+    for face in msg.faces:
+        roi = face.roi
+        box = (
+            float(roi.x_offset),
+            float(roi.y_offset),
+            float(roi.x_offset + roi.width),
+            float(roi.y_offset + roi.height),
+        )
+        labels = {p.task: p.label for p in face.predictions if p.label}
+        confidences = {p.task: float(p.confidence) for p in face.predictions if p.label}
+        for task, (label_field, conf_field) in _BUILTIN_FIELDS.items():
+            value = getattr(face, label_field, "")
+            if value and task not in labels and task != "age_group":
+                labels[task], confidences[task] = value, float(getattr(face, conf_field, 0.0))
+        if face.identity:
+            labels["identity"], confidences["identity"] = face.identity, float(face.identity_confidence)
+        faces.append(PredictedFace(int(face.track_id), box, float(face.detection_score), labels, confidences))
+    return faces
+
+
+def face_array_msg(result: Any, stamp_ns: int, frame_id: str, latency_ms: float, seq: int) -> Any:
+    """A rosbags ``FaceArray`` for a ``FrameResult`` (offline ``--output-bag``), as the node builds it."""
+    store = get_typestore()
+    types = store.types
+    faces = []
+    for face in result.faces:
+        x0, y0, x1, y1 = (float(v) for v in np.asarray(face.box).reshape(-1)[:4])
+        w, h = max(result.width, 1), max(result.height, 1)
+        x0, x1 = sorted((min(max(x0, 0.0), w), min(max(x1, 0.0), w)))
+        y0, y1 = sorted((min(max(y0, 0.0), h), min(max(y1, 0.0), h)))
+        roi = types["sensor_msgs/msg/RegionOfInterest"](
+            x_offset=math.floor(x0),
+            y_offset=math.floor(y0),
+            width=max(math.ceil(x1) - math.floor(x0), 0),
+            height=max(math.ceil(y1) - math.floor(y0), 0),
+            do_rectify=False,
+        )
+        norm = types["facial_perception/msg/NormalizedRoi"](
+            x_min=x0 / w, y_min=y0 / h, x_max=x1 / w, y_max=y1 / h
+        )
+        fields: dict[str, Any] = {
+            "age_group": "",
+            "age_confidence": 0.0,
+            "gender": "",
+            "gender_confidence": 0.0,
+            "emotion": "",
+            "emotion_confidence": 0.0,
+        }
+        predictions = []
+        for name, task in face.tasks.items():
+            if name == "identity":
+                continue
+            probs = np.asarray(task.probabilities, dtype=np.float32).reshape(-1)
+            predictions.append(
+                types["facial_perception/msg/TaskPrediction"](
+                    task=name,
+                    label=task.label,
+                    confidence=float(task.confidence),
+                    label_names=list(task.labels),
+                    probabilities=probs,
+                )
+            )
+            if name in _BUILTIN_FIELDS:
+                label_field, conf_field = _BUILTIN_FIELDS[name]
+                fields[label_field], fields[conf_field] = task.label, float(task.confidence)
+        faces.append(
+            types["facial_perception/msg/Face"](
+                track_id=int(face.track_id),
+                roi=roi,
+                roi_normalized=norm,
+                detection_score=float(face.detection_score),
+                identity=face.identity,
+                identity_confidence=float(face.identity_confidence),
+                predictions=predictions,
+                **fields,
+            )
+        )
+    return types[FACE_ARRAY_TYPE](
+        header=make_header(stamp_ns, frame_id),
+        faces=faces,
+        latency_ms=float(latency_ms),
+        frame_seq=seq & 0xFFFFFFFF,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Matching and metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def iou_matrix(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> np.ndarray:
+    """Pairwise IoU of ``xyxy`` boxes, shape ``(len(a), len(b))``."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    aa, bb = np.asarray(a, dtype=np.float64)[:, None, :], np.asarray(b, dtype=np.float64)[None, :, :]
+    iw = np.clip(np.minimum(aa[..., 2], bb[..., 2]) - np.maximum(aa[..., 0], bb[..., 0]), 0, None)
+    ih = np.clip(np.minimum(aa[..., 3], bb[..., 3]) - np.maximum(aa[..., 1], bb[..., 1]), 0, None)
+    inter = iw * ih
+    area_a = (aa[..., 2] - aa[..., 0]) * (aa[..., 3] - aa[..., 1])
+    area_b = (bb[..., 2] - bb[..., 0]) * (bb[..., 3] - bb[..., 1])
+    return inter / np.maximum(area_a + area_b - inter, 1e-9)
+
+
+def match_faces(
+    gt_boxes: Sequence[Sequence[float]], pred_boxes: Sequence[Sequence[float]], threshold: float
+) -> list[tuple[int, int, float]]:
+    """One-to-one matches ``(gt index, prediction index, IoU)`` maximising total IoU, IoU >= threshold."""
+    from scipy.optimize import linear_sum_assignment
+
+    iou = iou_matrix(gt_boxes, pred_boxes)
+    if iou.size == 0:
+        return []
+    rows, cols = linear_sum_assignment(-iou)
+    return [
+        (int(r), int(c), float(iou[r, c])) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= threshold
+    ]
+
+
+def _resolve_task(task: str, labels: Mapping[str, str]) -> str | None:
+    for name in _TASK_ALIASES.get(task, (task,)):
+        if name in labels:
+            return labels[name]
+    return None
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "count": int(arr.size),
+        "mean": float(arr.mean()),
+        "p50": float(np.percentile(arr, 50)),
+        "p90": float(np.percentile(arr, 90)),
+        "p99": float(np.percentile(arr, 99)),
+        "max": float(arr.max()),
+    }
+
+
+@dataclass
+class BagEvaluation:
+    """Everything a report needs: the JSON-able ``summary`` and the arrays behind the plots."""
+
+    summary: dict[str, Any]
+    confusions: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict)
+    subgroups: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> attribute -> SubgroupTable
+    latencies_ms: list[float] = field(default_factory=list)
+    matches: list[dict[str, Any]] = field(default_factory=list)  # one row per ground-truth face
+
+
+class BagEvaluator:
+    """Accumulates frames (ground truth, predictions, latency) and computes every metric at the end."""
+
+    def __init__(
+        self,
+        iou_threshold: float = 0.5,
+        label_names: Mapping[str, Sequence[str]] | None = None,
+        min_group: int = 5,
+    ) -> None:
+        if not 0.0 < iou_threshold <= 1.0:
+            raise BagError(f"IoU threshold must be in (0, 1], got {iou_threshold}")
+        self.iou_threshold = iou_threshold
+        self.label_names = {k: list(v) for k, v in (label_names or {}).items()}
+        self.min_group = min_group
+        self.frames = 0
+        self.labelled_frames = 0
+        self.dropped = 0
+        self.latencies: list[float] = []
+        self.node_latencies: list[float] = []
+        self.stage_ms: dict[str, list[float]] = defaultdict(list)
+        self.gt_faces = self.true_positives = self.predicted_faces = 0
+        self.faces_per_frame: Counter[int] = Counter()
+        self.label_histograms: dict[str, Counter[str]] = defaultdict(Counter)
+        self.pred_tracks: dict[int, int] = Counter()
+        self.gt_track_ids: dict[str, list[int]] = defaultdict(list)
+        self.rows: list[dict[str, Any]] = []
+
+    def add(
+        self,
+        stamp_ns: int,
+        gt: GroundTruthFrame | None,
+        faces: list[PredictedFace] | None,
+        latency_ms: float | None = None,
+        stages: Mapping[str, float] | None = None,
+        node_latency_ms: float | None = None,
+    ) -> None:
+        """One frame; ``faces=None`` means no result arrived (a dropped frame)."""
+        self.frames += 1
+        if faces is None:
+            self.dropped += 1
+            faces_seen: list[PredictedFace] = []
+        else:
+            faces_seen = faces
+            if latency_ms is not None:
+                self.latencies.append(float(latency_ms))
+            if node_latency_ms is not None:
+                self.node_latencies.append(float(node_latency_ms))
+            for key, value in (stages or {}).items():
+                self.stage_ms[key].append(float(value))
+            self.faces_per_frame[len(faces)] += 1
+            self.predicted_faces += len(faces)
+            for face in faces:
+                self.pred_tracks[face.track_id] += 1
+                for task, label in face.labels.items():
+                    self.label_histograms[task][label] += 1
+        if gt is None:
+            return
+        self.labelled_frames += 1
+        if faces is None:
+            return  # reported as dropped; detection and accuracy are measured on processed frames
+        self.gt_faces += len(gt.faces)
+        matches = match_faces([f.box for f in gt.faces], [f.box for f in faces_seen], self.iou_threshold)
+        by_gt = {g: (p, iou) for g, p, iou in matches}
+        self.true_positives += len(matches)
+        for g, gt_face in enumerate(gt.faces):
+            pred = faces_seen[by_gt[g][0]] if g in by_gt else None
+            row: dict[str, Any] = {
+                "stamp_ns": stamp_ns,
+                "gt_track": gt_face.track,
+                "pred_track": pred.track_id if pred else None,
+                "iou": round(by_gt[g][1], 4) if g in by_gt else None,
+                "dropped": faces is None,
+                "labels": {},
+                "attributes": {k: v for k, v in gt_face.attributes.items() if k != ATTRIBUTE_TRACK},
+            }
+            for task, truth in gt_face.labels.items():
+                predicted = _resolve_task(task, pred.labels) if pred else None
+                row["labels"][task] = {"true": truth, "pred": predicted}
+            self.rows.append(row)
+            if gt_face.track is not None and pred is not None:
+                self.gt_track_ids[gt_face.track].append(pred.track_id)
+            elif gt_face.track is not None:
+                self.gt_track_ids.setdefault(gt_face.track, [])
+
+    # ---- results ---------------------------------------------------------------------------------
+    def result(self, info: Mapping[str, Any], elapsed_s: float) -> BagEvaluation:
+        """Compute every metric; ``info`` (bag, mode, ...) is copied into the summary."""
+        from facial_perception.core.evaluation import confusion_matrix, subgroup_table
+
+        processed = self.frames - self.dropped
+        summary: dict[str, Any] = dict(info)
+        summary["frames"] = {
+            "total": self.frames,
+            "processed": processed,
+            "dropped": self.dropped,
+            "dropped_fraction": self.dropped / self.frames if self.frames else 0.0,
+            "labelled": self.labelled_frames,
+        }
+        summary["throughput_fps"] = processed / elapsed_s if elapsed_s > 0 else None
+        summary["elapsed_s"] = elapsed_s
+        summary["latency_ms"] = _percentiles(self.latencies)
+        if self.node_latencies:
+            summary["node_reported_latency_ms"] = _percentiles(self.node_latencies)
+        summary["stage_ms_mean"] = {k: float(np.mean(v)) for k, v in self.stage_ms.items() if v}
+        summary["predictions"] = {
+            "faces": self.predicted_faces,
+            "faces_per_frame": {str(k): v for k, v in sorted(self.faces_per_frame.items())},
+            "tracks": len(self.pred_tracks),
+            "mean_track_length": float(np.mean(list(self.pred_tracks.values()))) if self.pred_tracks else 0.0,
+            "label_histograms": {t: dict(c.most_common()) for t, c in sorted(self.label_histograms.items())},
+        }
+        evaluation = BagEvaluation(summary=summary, latencies_ms=list(self.latencies), matches=self.rows)
+        summary["labelled"] = self.labelled_frames > 0
+        if not self.labelled_frames:
+            return evaluation
+        summary["detection"] = {
+            "gt_faces": self.gt_faces,
+            "matched": self.true_positives,
+            "recall": self.true_positives / self.gt_faces if self.gt_faces else None,
+            "precision": self.true_positives / self.predicted_faces if self.predicted_faces else None,
+            "iou_threshold": self.iou_threshold,
+            "mean_iou": float(np.mean([r["iou"] for r in self.rows if r["iou"] is not None]))
+            if self.true_positives
+            else None,
+        }
+        summary["tracking"] = self._track_stability()
+        summary["tasks"], warnings = {}, []
+        tasks = sorted({t for r in self.rows for t in r["labels"]})
+        for task in tasks:
+            rows = [r for r in self.rows if task in r["labels"]]
+            scored = [r for r in rows if r["labels"][task]["pred"] is not None]
+            vocab = list(self.label_names.get(task, []))
+            for r in rows:
+                for key in ("true", "pred"):
+                    value = r["labels"][task][key]
+                    if value is not None and value not in vocab:
+                        vocab.append(value)
+            index = {label: i for i, label in enumerate(vocab)}
+            y_true = np.array([index[r["labels"][task]["true"]] for r in scored], dtype=np.int64)
+            y_pred = np.array([index[r["labels"][task]["pred"]] for r in scored], dtype=np.int64)
+            correct = int((y_true == y_pred).sum())
+            entry: dict[str, Any] = {
+                "gt_faces": len(rows),
+                "evaluated": len(scored),
+                "correct": correct,
+                "accuracy": correct / len(scored) if scored else None,
+                "accuracy_end_to_end": correct / len(rows) if rows else None,
+                "labels": vocab,
+            }
+            if rows and not scored and not any(r["pred_track"] is None for r in rows):
+                warnings.append(
+                    f"the model reported no '{task}' prediction for any matched face (no such column?)"
+                )
+            known = set(self.label_names.get(task, [])) or {r["labels"][task]["true"] for r in rows}
+            unknown = sorted({r["labels"][task]["pred"] for r in scored} - known)
+            if scored and len(unknown) == len({r["labels"][task]["pred"] for r in scored}):
+                warnings.append(
+                    f"no '{task}' label of the model occurs in the ground truth "
+                    f"(model labels {unknown[:5]}): different label vocabularies?"
+                )
+            if scored:
+                evaluation.confusions[task] = (confusion_matrix(y_true, y_pred, len(vocab)), vocab)
+                entry["subgroups"] = {}
+                groups = self._group_columns(scored)
+                for attribute, values in groups.items():
+                    table = subgroup_table(
+                        y_true, y_pred, {attribute: values}, attribute, min_count=self.min_group
+                    )
+                    if len(table.rows) < 2:
+                        continue
+                    evaluation.subgroups.setdefault(task, {})[attribute] = table
+                    entry["subgroups"][attribute] = table.to_dict()
+                gaps = [
+                    (a, t.largest_gap)
+                    for a, t in evaluation.subgroups.get(task, {}).items()
+                    if not math.isnan(t.largest_gap)
+                ]
+                if gaps:
+                    attribute, gap = max(gaps, key=lambda x: x[1])
+                    table = evaluation.subgroups[task][attribute]
+                    entry["largest_gap"] = {
+                        "attribute": attribute,
+                        "gap": gap,
+                        "best": list(table.best_group or ()),
+                        "worst": list(table.worst_group or ()),
+                    }
+            summary["tasks"][task] = entry
+        summary["warnings"] = warnings
+        return evaluation
+
+    def _group_columns(self, rows: Sequence[dict[str, Any]]) -> dict[str, list[str | None]]:
+        """Attributes usable as subgroups: 2..MAX_GROUPS distinct values among the evaluated faces."""
+        names = sorted({a for r in rows for a in r["attributes"]})
+        columns = {}
+        for name in names:
+            values = [r["attributes"].get(name) for r in rows]
+            distinct = {v for v in values if v}
+            if 2 <= len(distinct) <= MAX_GROUPS:
+                columns[name] = values
+        return columns
+
+    def _track_stability(self) -> dict[str, Any]:
+        switches, covered, fragments = [], [], 0
+        for ids in self.gt_track_ids.values():
+            switches.append(sum(1 for a, b in itertools.pairwise(ids) if a != b))
+            covered.append(len(ids))
+            fragments += len(set(ids))
+        n = len(switches)
+        return {
+            "gt_tracks": n,
+            "id_switches": int(sum(switches)),
+            "id_switches_per_track": float(np.mean(switches)) if n else None,
+            "tracks_without_switch": sum(1 for s in switches if s == 0) / n if n else None,
+            "predicted_ids_per_gt_track": fragments / n if n else None,
+            "tracks_never_detected": sum(1 for c in covered if c == 0),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineSettings:
+    """The node's defaults (config/perception.yaml), so offline numbers match the live node."""
+
+    checkpoint: str | None = None  # None/"" = the shipped default model
+    detector: str = "blazeface"
+    detection_threshold: float = 0.6
+    max_faces: int = 10
+    min_face_size: int = 24
+    tracker_iou: float = 0.3
+    track_max_missed: int = 4
+    smoothing: float = 0.6
+    device: str = "cpu"
+    gallery: str | None = None  # an identity gallery (SQLite) for identity labels
+
+
+def build_pipeline(settings: PipelineSettings | None = None) -> Any:
+    """A ``FramePipeline`` configured like the node; model problems become :class:`BagError`."""
+    from facial_perception.pipeline.detection import DetectorError, make_detector
+    from facial_perception.pipeline.frame_pipeline import FramePipeline
+    from facial_perception.pipeline.smoothing import PredictionSmoother
+    from facial_perception.pipeline.tracking import FaceTracker
+
+    settings = settings or PipelineSettings()
+    predictor = _load_predictor(settings.checkpoint, settings.device)
+    try:
+        detector = make_detector(
+            settings.detector,
+            min_score=settings.detection_threshold,
+            min_face_size=settings.min_face_size,
+            max_faces=settings.max_faces,
+        )
+    except DetectorError as exc:
+        raise BagError(str(exc)) from None
+    gallery = None
+    if settings.gallery:
+        from facial_perception.pipeline.gallery import GalleryError, IdentityGallery
+
+        try:
+            gallery = IdentityGallery(settings.gallery)
+        except GalleryError as exc:
+            raise BagError(f"gallery: {exc}") from None
+    return FramePipeline(
+        predictor,
+        detector,
+        FaceTracker(settings.tracker_iou, settings.track_max_missed),
+        PredictionSmoother(settings.smoothing) if settings.smoothing > 0 else None,
+        gallery=gallery,
+        max_faces=settings.max_faces,
+    )
+
+
+def _load_predictor(checkpoint: str | None, device: str) -> Any:
+    from facial_perception.core import inference
+
+    try:
+        if checkpoint:
+            return inference.FacePredictor.from_checkpoint(checkpoint, device=device)
+        default = getattr(inference, "default_predictor", None)
+        if default is None:
+            raise BagError("no checkpoint given and no shipped default model: pass --checkpoint")
+        return default(device=device)
+    except BagError:
+        raise
+    except Exception as exc:  # CheckpointError and friends: one line for the user
+        raise BagError(f"cannot load the model: {exc}") from None
+
+
+def _bag_label_names(reader: BagReader) -> dict[str, list[str]]:
+    import json
+
+    raw = reader.custom_data.get("facial_perception.make_bag")
+    if not raw:
+        return {}
+    try:
+        return {k: list(v) for k, v in json.loads(raw).get("label_names", {}).items()}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def evaluate_offline(
+    bag: str | os.PathLike[str],
+    pipeline: Any = None,
+    *,
+    settings: PipelineSettings | None = None,
+    topic: str | None = None,
+    storage: str | None = None,
+    iou_threshold: float = 0.5,
+    max_frames: int | None = None,
+    output_bag: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    on_frame: Callable[[int, Any], None] | None = None,
+) -> BagEvaluation:
+    """Run ``pipeline`` (default: :func:`build_pipeline`) on every frame of the bag, as fast as possible.
+
+    ``output_bag`` (optional) receives the results as ``FaceArray`` on ``/facial_perception/faces``,
+    stamped like the images, written atomically.  ``on_frame(index, FrameResult)`` is for callers
+    that want the raw results (benchmarks).
+    """
+    from tqdm import tqdm
+
+    with BagReader(bag, storage) as reader:
+        image_topic = reader.image_topic(topic)
+        ground_truth = reader.read_ground_truth()
+        evaluator = BagEvaluator(iou_threshold, _bag_label_names(reader))
+        total = reader.message_count(image_topic)
+        if max_frames is not None:
+            total = min(total, max_frames)
+        pipeline = pipeline if pipeline is not None else build_pipeline(settings)
+        pipeline.reset()
+        writer = (
+            BagWriter(output_bag, "mcap" if str(output_bag).endswith(".mcap") else reader.storage)
+            if output_bag
+            else None
+        )
+        info = {
+            "mode": "offline",
+            "bag": str(bag),
+            "storage": reader.storage,
+            "image_topic": image_topic,
+            "image_type": reader.topics[image_topic],
+            "bag_duration_s": reader.duration_s,
+        }
+        bar = tqdm(total=total, desc="evaluate (offline)", unit="frame", disable=not progress)
+        start = time.perf_counter()
+        try:
+            if writer:
+                writer.__enter__()
+                writer.add_topic(FACES_TOPIC, FACE_ARRAY_TYPE)
+            for index, image in enumerate(reader.images(image_topic)):
+                if max_frames is not None and index >= max_frames:
+                    break
+                t0 = time.perf_counter()
+                rgb = decode_bag_image(image)
+                decode_ms = (time.perf_counter() - t0) * 1000.0
+                result = pipeline.process(rgb, stamp=image.stamp_ns / 1e9, decode_ms=decode_ms)
+                latency = result.timings.get("total", decode_ms)
+                evaluator.add(
+                    image.stamp_ns,
+                    ground_truth.get(image.stamp_ns),
+                    faces_from_frame_result(result),
+                    latency,
+                    result.timings,
+                )
+                if writer:
+                    frame_id = getattr(image.message.header, "frame_id", "")
+                    writer.write(
+                        FACES_TOPIC,
+                        image.log_time_ns + int(latency * 1e6),
+                        face_array_msg(result, image.stamp_ns, frame_id, latency, index + 1),
+                    )
+                if on_frame:
+                    on_frame(index, result)
+                bar.update(1)
+            elapsed = time.perf_counter() - start
+        except BaseException as exc:
+            if writer:
+                writer.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        finally:
+            bar.close()
+        if writer:
+            writer.__exit__(None, None, None)
+            info["output_bag"] = str(output_bag)
+        if ground_truth and evaluator.labelled_frames == 0:
+            raise BagError(f"{bag}: no ground-truth stamp matches an image stamp on {image_topic}")
+    return evaluator.result(info, elapsed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Live
+# --------------------------------------------------------------------------------------------------
+
+
+def _ros_class(msgtype: str) -> Any:
+    package, _, name = msgtype.split("/")
+    try:
+        return getattr(importlib.import_module(f"{package}.msg"), name)
+    except (ImportError, AttributeError):
+        hint = " (build the package: bash scripts/setup.sh)" if package == "facial_perception" else ""
+        raise BagError(f"ROS message type {msgtype} is not importable{hint}") from None
+
+
+@dataclass
+class _Received:
+    raw: bytes
+    monotonic: float
+
+
+def evaluate_live(
+    bag: str | os.PathLike[str],
+    *,
+    rate: float = 1.0,
+    topic: str | None = None,
+    publish_topic: str | None = None,
+    faces_topic: str = FACES_TOPIC,
+    storage: str | None = None,
+    clock: bool = True,
+    wait_for_node: float = 30.0,
+    drain: float = 5.0,
+    iou_threshold: float = 0.5,
+    max_frames: int | None = None,
+    output_bag: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> BagEvaluation:
+    """Replay the bag through DDS to a running perception node and evaluate its ``FaceArray`` output.
+
+    Images are published as the bag's raw CDR bytes on ``publish_topic`` (default: the bag topic)
+    with the original spacing divided by ``rate``; ``/clock`` (``rosgraph_msgs/Clock``) carries the
+    bag time of each frame, so a node started with ``use_sim_time:=true`` stamps and times like on
+    the robot.  Results are matched to frames by header stamp; a frame without a result within
+    ``drain`` seconds after the last one counts as dropped.  Latency is measured here, from the
+    publication of a frame to the reception of its result (same host clock).
+    """
+    from tqdm import tqdm
+
+    if not (rate > 0 and math.isfinite(rate)):
+        raise BagError(f"rate must be a positive factor, got {rate}")
+    try:
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+    except ImportError as exc:
+        raise BagError(f"live mode needs rclpy ({exc}); source the ROS environment") from None
+
+    store = get_typestore()
+    with BagReader(bag, storage) as reader:
+        image_topic = reader.image_topic(topic)
+        msgtype = reader.topics[image_topic]
+        ground_truth = reader.read_ground_truth()
+        label_names = _bag_label_names(reader)
+        frames: list[BagImage] = []
+        for image in reader.images(image_topic):
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+            frames.append(BagImage(image.log_time_ns, image.stamp_ns, image.msgtype, image.raw, None))
+        info = {
+            "mode": "live",
+            "bag": str(bag),
+            "storage": reader.storage,
+            "image_topic": image_topic,
+            "image_type": msgtype,
+            "bag_duration_s": reader.duration_s,
+            "rate": rate,
+        }
+    if not frames:
+        raise BagError(f"{bag}: no frames on {image_topic}")
+    image_cls, face_cls = _ros_class(msgtype), _ros_class(FACE_ARRAY_TYPE)
+    clock_cls = _ros_class(CLOCK_TYPE) if clock else None
+    out_topic = publish_topic or image_topic
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    executor = SingleThreadedExecutor(context=context)
+    received: dict[int, _Received] = {}
+    published: dict[int, float] = {}
+    lock = threading.Lock()
+    all_done = threading.Event()
+    expected = {f.stamp_ns for f in frames}
+
+    def on_result(raw: bytes) -> None:
+        now = time.monotonic()
+        try:
+            msg = store.deserialize_cdr(raw, FACE_ARRAY_TYPE)
+        except Exception:  # a foreign publisher on the topic; not ours to judge
+            return
+        stamp = stamp_to_ns(msg.header.stamp)
+        with lock:
+            if stamp in expected and stamp not in received:
+                received[stamp] = _Received(bytes(raw), now)
+                if len(received) == len(expected):
+                    all_done.set()
+
+    node = None
+    spinner = None
+    try:
+        node = rclpy.create_node("facial_perception_bag_player", context=context)
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        image_pub = node.create_publisher(image_cls, out_topic, reliable)
+        clock_pub = node.create_publisher(clock_cls, "/clock", QoSProfile(depth=1)) if clock_cls else None
+        sub_qos = QoSProfile(
+            depth=max(100, len(frames)), reliability=_publisher_reliability(node, faces_topic)
+        )
+        node.create_subscription(face_cls, faces_topic, on_result, sub_qos, raw=True)
+        executor.add_node(node)
+        spinner = threading.Thread(target=executor.spin, name="bag-player-spin", daemon=True)
+        spinner.start()
+        _wait_for_peers(node, image_pub, faces_topic, out_topic, wait_for_node)
+
+        first_log = frames[0].log_time_ns
+        bar = tqdm(total=len(frames), desc=f"replay x{rate:g}", unit="frame", disable=not progress)
+        start = time.monotonic()
+        for frame in frames:
+            target = start + (frame.log_time_ns - first_log) / 1e9 / rate
+            delay = target - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if clock_pub is not None:
+                clock_pub.publish(_clock_msg(clock_cls, frame.log_time_ns))
+            with lock:
+                published[frame.stamp_ns] = time.monotonic()
+            image_pub.publish(frame.raw)
+            bar.update(1)
+        bar.close()
+        all_done.wait(drain)
+        elapsed = time.monotonic() - start
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        if node is not None:
+            node.destroy_node()
+        context.try_shutdown()
+        if spinner is not None:
+            spinner.join(timeout=2.0)
+
+    evaluator = BagEvaluator(iou_threshold, label_names)
+    with lock:
+        results = dict(received)
+    outputs: list[tuple[int, bytes]] = []
+    for frame in frames:
+        got = results.get(frame.stamp_ns)
+        gt = ground_truth.get(frame.stamp_ns)
+        if got is None:
+            evaluator.add(frame.stamp_ns, gt, None)
+            continue
+        msg = store.deserialize_cdr(got.raw, FACE_ARRAY_TYPE)
+        latency = (got.monotonic - published[frame.stamp_ns]) * 1000.0
+        evaluator.add(frame.stamp_ns, gt, faces_from_face_array(msg), latency, None, float(msg.latency_ms))
+        outputs.append((frame.log_time_ns + int(latency * 1e6), got.raw))
+    if output_bag:
+        with BagWriter(
+            output_bag, "mcap" if str(output_bag).endswith(".mcap") else info["storage"]
+        ) as writer:
+            writer.add_topic(faces_topic, FACE_ARRAY_TYPE)
+            for timestamp, raw in sorted(outputs):
+                writer.write_raw(faces_topic, timestamp, raw)
+        info["output_bag"] = str(output_bag)
+    if not results:
+        info["warning"] = (
+            f"no result arrived on {faces_topic}: is the node subscribed to {out_topic} "
+            f"with a matching input_type?"
+        )
+    return evaluator.result(info, elapsed)
+
+
+def _publisher_reliability(node: Any, topic: str) -> Any:
+    """Reliable unless the node publishes best effort (a reliable reader would not match it)."""
+    from rclpy.qos import ReliabilityPolicy
+
+    for info in node.get_publishers_info_by_topic(topic):
+        if info.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT:
+            return ReliabilityPolicy.BEST_EFFORT
+    return ReliabilityPolicy.RELIABLE
+
+
+def _wait_for_peers(node: Any, image_pub: Any, faces_topic: str, image_topic: str, timeout: float) -> None:
+    """Block until the node subscribes to the images and publishes results (discovery takes ~2 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if image_pub.get_subscription_count() > 0 and node.count_publishers(faces_topic) > 0:
+            time.sleep(0.5)  # let the matched endpoints finish their handshake
+            return
+        time.sleep(0.05)
+    raise BagError(
+        f"no perception node found within {timeout:g} s (nothing subscribes to {image_topic} "
+        f"and publishes {faces_topic}): start `python -m facial_perception.ros.perception_node`"
+    )
+
+
+def _clock_msg(cls: Any, stamp_ns: int) -> Any:
+    from builtin_interfaces.msg import Time
+
+    msg = cls()
+    msg.clock = Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
+    return msg
