@@ -93,7 +93,7 @@ class FaceTracker:
         max_missed: int = 4,
         min_hits: int = 1,
         *,
-        max_center_distance: float = 0.5,
+        max_center_distance: float = 1.0,
         center_weight: float = 0.5,
         velocity_smoothing: float = 0.5,
     ) -> None:
