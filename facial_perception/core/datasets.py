@@ -992,10 +992,11 @@ def open_dataset(
 
     Detection order: ``label.csv`` (FER+ split folder) or ``FER2013Train/label.csv`` (FER+ root,
     Train split), ``fold_*_data.txt`` (Adience), UTKFace file names, FER2013 class folders,
-    ``<Name>/<Name>_NNNN`` identity folders, other class folders, and a flat folder of images
-    (unlabeled). ``task`` picks the target where a layout offers several (UTKFace: age, age7,
-    gender, race, age_years; FER+: emotion or emotion_distribution; Adience: age or gender),
-    names the task of class folders, and ``"unlabeled"`` reads any layout without labels.
+    ``<Name>/<Name>_NNNN`` identity folders, other class folders, and otherwise (images at the top,
+    possibly with sub-folders) unlabeled images. ``task`` picks the target where a layout offers
+    several (UTKFace: age, age7, gender, race, age_years; FER+: emotion or emotion_distribution;
+    Adience: age or gender), names the task of class folders, and ``"unlabeled"`` reads any
+    layout without labels.
     ``label_names`` re-indexes the labels to that order and rejects labels outside it.
     """
     dataset = _open_dataset(Path(path).expanduser(), task, size)
@@ -1038,7 +1039,7 @@ def _open_dataset(path: Path, task: str | None, size: int) -> FaceDataset:
     folders = [p for p in _subfolders(path) if _images_in(p, recursive=True)]
     if flat and sum(parse_utkface_name(p.name) is not None for p in flat) * 2 > len(flat):
         return read_utkface(path, target=_utk_target(task), size=size)
-    if folders:
+    if folders and not flat:  # loose images beside folders mean "not a class layout"
         lowered = {p.name.lower() for p in folders}
         if lowered <= {"train", "test", "val", "valid", "validation"}:
             raise DatasetError(
@@ -1053,8 +1054,6 @@ def _open_dataset(path: Path, task: str | None, size: int) -> FaceDataset:
         if task is None:
             return read_unlabeled([path], size=size)
         raise DatasetError(f"{path} holds images but no labels for task {task!r} ({_LAYOUT_HELP})")
-    if any(_images_in(path, recursive=True)[:1]):
-        return read_unlabeled([path], size=size)
     raise DatasetError(f"no images found in {path} ({_LAYOUT_HELP})")
 
 
