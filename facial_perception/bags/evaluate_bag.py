@@ -25,6 +25,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = [
     "BagEvaluator",
     "PipelineSettings",
     "PredictedFace",
+    "activate_lifecycle_node",
     "build_pipeline",
     "evaluate_live",
     "evaluate_offline",
@@ -57,6 +59,7 @@ __all__ = [
     "faces_from_face_array",
     "faces_from_frame_result",
     "iou_matrix",
+    "load_predictor",
     "match_faces",
 ]
 
@@ -494,15 +497,55 @@ class PipelineSettings:
     gallery: str | None = None  # an identity gallery (SQLite) for identity labels
 
 
-def build_pipeline(settings: PipelineSettings | None = None) -> Any:
-    """A ``FramePipeline`` configured like the node; model problems become :class:`BagError`."""
+#: The trained default model shipped inside the package (the node uses the same file).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.safetensors"
+
+
+def load_predictor(settings: PipelineSettings | None = None) -> tuple[Any, str]:
+    """``(FacePredictor, where it came from)``, chosen like the node chooses its model.
+
+    ``settings.checkpoint`` if set, else the shipped ``models/default.safetensors``, else an
+    untrained ``lite`` model with the default task columns (the report then warns that labels are
+    meaningless: detection, tracking and speed are still measured).
+    """
+    settings = settings or PipelineSettings()
+    try:
+        from facial_perception.core.inference import FacePredictor
+
+        path = Path(settings.checkpoint).expanduser() if settings.checkpoint else None
+        if path is None and DEFAULT_MODEL.is_file():
+            path = DEFAULT_MODEL
+        if path is not None:
+            if not path.is_file():
+                raise BagError(f"checkpoint not found: {path}")
+            return FacePredictor.from_checkpoint(path, device=settings.device), str(path)
+        from facial_perception.core.config import get_config
+        from facial_perception.core.progressive import ProgressiveNet, default_task_specs
+
+        model = ProgressiveNet(get_config("lite"), default_task_specs()).eval()
+        return FacePredictor(model, device=settings.device), UNTRAINED
+    except BagError:
+        raise
+    except Exception as exc:  # CheckpointError, device errors...: one line for the user
+        raise BagError(f"cannot load the model: {exc}") from None
+
+
+#: Model source of an untrained model (no checkpoint and no shipped default).
+UNTRAINED = "untrained lite model (no checkpoint, no shipped default): labels are meaningless"
+
+
+def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = None) -> Any:
+    """A ``FramePipeline`` configured like the node (same detector, tracker, smoothing parameters)."""
     from facial_perception.pipeline.detection import DetectorError, make_detector
     from facial_perception.pipeline.frame_pipeline import FramePipeline
     from facial_perception.pipeline.smoothing import PredictionSmoother
     from facial_perception.pipeline.tracking import FaceTracker
 
     settings = settings or PipelineSettings()
-    predictor = _load_predictor(settings.checkpoint, settings.device)
+    if predictor is None:
+        predictor, _ = load_predictor(settings)
+    if not 0.0 <= settings.smoothing < 1.0:
+        raise BagError(f"smoothing must be in [0, 1), got {settings.smoothing}")
     try:
         detector = make_detector(
             settings.detector,
@@ -523,27 +566,11 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
     return FramePipeline(
         predictor,
         detector,
-        FaceTracker(settings.tracker_iou, settings.track_max_missed),
-        PredictionSmoother(settings.smoothing) if settings.smoothing > 0 else None,
+        tracker=FaceTracker(iou_threshold=settings.tracker_iou, max_missed=settings.track_max_missed),
+        smoother=PredictionSmoother(alpha=1.0 - settings.smoothing),  # the node's mapping
         gallery=gallery,
         max_faces=settings.max_faces,
     )
-
-
-def _load_predictor(checkpoint: str | None, device: str) -> Any:
-    from facial_perception.core import inference
-
-    try:
-        if checkpoint:
-            return inference.FacePredictor.from_checkpoint(checkpoint, device=device)
-        default = getattr(inference, "default_predictor", None)
-        if default is None:
-            raise BagError("no checkpoint given and no shipped default model: pass --checkpoint")
-        return default(device=device)
-    except BagError:
-        raise
-    except Exception as exc:  # CheckpointError and friends: one line for the user
-        raise BagError(f"cannot load the model: {exc}") from None
 
 
 def _bag_label_names(reader: BagReader) -> dict[str, list[str]]:
@@ -586,7 +613,10 @@ def evaluate_offline(
         total = reader.message_count(image_topic)
         if max_frames is not None:
             total = min(total, max_frames)
-        pipeline = pipeline if pipeline is not None else build_pipeline(settings)
+        model_source = "caller-supplied pipeline"
+        if pipeline is None:
+            predictor, model_source = load_predictor(settings)
+            pipeline = build_pipeline(settings, predictor)
         pipeline.reset()
         writer = (
             BagWriter(output_bag, "mcap" if str(output_bag).endswith(".mcap") else reader.storage)
@@ -600,6 +630,7 @@ def evaluate_offline(
             "image_topic": image_topic,
             "image_type": reader.topics[image_topic],
             "bag_duration_s": reader.duration_s,
+            "model": model_source,
         }
         bar = tqdm(total=total, desc="evaluate (offline)", unit="frame", disable=not progress)
         start = time.perf_counter()
@@ -682,6 +713,7 @@ def evaluate_live(
     max_frames: int | None = None,
     output_bag: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    activate: str | None = None,
 ) -> BagEvaluation:
     """Replay the bag through DDS to a running perception node and evaluate its ``FaceArray`` output.
 
@@ -691,6 +723,9 @@ def evaluate_live(
     the robot.  Results are matched to frames by header stamp; a frame without a result within
     ``drain`` seconds after the last one counts as dropped.  Latency is measured here, from the
     publication of a frame to the reception of its result (same host clock).
+
+    ``activate`` names a lifecycle node (e.g. ``/facial_perception``) to configure and activate
+    first when it is not active yet (there is no ``ros2 lifecycle set`` without ros2cli).
     """
     from tqdm import tqdm
 
@@ -765,6 +800,8 @@ def evaluate_live(
         executor.add_node(node)
         spinner = threading.Thread(target=executor.spin, name="bag-player-spin", daemon=True)
         spinner.start()
+        if activate:
+            activate_lifecycle_node(node, activate, wait_for_node)
         _wait_for_peers(node, image_pub, faces_topic, out_topic, wait_for_node)
 
         first_log = frames[0].log_time_ns
@@ -820,6 +857,52 @@ def evaluate_live(
             f"with a matching input_type?"
         )
     return evaluator.result(info, elapsed)
+
+
+def activate_lifecycle_node(node: Any, name: str, timeout: float = 30.0) -> str:
+    """Bring lifecycle node ``name`` to *active* (configure, then activate, as needed).
+
+    Returns the final state label; a node that does not answer, or refuses a transition, is a
+    :class:`BagError` naming the state it is stuck in.
+    """
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    name = "/" + name.strip("/")
+    get_state = node.create_client(GetState, f"{name}/get_state")
+    change = node.create_client(ChangeState, f"{name}/change_state")
+    deadline = time.monotonic() + timeout
+
+    def call(client: Any, request: Any) -> Any:
+        while not client.wait_for_service(timeout_sec=0.2):
+            if time.monotonic() > deadline:
+                raise BagError(f"lifecycle node {name} not found within {timeout:g} s: is it running?")
+        future = client.call_async(request)
+        while not future.done():
+            if time.monotonic() > deadline + 60.0:  # configure loads the model: allow extra time
+                raise BagError(f"lifecycle node {name} did not answer {type(request).__name__}")
+            time.sleep(0.02)
+        return future.result()
+
+    try:
+        for _ in range(3):
+            state = call(get_state, GetState.Request()).current_state
+            if state.id == State.PRIMARY_STATE_ACTIVE:
+                return state.label
+            transition = {
+                State.PRIMARY_STATE_UNCONFIGURED: Transition.TRANSITION_CONFIGURE,
+                State.PRIMARY_STATE_INACTIVE: Transition.TRANSITION_ACTIVATE,
+            }.get(state.id)
+            if transition is None:
+                raise BagError(f"lifecycle node {name} is in state '{state.label}', cannot activate it")
+            request = ChangeState.Request()
+            request.transition.id = transition
+            if not call(change, request).success:
+                raise BagError(f"lifecycle node {name} refused the transition from '{state.label}'")
+        raise BagError(f"lifecycle node {name} did not become active")
+    finally:
+        node.destroy_client(get_state)
+        node.destroy_client(change)
 
 
 def _publisher_reliability(node: Any, topic: str) -> Any:

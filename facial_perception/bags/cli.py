@@ -1,0 +1,268 @@
+"""``facial-perception-bag``: make labelled bags from datasets, inspect bags, evaluate them.
+
+    python -m facial_perception.bags.cli make DATASET OUT_BAG [--task T ...] [--storage mcap] ...
+    python -m facial_perception.bags.cli info BAG
+    python -m facial_perception.bags.cli evaluate BAG [--mode offline|live] [--report DIR] ...
+
+Exit codes: 0 success, 2 a user error (bad bag, bad option, missing model: one line on stderr),
+130 interrupted.  :func:`add_subcommands` lets the main ``facial-perception`` command mount the
+same sub-commands under ``facial-perception bag ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from facial_perception.bags.bag_io import STORAGES, BagError, BagReader
+
+__all__ = ["add_subcommands", "build_parser", "main", "run"]
+
+
+def _range(text: str) -> tuple[int, int]:
+    """``"3"`` -> (3, 3); ``"1..3"`` or ``"1-3"`` -> (1, 3)."""
+    for sep in ("..", "-", ":"):
+        if sep in text:
+            lo, hi = text.split(sep, 1)
+            try:
+                return int(lo), int(hi)
+            except ValueError:
+                break
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or A..B, got {text!r}") from None
+    return value, value
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def _region(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 fractions, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``make``, ``info`` and ``evaluate`` to an argparse sub-parser collection."""
+    make = subparsers.add_parser("make", help="turn a labelled dataset into a ROS 2 bag")
+    make.add_argument("dataset", help="dataset folder (FER+, UTKFace, identity folders, ...)")
+    make.add_argument("output", help="bag folder to create")
+    make.add_argument(
+        "--task", action="append", help="labelled task (repeat for several, e.g. gender and age)"
+    )
+    make.add_argument("--storage", choices=STORAGES, default="sqlite3")
+    make.add_argument("--image-type", choices=("raw", "compressed"), default="raw")
+    make.add_argument("--fps", type=float, default=10.0)
+    make.add_argument("--size", type=_size, default=(640, 480), help="frame size WIDTHxHEIGHT (640x480)")
+    make.add_argument("--faces-per-frame", type=_range, default=(1, 1), help="N or A..B faces per frame")
+    make.add_argument("--face-size", type=_range, default=(112, 200), help="pasted face side in pixels, A..B")
+    make.add_argument("--track-length", type=int, default=1, help="frames each pasted face stays (tracking)")
+    make.add_argument("--motion", type=float, default=3.0, help="max drift of a face per frame, pixels")
+    make.add_argument("--background", choices=("gradient", "noise", "blur", "photo"), default="gradient")
+    make.add_argument("--frames", type=int, help="number of frames (default: every selected sample once)")
+    make.add_argument("--max-samples", type=int, default=200, help="samples drawn from the dataset")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--jpeg-quality", type=int, default=90)
+    make.add_argument("--topic", help="image topic (default /camera/image_raw[/compressed])")
+    make.add_argument("--face-region", type=_region, help="face box inside a crop as x0,y0,x1,y1 fractions")
+    make.add_argument("--overwrite", action="store_true", help="replace an existing bag (atomically)")
+    make.add_argument("--no-progress", action="store_true")
+    make.set_defaults(bag_command="make")
+
+    info = subparsers.add_parser("info", help="topics, counts and ground-truth summary of a bag")
+    info.add_argument("bag")
+    info.add_argument("--storage", choices=STORAGES, help="expected storage plugin")
+    info.set_defaults(bag_command="info")
+
+    ev = subparsers.add_parser("evaluate", help="evaluate a bag offline or live against the node")
+    ev.add_argument("bag")
+    ev.add_argument("--mode", choices=("offline", "live"), default="offline")
+    ev.add_argument("--report", help="report folder (report.md, report.json, PNGs); default <bag>_report")
+    ev.add_argument("--no-plots", action="store_true")
+    ev.add_argument("--topic", help="image topic (default: auto-detected)")
+    ev.add_argument("--storage", choices=STORAGES, help="expected storage plugin")
+    ev.add_argument("--iou", type=float, default=0.5, help="IoU for matching faces to ground truth")
+    ev.add_argument("--max-frames", type=int)
+    ev.add_argument("--output-bag", help="write the results (FaceArray) into this new bag")
+    ev.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ev.add_argument("--no-progress", action="store_true")
+    off = ev.add_argument_group("offline")
+    off.add_argument("--checkpoint", help="model .safetensors (default: the shipped default model)")
+    off.add_argument("--detector", default="blazeface")
+    off.add_argument("--detection-threshold", type=float, default=0.6)
+    off.add_argument("--max-faces", type=int, default=10)
+    off.add_argument("--smoothing", type=float, default=0.6)
+    off.add_argument("--gallery", help="identity gallery (SQLite) for identity labels")
+    off.add_argument("--device", default="cpu")
+    live = ev.add_argument_group("live")
+    live.add_argument("--rate", type=float, default=1.0, help="replay speed factor (2 = twice as fast)")
+    live.add_argument("--publish-topic", help="topic to publish images on (default: the bag topic)")
+    live.add_argument("--faces-topic", default="/facial_perception/faces")
+    live.add_argument(
+        "--activate",
+        nargs="?",
+        const="/facial_perception",
+        help="configure+activate this lifecycle node first (default /facial_perception)",
+    )
+    live.add_argument("--no-clock", action="store_true", help="do not publish /clock")
+    live.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node")
+    live.add_argument(
+        "--drain", type=float, default=5.0, help="seconds to wait for results after the last frame"
+    )
+    ev.set_defaults(bag_command="evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stand-alone ``facial-perception-bag`` parser."""
+    parser = argparse.ArgumentParser(prog="facial-perception-bag", description=__doc__.split("\n\n")[0])
+    add_subcommands(parser.add_subparsers(dest="bag_command", required=True))
+    return parser
+
+
+def _make(args: argparse.Namespace) -> int:
+    from facial_perception.bags.make_bag import MakeBagOptions, make_bag
+
+    options = MakeBagOptions(
+        storage=args.storage,
+        image_type=args.image_type,
+        fps=args.fps,
+        width=args.size[0],
+        height=args.size[1],
+        faces_per_frame=args.faces_per_frame,
+        face_size=args.face_size,
+        track_length=args.track_length,
+        motion=args.motion,
+        background=args.background,
+        frames=args.frames,
+        max_samples=args.max_samples,
+        seed=args.seed,
+        jpeg_quality=args.jpeg_quality,
+        topic=args.topic,
+        face_region=args.face_region,
+    )
+    summary = make_bag(
+        args.dataset, args.output, args.task, options, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    print(
+        f"wrote {summary.path} ({summary.storage}): {summary.frames} frames, {summary.faces} faces, "
+        f"{summary.tracks} tracks of {summary.samples} samples; tasks {', '.join(summary.tasks)}"
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with BagReader(args.bag, args.storage) as reader:
+        print(f"{args.bag}: storage {reader.storage}, {reader.duration_s:.2f} s")
+        for topic, msgtype in sorted(reader.topics.items()):
+            print(f"  {topic}  {msgtype}  {reader.message_count(topic)} messages")
+        gt = reader.read_ground_truth()
+        if gt:
+            faces = [f for frame in gt.values() for f in frame.faces]
+            tasks = sorted({t for f in faces for t in f.labels})
+            tracks = {f.track for f in faces if f.track}
+            print(
+                f"  ground truth: {len(gt)} frames, {len(faces)} faces, {len(tracks)} tracks, tasks {tasks}"
+            )
+        else:
+            print("  no ground truth (unlabelled bag)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from facial_perception.bags.evaluate_bag import PipelineSettings, evaluate_live, evaluate_offline
+    from facial_perception.bags.report import write_report
+
+    progress = not args.no_progress
+    if args.mode == "offline":
+        settings = PipelineSettings(
+            checkpoint=args.checkpoint,
+            detector=args.detector,
+            detection_threshold=args.detection_threshold,
+            max_faces=args.max_faces,
+            smoothing=args.smoothing,
+            device=args.device,
+            gallery=args.gallery,
+        )
+        evaluation = evaluate_offline(
+            args.bag,
+            settings=settings,
+            topic=args.topic,
+            storage=args.storage,
+            iou_threshold=args.iou,
+            max_frames=args.max_frames,
+            output_bag=args.output_bag,
+            progress=progress,
+        )
+    else:
+        evaluation = evaluate_live(
+            args.bag,
+            rate=args.rate,
+            topic=args.topic,
+            publish_topic=args.publish_topic,
+            faces_topic=args.faces_topic,
+            storage=args.storage,
+            clock=not args.no_clock,
+            wait_for_node=args.wait,
+            drain=args.drain,
+            iou_threshold=args.iou,
+            max_frames=args.max_frames,
+            output_bag=args.output_bag,
+            progress=progress,
+            activate=args.activate,
+        )
+    report_dir = Path(args.report) if args.report else Path(str(Path(args.bag)).rstrip("/") + "_report")
+    write_report(evaluation, report_dir, plots=not args.no_plots)
+    s = evaluation.summary
+    if args.json:
+        print(json.dumps({k: v for k, v in s.items() if k != "matches"}, indent=2, default=str))
+    else:
+        fps = s.get("throughput_fps")
+        line = f"{s['frames']['processed']}/{s['frames']['total']} frames"
+        line += f", {fps:.1f} frames/s" if fps else ""
+        line += f", latency p50 {s['latency_ms']['p50']:.1f} ms" if s["latency_ms"]["p50"] is not None else ""
+        if s.get("labelled"):
+            recall = s["detection"]["recall"]
+            line += f", detection recall {100 * recall:.1f}%" if recall is not None else ""
+            for task, entry in s["tasks"].items():
+                if entry["accuracy"] is not None:
+                    line += f", {task} accuracy {100 * entry['accuracy']:.1f}%"
+        print(line)
+    print(f"report: {report_dir / 'report.md'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute parsed arguments; user errors print one line to stderr and return 2."""
+    handlers = {"make": _make, "info": _info, "evaluate": _evaluate}
+    try:
+        return handlers[args.bag_command](args)
+    except BagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``facial-perception-bag``."""
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
