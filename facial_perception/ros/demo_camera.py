@@ -3,9 +3,9 @@
 The photos ship with ordinary packages, so the demo, the tests and the benchmark need no dataset and
 no download: scikit-image ``astronaut`` (Eileen Collins), matplotlib ``grace_hopper`` and a few
 ``lfw_subset`` faces.  Each scene is pasted into a ``width x height`` frame and drifts slowly, so the
-tracker sees motion like a real video.  Published as ``sensor_msgs/Image`` ``rgb8`` (or JPEG
-``CompressedImage`` on ``<image_topic>/compressed``) with ``SystemDefaultsQoS`` (REP-2003) and a
-header stamped at publication time.
+tracker sees motion like a real video.  Published as ``sensor_msgs/Image`` ``rgb8`` (plus JPEG
+``CompressedImage`` on ``<image_topic>/compressed`` when ``compressed`` is set) with
+``SystemDefaultsQoS`` (REP-2003) and a header stamped at publication time.
 
     python -m facial_perception.ros.demo_camera --ros-args -p rate:=10.0 -p image_topic:=/camera/image_raw
 """
@@ -151,21 +151,27 @@ class DemoCamera(Node):
             )
         )
         self.compressed = bool(
-            declare("compressed", False, "Publish JPEG CompressedImage on <image_topic>/compressed")
+            declare("compressed", False, "Also publish JPEG CompressedImage on <image_topic>/compressed")
         )
 
         self.frames = make_sequence(width, height)
         self.published = 0
-        if self.compressed:
-            self.topic = compressed_topic(self.image_topic)
-            self.publisher = self.create_publisher(CompressedImage, self.topic, qos_profile_system_default)
-        else:
-            self.topic = self.image_topic
-            self.publisher = self.create_publisher(Image, self.topic, qos_profile_system_default)
+        # Like image_transport: raw frames always, plus the JPEG stream on <topic>/compressed when asked.
+        self.publisher = self.create_publisher(Image, self.image_topic, qos_profile_system_default)
+        self.compressed_publisher = (
+            self.create_publisher(
+                CompressedImage, compressed_topic(self.image_topic), qos_profile_system_default
+            )
+            if self.compressed
+            else None
+        )
         self.timer = self.create_timer(1.0 / self.rate, self._publish_next)
+        streams = self.image_topic + (
+            f" and {compressed_topic(self.image_topic)} (jpeg)" if self.compressed else ""
+        )
         self.get_logger().info(
-            f"publishing {len(self.frames)} looping {width}x{height} face frames on {self.topic}"
-            f" at {self.rate:g} Hz ({'jpeg' if self.compressed else 'rgb8'}, frame_id {self.frame_id!r})"
+            f"publishing {len(self.frames)} looping {width}x{height} face frames on {streams}"
+            f" at {self.rate:g} Hz (frame_id {self.frame_id!r})"
         )
 
     @property
@@ -179,8 +185,9 @@ class DemoCamera(Node):
             return
         frame = self.frames[self.published % len(self.frames)]
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.frame_id)
-        msg = rgb_to_compressed_msg(frame, header) if self.compressed else rgb_to_image_msg(frame, header)
-        self.publisher.publish(msg)
+        self.publisher.publish(rgb_to_image_msg(frame, header))
+        if self.compressed_publisher is not None:
+            self.compressed_publisher.publish(rgb_to_compressed_msg(frame, header))
         self.published += 1
 
 
