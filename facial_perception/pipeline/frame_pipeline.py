@@ -117,6 +117,7 @@ class EnrolmentCollector:
     count: int | None = None
     started: float = field(default_factory=time.monotonic)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def done(self) -> bool:
@@ -132,8 +133,9 @@ class EnrolmentCollector:
         return self._done.wait(timeout)
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Stop collecting (no-op when already finished)."""
-        self._finish(error=reason)
+        """Stop collecting (no-op when already finished, and waits for an enrolment in progress)."""
+        with self._lock:
+            self._finish(error=reason)
 
     def _finish(self, error: str | None = None, count: int | None = None) -> None:
         if self._done.is_set():
@@ -174,7 +176,8 @@ class FramePipeline:
             raise FacePipelineError(f"crop_margin must be >= 0, got {crop_margin}")
         self.detector = detector
         self.tracker = tracker if tracker is not None else FaceTracker()
-        self.smoother = smoother if smoother is not None else PredictionSmoother()
+        # No smoother means no smoothing (alpha = 1 keeps only the newest frame), not a default one.
+        self.smoother = smoother if smoother is not None else PredictionSmoother(alpha=1.0)
         self.gallery = gallery
         self.crop_margin = float(crop_margin)
         self.max_faces = int(max_faces)
@@ -346,15 +349,21 @@ class FramePipeline:
                 self._commit(collector)
 
     def _commit(self, collector: EnrolmentCollector) -> None:
-        if self.gallery is None:
-            collector._finish(error="identity recognition is disabled (no gallery)")
-            return
-        try:
-            count = self.gallery.enrol(collector.name, np.stack(collector.embeddings), images=collector.crops)
-        except GalleryError as exc:
-            collector._finish(error=str(exc))
-            return
-        collector._finish(count=count)
+        # Under the collector's lock so that a concurrent cancel() cannot report failure for an
+        # enrolment that is being written.
+        with collector._lock:
+            if collector.done:
+                return
+            gallery = self.gallery
+            if gallery is None:
+                collector._finish(error="identity recognition is disabled (no gallery)")
+                return
+            try:
+                count = gallery.enrol(collector.name, np.stack(collector.embeddings), images=collector.crops)
+            except GalleryError as exc:
+                collector._finish(error=str(exc))
+                return
+            collector._finish(count=count)
 
     def embed_faces(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Identity embeddings ``(K, D)`` of the largest face in each image (enrolment from files).

@@ -1,0 +1,222 @@
+"""FramePipeline end to end on real photos with a small untrained ProgressiveNet (real torch and detector)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from facial_perception.core import inference
+from facial_perception.core.config import get_config
+from facial_perception.core.preprocess import crop_face, preprocess_batch
+from facial_perception.core.progressive import ProgressiveNet, TaskSpec, default_task_specs
+from facial_perception.pipeline.detection import make_detector
+from facial_perception.pipeline.frame_pipeline import (
+    FacePipelineError,
+    FramePipeline,
+    draw_annotations,
+)
+from facial_perception.pipeline.gallery import UNKNOWN, IdentityGallery
+from facial_perception.pipeline.images import decode_raw, encode_raw
+from facial_perception.pipeline.smoothing import PredictionSmoother
+from facial_perception.pipeline.tracking import FaceTracker
+
+TASKS = {"gender", "age", "emotion", "identity"}
+
+
+class CountingPredictor(inference.FacePredictor):
+    """The real predictor, recording the batch shape of every forward (to prove one batch per frame)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_shapes: list[tuple[int, ...]] = []
+
+    def predict(self, batch: torch.Tensor):  # type: ignore[override]
+        self.batch_shapes.append(tuple(batch.shape))
+        return super().predict(batch)
+
+
+def _model(extra: list[TaskSpec] | None = None) -> ProgressiveNet:
+    torch.manual_seed(0)
+    model = ProgressiveNet(get_config("lite"), default_task_specs(num_identities=5))
+    for spec in extra or []:
+        model.add_column(spec)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def predictor() -> CountingPredictor:
+    return CountingPredictor(_model(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def detector():
+    det = make_detector("blazeface_full", min_score=0.5)
+    yield det
+    det.close()
+
+
+@pytest.fixture(scope="module")
+def frame(real_faces: list[np.ndarray]) -> np.ndarray:
+    """640x480 camera frame: the astronaut (smaller face, left) and Grace Hopper (larger face, right)."""
+    canvas = np.full((480, 640, 3), 90, np.uint8)
+    canvas[20:340, 10:330] = cv2.resize(real_faces[0], (320, 320))
+    canvas[60:460, 300:640] = cv2.resize(real_faces[1], (340, 400))
+    return canvas
+
+
+def _pipeline(predictor, detector, **kwargs) -> FramePipeline:
+    kwargs.setdefault("smoother", PredictionSmoother(alpha=1.0))
+    return FramePipeline(predictor, detector, tracker=FaceTracker(max_missed=2), **kwargs)
+
+
+def test_end_to_end_one_batch_per_frame(predictor, detector, frame: np.ndarray) -> None:
+    pipeline = _pipeline(predictor, detector, crop_margin=0.2)
+    assert pipeline.input_size == get_config("lite").input_size
+    predictor.batch_shapes.clear()
+    result = pipeline.process(frame, stamp=12.5)
+    assert predictor.batch_shapes == [(2, 1, 64, 64)]  # both faces in ONE forward
+    assert result.stamp == 12.5 and (result.width, result.height) == (640, 480)
+    assert len(result.faces) == 2
+    hopper, astronaut = result.faces  # largest first
+    assert hopper.box[0] >= 300 and astronaut.box[2] <= 330
+    assert [f.track_id for f in result.faces] == [1, 2]
+    for face in result.faces:
+        assert set(face.tasks) == TASKS
+        for name, task in face.tasks.items():
+            assert len(task.probabilities) == len(task.labels)
+            assert task.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+            assert task.label == task.labels[int(np.argmax(task.probabilities))], name
+            assert task.confidence == pytest.approx(float(task.probabilities.max()))
+        assert face.identity == "" and face.identity_confidence == 0.0  # no gallery: identity off
+        assert face.embedding is not None and np.linalg.norm(face.embedding) == pytest.approx(1.0, abs=1e-5)
+        assert np.allclose(face.box_normalized, face.box / np.array([640, 480, 640, 480]))
+        assert 0.5 <= face.detection_score <= 1.0
+        # Batching must not mix faces: same probabilities as this face alone through the model.
+        alone = predictor.predict(preprocess_batch([crop_face(frame, face.box, 0.2)], 64))[0]
+        for name in TASKS:
+            assert np.allclose(face.tasks[name].probabilities, alone.tasks[name].probabilities, atol=1e-5)
+    for stage in ("detect", "track", "preprocess", "model", "smooth", "total"):
+        assert result.timings[stage] >= 0.0
+    assert result.timings["total"] >= result.timings["model"]
+
+
+def test_decoded_camera_buffer_and_empty_frames(predictor, detector, frame: np.ndarray) -> None:
+    pipeline = _pipeline(predictor, detector)
+    data, step = encode_raw(frame, "bgr8")
+    rgb = decode_raw(data, 640, 480, step, "bgr8")
+    result = pipeline.process(rgb, decode_ms=1.5)
+    assert len(result.faces) == 2 and result.timings["decode"] == 1.5
+    predictor.batch_shapes.clear()
+    empty = pipeline.process(np.full((480, 640, 3), 90, np.uint8))
+    assert empty.faces == [] and "model" not in empty.timings
+    assert predictor.batch_shapes == []  # no model call without faces
+    with pytest.raises(FacePipelineError, match="RGB uint8"):
+        pipeline.process(np.zeros((480, 640), np.uint8))
+
+
+def test_track_ids_and_smoothing_over_frames(predictor, detector, frame: np.ndarray) -> None:
+    alpha = 0.3
+    smoothed = _pipeline(predictor, detector, smoother=PredictionSmoother(alpha=alpha))
+    raw = _pipeline(predictor, detector, smoother=PredictionSmoother(alpha=1.0))
+    darker = (frame.astype(np.float32) * 0.6).astype(np.uint8)
+    shifted = np.roll(darker, 6, axis=1)  # faces move 6 px to the right
+    first_raw, second_raw = raw.process(frame), raw.process(shifted)
+    first, second = smoothed.process(frame), smoothed.process(shifted)
+    assert [f.track_id for f in second.faces] == [f.track_id for f in first.faces] == [1, 2]
+    for a, b, s in zip(first_raw.faces, second_raw.faces, second.faces, strict=True):
+        for name in ("gender", "emotion"):
+            expected = alpha * b.tasks[name].probabilities + (1 - alpha) * a.tasks[name].probabilities
+            assert np.allclose(s.tasks[name].probabilities, expected / expected.sum(), atol=1e-5)
+        assert not np.allclose(b.tasks["emotion"].probabilities, a.tasks["emotion"].probabilities)
+
+    # The astronaut leaves (covered); after max_missed=2 misses its state is dropped.
+    covered = shifted.copy()
+    covered[:, :340] = 90
+    for _ in range(3):
+        result = smoothed.process(covered)
+        assert [f.track_id for f in result.faces] == [1]
+    assert smoothed.smoother.tracked_ids == {1}
+    # Comes back: a new track id.
+    assert sorted(f.track_id for f in smoothed.process(shifted).faces) == [1, 3]
+
+
+def test_gallery_enrolment_and_recognition(predictor, detector, frame: np.ndarray, tmp_path: Path) -> None:
+    gallery = IdentityGallery(tmp_path / "people.db", threshold=0.99)
+    pipeline = _pipeline(predictor, detector, gallery=gallery, smoother=PredictionSmoother(alpha=0.5))
+    before = pipeline.process(frame)
+    assert all(f.identity == UNKNOWN for f in before.faces)  # empty gallery
+
+    collector = pipeline.start_enrolment("grace", frames=3)  # largest face: Hopper, track 1
+    for _ in range(3):
+        pipeline.process(frame)
+    assert collector.wait(0) and collector.ok, collector.error
+    assert collector.track_id == 1 and collector.count == 3
+    assert gallery.counts() == {"grace": 3} and gallery.image_count() == 0
+
+    after = pipeline.process(frame)
+    hopper, astronaut = after.faces
+    assert hopper.identity == "grace" and hopper.identity_confidence >= 0.99
+    # The untrained model's embeddings decide the astronaut; the open-set rule must hold either way.
+    similarity = float(gallery.match(astronaut.embedding)[1])
+    assert astronaut.identity == ("grace" if similarity >= 0.99 else UNKNOWN)
+    assert astronaut.identity_confidence == pytest.approx(similarity, abs=1e-6)
+
+    lost = pipeline.start_enrolment("ghost", frames=2, track_id=99)
+    pipeline.process(frame)
+    assert lost.done and not lost.ok and "track 99" in lost.error
+    late = pipeline.start_enrolment("late", frames=5, timeout_s=0.0)
+    pipeline.process(frame)
+    assert late.done and "timed out" in late.error
+    cancelled = pipeline.start_enrolment("nobody", frames=5)
+    cancelled.cancel("operator cancelled")
+    pipeline.process(frame)
+    assert cancelled.error == "operator cancelled" and "nobody" not in gallery
+    with pytest.raises(FacePipelineError, match="non-empty name"):
+        pipeline.start_enrolment("  ", frames=2)
+    with pytest.raises(FacePipelineError, match="no gallery"):
+        _pipeline(predictor, detector).start_enrolment("x", frames=2)
+    gallery.close()
+
+
+def test_embed_faces_for_enrolment_from_files(predictor, detector, real_faces: list[np.ndarray]) -> None:
+    pipeline = _pipeline(predictor, detector)
+    embeddings, crops = pipeline.embed_faces(real_faces)
+    assert embeddings.shape[0] == 2 and embeddings.dtype == np.float32
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert all(c.ndim == 3 and c.shape[0] == c.shape[1] for c in crops)
+    with pytest.raises(FacePipelineError, match="no face found in image 1"):
+        pipeline.embed_faces([real_faces[0], np.zeros((100, 100, 3), np.uint8)])
+    assert pipeline.tracker.tracks == []  # file enrolment leaves tracking alone
+
+
+def test_hot_swap_adds_a_task(predictor, detector, frame: np.ndarray) -> None:
+    pipeline = _pipeline(predictor, detector, smoother=PredictionSmoother(alpha=0.5))
+    assert set(pipeline.process(frame).faces[0].tasks) == TASKS
+    bigger = inference.FacePredictor(_model([TaskSpec("glasses", ["no", "yes"], ["gender"])]), device="cpu")
+    pipeline.set_predictor(bigger)
+    result = pipeline.process(frame)
+    assert set(result.faces[0].tasks) == TASKS | {"glasses"}
+    assert [f.track_id for f in result.faces] == [1, 2]  # tracks survive the swap
+    alone = bigger.predict(preprocess_batch([crop_face(frame, result.faces[0].box, 0.2)], 64))[0]
+    # Smoothing restarted at the swap: the first frame after it is the raw prediction.
+    assert np.allclose(result.faces[0].tasks["glasses"].probabilities, alone.tasks["glasses"].probabilities,
+                       atol=1e-5)
+
+
+def test_draw_annotations(predictor, detector, frame: np.ndarray) -> None:
+    pipeline = _pipeline(predictor, detector)
+    data, step = encode_raw(frame, "rgb8")
+    read_only = decode_raw(data, 640, 480, step, "rgb8")  # zero-copy view of immutable bytes
+    result = pipeline.process(read_only)
+    drawn = draw_annotations(read_only, result)
+    assert drawn.shape == frame.shape and drawn.dtype == np.uint8
+    assert np.array_equal(read_only, frame)  # input untouched
+    for face in result.faces:
+        x1, y1, x2, _ = (round(float(v)) for v in face.box)
+        assert not np.array_equal(drawn[y1, x1:x2], frame[y1, x1:x2])  # box edge drawn
+    empty = draw_annotations(frame, pipeline.process(np.full((480, 640, 3), 90, np.uint8)))
+    assert np.array_equal(empty, frame)
