@@ -98,6 +98,8 @@ def test_crop_face_inside_frame_is_square_with_margin(real_faces: list[np.ndarra
     np.testing.assert_array_equal(crop, frame[top : top + side, left : left + side])
     plain = crop_face(frame, (180, 60, 280, 200), margin=0.0, square=False)
     np.testing.assert_array_equal(plain, frame[60:200, 180:280])
+    raised = crop_face(frame, (180, 60, 280, 200), margin=0.0, square=False, offset_y=-0.25)
+    np.testing.assert_array_equal(raised, frame[25:165, 180:280])
 
 
 def test_crop_face_pads_outside_the_frame(real_faces: list[np.ndarray]) -> None:

@@ -116,6 +116,7 @@ def crop_face(
     margin: float = 0.2,
     square: bool = True,
     pad_mode: str = "replicate",
+    offset_y: float = 0.0,
 ) -> np.ndarray:
     """Cut a face out of a camera frame with the framing the training datasets use.
 
@@ -124,8 +125,10 @@ def crop_face(
     longer side, so a tight detector box becomes a crop with forehead, chin and a little
     background like the UTKFace/LFW crops (see docs/DATA.md). Parts of the crop outside the frame
     are padded (``"replicate"`` edge pixels, or ``"constant"`` black) so the face stays centred
-    and undistorted instead of being shifted or stretched. Returns a new uint8 array with the
-    frame's channel layout.
+    and undistorted instead of being shifted or stretched. ``offset_y`` moves the crop centre by
+    that fraction of the box height (negative = up): BlazeFace boxes sit low on the face, and
+    docs/DATA.md lists the margin and offset that reproduce each dataset's framing. Returns a new
+    uint8 array with the frame's channel layout.
     """
     frame = _check_uint8(frame)
     if len(box_xyxy) != 4:
@@ -135,6 +138,8 @@ def crop_face(
         raise PreprocessError(f"box has non-finite coordinates: {box_xyxy!r}")
     if x2 <= x1 or y2 <= y1:
         raise PreprocessError(f"empty face box {box_xyxy!r}")
+    if not math.isfinite(offset_y):
+        raise PreprocessError(f"offset_y must be finite, got {offset_y}")
     if margin < 0:
         raise PreprocessError(f"margin must be >= 0, got {margin}")
     if pad_mode not in ("replicate", "constant"):
@@ -145,7 +150,7 @@ def crop_face(
         width = height = max(width, height)
     width *= 1.0 + 2.0 * margin
     height *= 1.0 + 2.0 * margin
-    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0 + offset_y * (y2 - y1)
     left = round(cx - width / 2.0)
     top = round(cy - height / 2.0)
     right = left + max(1, round(width))
