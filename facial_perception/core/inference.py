@@ -1,0 +1,180 @@
+"""Batched inference API used by the pipeline and the ROS node.
+
+A batch of aligned face crops goes in; per face and per task come out the label, the class
+probabilities and (for the identity column) an L2-normalised embedding.  One forward pass per
+batch under ``torch.inference_mode``; fp16 on CUDA by default; channels-last memory on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facial_perception.core.devices import resolve_device
+from facial_perception.core.progressive import ProgressiveNet
+
+
+class InferenceError(ValueError):
+    """Bad input to the predictor (wrong shape, unknown task, ...), as one line."""
+
+
+@dataclass
+class TaskPrediction:
+    """One task's answer for one face."""
+
+    label: str
+    index: int
+    confidence: float
+    probabilities: np.ndarray
+    labels: list[str]
+
+
+@dataclass
+class FacePrediction:
+    """All tasks for one face; ``embedding`` is None when no identity column was run."""
+
+    tasks: dict[str, TaskPrediction] = field(default_factory=dict)
+    embedding: np.ndarray | None = None
+
+
+class FacePredictor:
+    """Thread-safe batched predictor around a :class:`ProgressiveNet`.
+
+    The predictor works on its own copy of the model (moved to ``device``, eval mode, fp16 when
+    ``half``), so the caller's model is never modified; :meth:`set_model` swaps in a new model
+    atomically while other threads keep predicting with the old one until their call ends.
+    """
+
+    def __init__(
+        self,
+        model: ProgressiveNet,
+        device: str | torch.device = "auto",
+        half: bool | None = None,
+        tasks: Iterable[str] | None = None,
+        max_batch: int = 64,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.half = self.device.type == "cuda" if half is None else bool(half)
+        if self.half and self.device.type != "cuda":
+            raise InferenceError("half precision inference needs a CUDA device; use half=False on CPU")
+        if max_batch < 1:
+            raise InferenceError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self._tasks = list(tasks) if tasks is not None else None
+        self._lock = threading.Lock()
+        self.metadata: dict[str, Any] = {}
+        self._model = self._prepare(model)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "auto",
+        half: bool | None = None,
+        tasks: Iterable[str] | None = None,
+        max_batch: int = 64,
+    ) -> FacePredictor:
+        """Load a ``.safetensors`` model (raises ``CheckpointError`` on a bad file)."""
+        from facial_perception.core.checkpoint import load_model
+
+        model, meta = load_model(path)
+        predictor = cls(model, device=device, half=half, tasks=tasks, max_batch=max_batch)
+        predictor.metadata = {k: v for k, v in meta.items() if k != "extra_tensors"}
+        return predictor
+
+    def _prepare(self, model: ProgressiveNet) -> ProgressiveNet:
+        if not isinstance(model, ProgressiveNet):
+            raise InferenceError(f"FacePredictor needs a ProgressiveNet, got {type(model).__name__}")
+        if not model.task_names:
+            raise InferenceError("the model has no task columns to predict with")
+        if self._tasks is not None:
+            unknown = [t for t in self._tasks if t not in model.columns]
+            if unknown:
+                raise InferenceError(f"unknown task(s) {unknown}; the model has {model.task_names}")
+        prepared = copy.deepcopy(model).eval().requires_grad_(False)
+        prepared.to(self.device)
+        if self.half:
+            prepared.half()
+        if self.device.type == "cpu":
+            # oneDNN convolutions are several times faster on NHWC tensors.
+            prepared.to(memory_format=torch.channels_last)
+        return prepared
+
+    def set_model(self, model: ProgressiveNet) -> None:
+        """Hot-swap the model (prepared outside the lock; the swap itself is atomic)."""
+        prepared = self._prepare(model)
+        with self._lock:
+            self._model = prepared
+
+    @property
+    def model(self) -> ProgressiveNet:
+        with self._lock:
+            return self._model
+
+    @property
+    def input_size(self) -> int:
+        return self.model.config.input_size
+
+    @property
+    def task_names(self) -> list[str]:
+        model = self.model
+        return list(self._tasks) if self._tasks is not None else model.task_names
+
+    def predict(self, batch: torch.Tensor) -> list[FacePrediction]:
+        """``batch``: float tensor (N, C, S, S) in [-1, 1] as made by ``preprocess_batch``."""
+        model = self.model
+        if not isinstance(batch, torch.Tensor):
+            raise InferenceError(f"predict expects a torch.Tensor, got {type(batch).__name__}")
+        if batch.ndim != 4:
+            raise InferenceError(f"predict expects a (N, C, H, W) batch, got shape {tuple(batch.shape)}")
+        if batch.shape[0] == 0:
+            return []
+        size, channels = model.config.input_size, model.config.in_channels
+        if tuple(batch.shape[1:]) != (channels, size, size):
+            raise InferenceError(
+                f"batch has shape {tuple(batch.shape)}, the model expects (N, {channels}, {size}, {size})"
+            )
+        results: list[FacePrediction] = []
+        for start in range(0, batch.shape[0], self.max_batch):
+            results.extend(self._predict_chunk(model, batch[start : start + self.max_batch]))
+        return results
+
+    def _predict_chunk(self, model: ProgressiveNet, batch: torch.Tensor) -> list[FacePrediction]:
+        dtype = torch.float16 if self.half else torch.float32
+        tasks = self._tasks
+        with torch.inference_mode():
+            x = batch.to(self.device, dtype=dtype, non_blocking=True)
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            outputs = model(x, tasks)
+            probabilities = {n: F.softmax(o.logits.float(), dim=1).cpu().numpy() for n, o in outputs.items()}
+            identity = next((n for n in outputs if model.specs[n].kind == "identity"), None)
+            embeddings = (
+                F.normalize(outputs[identity].embedding.float(), dim=1).cpu().numpy() if identity else None
+            )
+        faces: list[FacePrediction] = []
+        for row in range(x.shape[0]):
+            per_task: dict[str, TaskPrediction] = {}
+            for name, probs in probabilities.items():
+                labels = model.specs[name].labels
+                p = probs[row]
+                index = int(p.argmax())
+                per_task[name] = TaskPrediction(labels[index], index, float(p[index]), p, list(labels))
+            faces.append(FacePrediction(per_task, embeddings[row] if embeddings is not None else None))
+        return faces
+
+    def predict_images(self, images: Sequence[np.ndarray]) -> list[FacePrediction]:
+        """uint8 RGB (H, W, 3) or grey (H, W) face crops -> predictions (shared preprocessing)."""
+        if len(images) == 0:
+            return []
+        from facial_perception.core.preprocess import preprocess_batch
+
+        return self.predict(preprocess_batch(images, self.input_size))

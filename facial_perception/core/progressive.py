@@ -1,0 +1,417 @@
+"""Progressive network (Rusu et al. 2016) on top of the shared BEGAN encoder.
+
+Each task gets a column of 3x3 conv + BatchNorm layers, an FC layer (the embedding) and an FC
+output.  A later column receives lateral connections from chosen earlier columns: for every layer
+``i >= 2`` the source column's activation ``h_{i-1}`` is scaled by a learned scalar, projected
+to the target width by a 1x1 conv (or a linear map for FC layers) and added to the target layer's
+pre-activation before its BatchNorm / non-linearity::
+
+    h_i^(k) = f( BN( W_i h_{i-1}^(k) + sum_j U_i^(k:j)(alpha_i^(k:j) * h_{i-1}^(j)) ) )
+
+Existing columns (and the encoder, unless re-training is asked for) are frozen: no gradient and
+BatchNorm statistics never updated, even after ``model.train()``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facial_perception.core.began import BEGAN, Encoder, make_activation
+from facial_perception.core.config import ColumnConfig, ModelConfig
+
+TASK_KINDS = ("classification", "identity")
+ENCODER = "encoder"
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class ModelError(ValueError):
+    """A user mistake when composing a progressive network (one-line message)."""
+
+
+@dataclass
+class TaskSpec:
+    """What a column predicts: its name, ordered label names, lateral sources and kind."""
+
+    name: str
+    labels: list[str]
+    laterals: list[str] = field(default_factory=list)
+    kind: str = "classification"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name) or self.name == ENCODER:
+            raise ModelError(
+                f"task name {self.name!r} must start with a letter and use only letters, digits, '_' or '-'"
+                f" (and not be {ENCODER!r})"
+            )
+        if hasattr(nn.ModuleDict, self.name):
+            raise ModelError(
+                f"task name {self.name!r} is reserved (a torch ModuleDict attribute); choose another"
+            )
+        if isinstance(self.labels, str) or not isinstance(self.labels, Iterable):
+            raise ModelError(f"task {self.name!r}: labels must be a list of strings")
+        self.labels = [str(label) for label in self.labels]
+        if len(self.labels) < 2:
+            raise ModelError(f"task {self.name!r} needs at least 2 labels, got {len(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ModelError(f"task {self.name!r} has duplicate labels")
+        if isinstance(self.laterals, str):
+            raise ModelError(f"task {self.name!r}: laterals must be a list of column names")
+        self.laterals = [str(source) for source in self.laterals]
+        if len(set(self.laterals)) != len(self.laterals):
+            raise ModelError(f"task {self.name!r} lists a lateral source twice")
+        if self.name in self.laterals:
+            raise ModelError(f"task {self.name!r} cannot be its own lateral source")
+        if self.kind not in TASK_KINDS:
+            raise ModelError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "labels": list(self.labels),
+            "laterals": list(self.laterals),
+            "kind": self.kind,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
+        if not isinstance(data, Mapping):
+            raise ModelError(f"task spec must be an object, got {type(data).__name__}")
+        unknown = set(data) - {"name", "labels", "laterals", "kind"}
+        if unknown or "name" not in data or "labels" not in data:
+            raise ModelError(
+                f"task spec needs name and labels (optional laterals, kind); got keys {sorted(data)}"
+            )
+        return cls(
+            name=data["name"],
+            labels=list(data["labels"]),
+            laterals=list(data.get("laterals", [])),
+            kind=data.get("kind", "classification"),
+        )
+
+
+# Label sets of the four tasks of the paper (identity uses the 62 people of the LFW subset by default).
+AGE_GROUPS = ["0-2", "4-6", "8-13", "15-20", "25-32", "38-43", "48-53", "60+"]
+GENDERS = ["male", "female"]
+EMOTIONS = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"]
+
+
+def default_task_specs(num_identities: int = 62) -> list[TaskSpec]:
+    """The four tasks as a progressive chain: each column has laterals from every earlier one."""
+    identities = [f"person_{i:03d}" for i in range(num_identities)]
+    return [
+        TaskSpec("gender", GENDERS),
+        TaskSpec("age", AGE_GROUPS, ["gender"]),
+        TaskSpec("emotion", EMOTIONS, ["gender", "age"]),
+        TaskSpec("identity", identities, ["gender", "age", "emotion"], kind="identity"),
+    ]
+
+
+class ColumnOutput(NamedTuple):
+    """Per-task result of :meth:`ProgressiveNet.forward`."""
+
+    logits: torch.Tensor
+    embedding: torch.Tensor
+
+
+class LateralAdapter(nn.Module):
+    """Lateral input of one target layer from all its source columns.
+
+    Each source activation gets its own learned scalar scale (Rusu et al.); the scaled activations
+    are concatenated and reduced to the target width by one 1x1 conv (conv targets) or one linear
+    map (FC targets).  This equals the sum of one projection per source, but runs as a single op.
+    """
+
+    def __init__(
+        self, source_features: Sequence[int], out_features: int, conv: bool, init_scale: float = 1.0
+    ) -> None:
+        super().__init__()
+        if not source_features:
+            raise ModelError("a lateral adapter needs at least one source")
+        self.conv = conv
+        self.source_features = [int(n) for n in source_features]
+        self.in_features = sum(self.source_features)
+        self.out_features = out_features
+        self.scales = nn.Parameter(torch.full((len(self.source_features),), float(init_scale)))
+        self.proj: nn.Module
+        if conv:
+            self.proj = nn.Conv2d(self.in_features, out_features, kernel_size=1, bias=False)
+        else:
+            self.proj = nn.Linear(self.in_features, out_features, bias=False)
+        self.register_buffer(
+            "_repeats", torch.tensor(self.source_features, dtype=torch.long), persistent=False
+        )
+
+    def forward(self, activations: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(activations) != len(self.source_features):
+            raise ModelError(
+                f"lateral adapter expects {len(self.source_features)} sources, got {len(activations)}"
+            )
+        if not self.conv:
+            activations = [a.flatten(1) for a in activations]
+        x = activations[0] if len(activations) == 1 else torch.cat(list(activations), dim=1)
+        # Scaling the input channels of the (small) weight equals scaling each source activation.
+        per_channel = torch.repeat_interleave(self.scales, self._repeats, output_size=self.in_features)
+        if self.conv:
+            return F.conv2d(x, self.proj.weight * per_channel.view(1, -1, 1, 1))
+        return F.linear(x, self.proj.weight * per_channel.view(1, -1))
+
+
+class TaskColumn(nn.Module):
+    """One task column; ``forward`` returns ``(logits, embedding, activations)``.
+
+    ``activations[i]`` is the output ``h_i`` of layer ``i`` (conv layers after pooling, then the FC
+    embedding); a later column feeds ``activations[i - 1]`` of its sources into its layer ``i``.
+    """
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        config: ColumnConfig,
+        feature_shape: tuple[int, int, int],
+        sources: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.name = spec.name
+        self.sources = list(sources)
+        channels, height, width = feature_shape
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.pools: list[bool] = []
+        act_shapes: list[tuple[int, ...]] = []
+        for out_channels, pool in config.layers:
+            self.convs.append(nn.Conv2d(channels, out_channels, 3, padding=1, bias=False))
+            self.norms.append(nn.BatchNorm2d(out_channels))
+            self.pools.append(bool(pool))
+            channels = out_channels
+            if pool:
+                height, width = height // 2, width // 2
+            act_shapes.append((channels, height, width))
+        flat = channels * height * width
+        self.fc = nn.Linear(flat, config.fc_dim)
+        act_shapes.append((config.fc_dim,))
+        self.act = make_activation(config.activation)
+        self.pool = nn.MaxPool2d(2)
+        self.dropout = nn.Dropout(config.dropout)
+        self.out = nn.Linear(config.fc_dim, spec.num_classes)
+        self.activation_shapes = act_shapes
+
+        # laterals[str(i)] feeds layer i; layer 0 (first conv) sees only the shared encoder map.
+        targets = [c for c, _p in config.layers] + [config.fc_dim, spec.num_classes]
+        n_conv = len(config.layers)
+        self.laterals = nn.ModuleDict()
+        if self.sources:
+            for layer in range(1, len(targets)):
+                source_shape = act_shapes[layer - 1]
+                conv = layer < n_conv
+                per_source = source_shape[0] if conv else _prod(source_shape)
+                self.laterals[str(layer)] = LateralAdapter(
+                    [per_source] * len(self.sources), targets[layer], conv
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return self.out.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.fc.out_features
+
+    def _with_laterals(self, layer: int, pre: torch.Tensor, sources: Mapping[str, list[torch.Tensor]]):
+        if not self.sources:
+            return pre
+        adapter = self.laterals[str(layer)]
+        return pre + adapter([sources[name][layer - 1] for name in self.sources])
+
+    def forward(
+        self, features: torch.Tensor, sources: Mapping[str, list[torch.Tensor]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        sources = sources or {}
+        missing = [s for s in self.sources if s not in sources]
+        if missing:
+            raise ModelError(f"column {self.name!r} needs the activations of {missing}")
+        h = features
+        activations: list[torch.Tensor] = []
+        for layer, (conv, norm, pool) in enumerate(zip(self.convs, self.norms, self.pools, strict=True)):
+            pre = self._with_laterals(layer, conv(h), sources) if layer else conv(h)
+            h = self.act(norm(pre))
+            if pool:
+                h = self.pool(h)
+            activations.append(h)
+        fc_layer = len(self.convs)
+        embedding = self.act(self._with_laterals(fc_layer, self.fc(h.flatten(1)), sources))
+        activations.append(embedding)
+        logits = self._with_laterals(fc_layer + 1, self.out(self.dropout(embedding)), sources)
+        return logits, embedding, activations
+
+
+def _prod(shape: Iterable[int]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+class ProgressiveNet(nn.Module):
+    """Shared encoder + ordered task columns (``columns``: insertion order = column order)."""
+
+    def __init__(self, config: ModelConfig, specs: Iterable[TaskSpec] = ()) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config.encoder)
+        self.columns = nn.ModuleDict()
+        self.specs: dict[str, TaskSpec] = {}
+        self._frozen: set[str] = set()
+        for spec in specs:
+            self.add_column(spec)
+
+    # ------------------------------------------------------------------ composition
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.columns.keys())
+
+    def add_column(self, spec: TaskSpec, train_encoder: bool = False) -> TaskColumn:
+        """Append a column; freeze the encoder (unless ``train_encoder``) and every earlier column."""
+        if not isinstance(spec, TaskSpec):
+            raise ModelError(f"add_column expects a TaskSpec, got {type(spec).__name__}")
+        if spec.name in self.columns:
+            raise ModelError(f"a column named {spec.name!r} already exists (columns: {self.task_names})")
+        unknown = [s for s in spec.laterals if s not in self.columns]
+        if unknown:
+            raise ModelError(
+                f"task {spec.name!r}: unknown lateral source(s) {unknown}; columns: {self.task_names}"
+            )
+        if spec.num_classes < 2:
+            raise ModelError(f"task {spec.name!r} needs at least 2 labels")
+        column = TaskColumn(spec, self.config.column, self.encoder.feature_shape, spec.laterals)
+        reference = next(self.encoder.parameters())
+        column.to(device=reference.device, dtype=reference.dtype)
+        column.train(self.training)
+        for name in self.task_names:
+            self.freeze(name)
+        if train_encoder:
+            self.unfreeze(ENCODER)
+        else:
+            self.freeze(ENCODER)
+        self.columns[spec.name] = column
+        self.specs[spec.name] = spec
+        return column
+
+    def remove_column(self, name: str) -> None:
+        """Drop a column that no other column uses as a lateral source."""
+        if name not in self.columns:
+            raise ModelError(f"no column named {name!r} (columns: {self.task_names})")
+        users = [other for other, spec in self.specs.items() if name in spec.laterals]
+        if users:
+            raise ModelError(f"cannot remove column {name!r}: it is a lateral source of {users}")
+        del self.columns[name]
+        del self.specs[name]
+        self._frozen.discard(name)
+
+    def _module(self, name: str) -> nn.Module:
+        if name == ENCODER:
+            return self.encoder
+        if name in self.columns:
+            return self.columns[name]
+        raise ModelError(f"no column named {name!r} (columns: {self.task_names})")
+
+    def freeze(self, name: str) -> None:
+        """No gradient and BatchNorm/dropout in eval mode for ``encoder`` or a column, even after train()."""
+        module = self._module(name)
+        module.requires_grad_(False)
+        module.eval()
+        self._frozen.add(name)
+
+    def unfreeze(self, name: str) -> None:
+        module = self._module(name)
+        module.requires_grad_(True)
+        module.train(self.training)
+        self._frozen.discard(name)
+
+    def is_frozen(self, name: str) -> bool:
+        self._module(name)
+        return name in self._frozen
+
+    def train(self, mode: bool = True) -> ProgressiveNet:
+        super().train(mode)
+        for name in self._frozen:
+            self._module(name).eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Only the parameters that receive gradients (the newest column, plus the encoder if re-trained)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ encoder transfer
+    def init_encoder_from(self, source: Encoder | BEGAN | Mapping[str, torch.Tensor]) -> None:
+        """Copy encoder weights from a BEGAN, an Encoder or an encoder state dict (shapes must match)."""
+        if isinstance(source, BEGAN):
+            source = source.encoder
+        state = source.state_dict() if isinstance(source, nn.Module) else source
+        try:
+            self.encoder.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise ModelError(
+                f"encoder weights do not match this config: {' '.join(first[:2])[:300]}"
+            ) from exc
+
+    @classmethod
+    def from_began(cls, path: str | Path, specs: Iterable[TaskSpec] = ()) -> ProgressiveNet:
+        """A network whose encoder is the encoder of a BEGAN checkpoint (see ``checkpoint.save_began``)."""
+        from facial_perception.core.checkpoint import load_began
+
+        began, _state, _meta = load_began(path)
+        net = cls(began.config)
+        net.init_encoder_from(began)
+        for spec in specs:
+            net.add_column(spec)
+        return net
+
+    # ------------------------------------------------------------------ forward
+    def _resolve(self, tasks: Iterable[str] | None) -> tuple[list[str], list[str]]:
+        """(columns to run in order, columns to return): requested tasks plus their lateral ancestors."""
+        if tasks is None:
+            return self.task_names, self.task_names
+        wanted = [tasks] if isinstance(tasks, str) else list(tasks)
+        unknown = [t for t in wanted if t not in self.columns]
+        if unknown:
+            raise ModelError(f"unknown task(s) {unknown}; columns: {self.task_names}")
+        needed: set[str] = set()
+        stack = list(wanted)
+        while stack:
+            name = stack.pop()
+            if name not in needed:
+                needed.add(name)
+                stack.extend(self.specs[name].laterals)
+        return [n for n in self.task_names if n in needed], [n for n in self.task_names if n in wanted]
+
+    def forward_features(
+        self, features: torch.Tensor, tasks: Iterable[str] | None = None
+    ) -> dict[str, ColumnOutput]:
+        """Run the columns on (possibly cached) encoder feature maps."""
+        run, keep = self._resolve(tasks)
+        activations: dict[str, list[torch.Tensor]] = {}
+        outputs: dict[str, ColumnOutput] = {}
+        for name in run:
+            spec = self.specs[name]
+            logits, embedding, acts = self.columns[name](features, {s: activations[s] for s in spec.laterals})
+            activations[name] = acts
+            if name in keep:
+                outputs[name] = ColumnOutput(logits, embedding)
+        return outputs
+
+    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, ColumnOutput]:
+        """Encoder once, then the columns in order (laterals come from the same input)."""
+        return self.forward_features(self.encoder.forward_features(x), tasks)
