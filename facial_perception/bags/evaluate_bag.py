@@ -407,7 +407,7 @@ class BagEvaluator:
                 "accuracy_end_to_end": correct / len(rows) if rows else None,
                 "labels": vocab,
             }
-            if rows and not scored and not any(r["pred_track"] is None for r in rows):
+            if not scored and any(r["pred_track"] is not None for r in rows):
                 warnings.append(
                     f"the model reported no '{task}' prediction for any matched face (no such column?)"
                 )
