@@ -386,7 +386,10 @@ class PerceptionNode(LifecycleNode):
         half = {"auto": None, "true": True, "false": False}[str(self._p("half"))]
         predictor, self.model = _load_predictor(self.model_source, str(self._p("device")), half)
         self._half = half
-        self._column_meta = dict(getattr(self.model, "training_meta", {}) or {})
+        # Per-column training records (val accuracy, trained_at); kept on the model so that the next
+        # save of an added column carries the earlier columns' records too.
+        self.model.training_meta = dict(getattr(predictor, "metadata", {}).get("training", {}) or {})
+        self._column_meta = dict(self.model.training_meta)
         detector = make_detector(
             str(self._p("detector")),
             min_score=float(self._p("detection_threshold")),

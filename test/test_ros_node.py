@@ -1,0 +1,471 @@
+"""The perception node over real DDS: the node runs in a child process, this test is another rclpy node.
+
+conftest.py gives every test run its own ROS_DOMAIN_ID and LOCALHOST discovery.  Waits are for
+discovery (subscription counts, wait_for_service) or for the expected message, never blind sleeps;
+node processes are always stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("facial_perception.msg", reason="interfaces not built: run scripts/setup.sh")
+
+from facial_perception.action import AddTaskColumn  # noqa: E402
+from facial_perception.msg import FaceArray  # noqa: E402
+from facial_perception.srv import EnrolIdentity, ForgetIdentity, ListIdentities, ListTasks  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from rclpy.action import ActionClient  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from facial_perception.ros.conversions import rgb_to_compressed_msg, rgb_to_image_msg, stamp_to_ns  # noqa: E402
+from facial_perception.ros.demo import LifecycleClient, start_perception_node, stop_process  # noqa: E402
+from facial_perception.ros.demo_camera import make_frame  # noqa: E402
+
+TOPIC = "/test_camera/image_raw"
+STARTUP_S = 90.0
+
+
+class Harness:
+    """A test-side rclpy node spinning in a background thread, with publishers/clients for the node."""
+
+    def __init__(self) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("fp_test_client", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.faces: list[FaceArray] = []
+        self._cond = threading.Condition()
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(FaceArray, "/facial_perception/faces", self._on_faces, qos)
+        self.raw_pub = self.node.create_publisher(Image, TOPIC, 10)
+        self.compressed_pub = self.node.create_publisher(CompressedImage, TOPIC + "/compressed", 10)
+        self.lifecycle = LifecycleClient(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def _on_faces(self, msg: FaceArray) -> None:
+        with self._cond:
+            self.faces.append(msg)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+    # -- waiting ------------------------------------------------------------------------------
+    @staticmethod
+    def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(0.05)
+
+    def wait_for_subscriber(self, publisher: Any, timeout: float = 30.0) -> None:
+        self.wait_until(
+            lambda: publisher.get_subscription_count() > 0, timeout, f"a subscriber on {publisher.topic}"
+        )
+        self.wait_until(
+            lambda: self.node.count_publishers("/facial_perception/faces") > 0, timeout, "faces publisher"
+        )
+
+    def send_until_result(
+        self, make_msg: Callable[[Header], Any], publisher: Any, timeout: float = 30.0, frame_id: str = "cam"
+    ) -> FaceArray:
+        """Publish frames (new stamp each) until a FaceArray with one of their stamps arrives."""
+        sent: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            header = Header(stamp=self.node.get_clock().now().to_msg(), frame_id=frame_id)
+            sent.add(stamp_to_ns(header.stamp))
+            publisher.publish(make_msg(header))
+            with self._cond:
+                self._cond.wait_for(lambda: any(stamp_to_ns(f.header.stamp) in sent for f in self.faces), 0.5)
+                for msg in self.faces:
+                    if stamp_to_ns(msg.header.stamp) in sent:
+                        return msg
+        raise AssertionError(f"no FaceArray for the published frames within {timeout:g} s")
+
+    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 30.0) -> Any:
+        client = self.node.create_client(srv_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
+            future = client.call_async(request)
+            done = threading.Event()
+            future.add_done_callback(lambda _f: done.set())
+            assert done.wait(timeout), f"service {name} did not answer"
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+
+def _params(tmp: Path, **extra: Any) -> dict[str, Any]:
+    params = {
+        "image_topic": TOPIC,
+        "image_reliability": "reliable",
+        "device": "cpu",
+        "gallery_path": str(tmp / "gallery.db"),
+        "columns_dir": str(tmp / "columns"),
+        "diagnostics_period": 1.0,
+        "smoothing": 0.0,
+    }
+    params.update(extra)
+    return params
+
+
+class NodeUnderTest:
+    """The node process + the harness; ``up()`` configures and activates it."""
+
+    def __init__(self, harness: Harness, tmp: Path, **params: Any) -> None:
+        self.harness = harness
+        self.log = tmp / "node.log"
+        self.process = start_perception_node(_params(tmp, **params), log_path=self.log)
+
+    def up(self) -> None:
+        try:
+            self.harness.lifecycle.bring_up(STARTUP_S)
+        except Exception as exc:
+            raise AssertionError(f"{exc}\n--- node log ---\n{self.log_text()}") from None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def _raw(frame: np.ndarray) -> Callable[[Header], Image]:
+    return lambda header: rgb_to_image_msg(frame, header)
+
+
+def _faces_frame() -> np.ndarray:
+    return make_frame([0, 1])  # astronaut + Grace Hopper, side by side, 640x480
+
+
+# ------------------------------------------------------------------------------------------------
+def test_image_in_faces_out_with_header_and_lifecycle(harness, tmp_path):
+    node = NodeUnderTest(harness, tmp_path)
+    try:
+        assert harness.lifecycle.state(STARTUP_S) == "unconfigured"
+        harness.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
+        assert harness.lifecycle.state() == "inactive"
+        # inactive: no camera subscription, nothing published
+        assert harness.node.count_subscribers(TOPIC) == 0
+        for _ in range(10):
+            harness.raw_pub.publish(rgb_to_image_msg(_faces_frame(), Header(frame_id="cam")))
+            time.sleep(0.05)
+        assert harness.faces == []
+
+        harness.lifecycle.change(Transition.TRANSITION_ACTIVATE)
+        harness.wait_for_subscriber(harness.raw_pub)
+        msg = harness.send_until_result(_raw(_faces_frame()), harness.raw_pub, frame_id="test_optical_frame")
+        assert msg.header.frame_id == "test_optical_frame"
+        assert len(msg.faces) == 2, f"expected both real faces, got {len(msg.faces)}"
+        first, second = msg.faces
+        assert first.roi.width * first.roi.height >= second.roi.width * second.roi.height
+        for face in msg.faces:
+            assert face.track_id >= 1 and 0.0 < face.detection_score <= 1.0
+            assert 0.0 <= face.roi_normalized.x_min < face.roi_normalized.x_max <= 1.0
+            assert {p.task for p in face.predictions} >= {"age", "gender", "emotion"}
+            assert face.gender and face.age_group and face.emotion
+            for p in face.predictions:
+                assert len(p.label_names) == len(p.probabilities) >= 2
+                assert math.isclose(sum(p.probabilities), 1.0, abs_tol=1e-3)
+            assert face.identity == "unknown"  # empty gallery
+
+        tasks = harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
+        assert [t.name for t in tasks][:3] == ["gender", "age", "emotion"]
+
+        # deactivate: the node stops publishing results
+        harness.lifecycle.change(Transition.TRANSITION_DEACTIVATE)
+        assert harness.lifecycle.state() == "inactive"
+        with harness._cond:
+            seen = len(harness.faces)
+        stamp_ns = harness.node.get_clock().now().nanoseconds
+        for _ in range(10):
+            harness.raw_pub.publish(
+                rgb_to_image_msg(_faces_frame(), Header(stamp=harness.node.get_clock().now().to_msg()))
+            )
+            time.sleep(0.05)
+        assert all(stamp_to_ns(f.header.stamp) < stamp_ns for f in harness.faces[seen:])
+        assert node.alive()
+    finally:
+        node.stop()
+
+
+def test_malformed_images_never_stop_the_node(harness, tmp_path):
+    node = NodeUnderTest(harness, tmp_path)
+    try:
+        node.up()
+        harness.wait_for_subscriber(harness.raw_pub)
+        good = _faces_frame()
+        rng = np.random.default_rng(0)
+
+        def bad_messages() -> list[Image]:
+            msgs = []
+            base = rgb_to_image_msg(good[:120, :160].copy())
+            for mutate in (
+                lambda m: setattr(m, "encoding", "32FC1"),
+                lambda m: setattr(m, "encoding", ""),
+                lambda m: setattr(m, "step", m.step - 7),
+                lambda m: setattr(m, "step", m.step * 3),
+                lambda m: setattr(m, "data", bytes(m.data)[:100]),
+                lambda m: (setattr(m, "width", 0), setattr(m, "height", 0), setattr(m, "data", b"")),
+                lambda m: (
+                    setattr(m, "width", 60_000),
+                    setattr(m, "height", 60_000),
+                    setattr(m, "step", 180_000),
+                ),
+                lambda m: (
+                    setattr(m, "encoding", "yuv422"),
+                    setattr(m, "width", m.width - 1),
+                ),  # odd YUV width
+                lambda m: setattr(m, "data", rng.integers(0, 255, 57, dtype=np.uint8).tobytes()),
+            ):
+                msg = Image()
+                msg.height, msg.width, msg.step, msg.encoding, msg.data = (
+                    base.height,
+                    base.width,
+                    base.step,
+                    base.encoding,
+                    bytes(base.data),
+                )
+                mutate(msg)
+                msgs.append(msg)
+            for _ in range(10):  # random geometry fuzz (a few may even be valid tiny images)
+                msg = Image()
+                msg.header.frame_id = "fuzz"
+                msg.height, msg.width = int(rng.integers(0, 5000)), int(rng.integers(0, 5000))
+                msg.step = int(rng.integers(0, 20000))
+                msg.encoding = str(
+                    rng.choice(["rgb8", "bgr8", "mono8", "mono16", "rgba8", "bayer_rggb8", "x"])
+                )
+                msg.data = rng.integers(0, 255, int(rng.integers(0, 4096)), dtype=np.uint8).tobytes()
+                msgs.append(msg)
+            return msgs
+
+        for msg in bad_messages():
+            msg.header = Header(
+                stamp=harness.node.get_clock().now().to_msg(), frame_id=msg.header.frame_id or "bad"
+            )
+            harness.raw_pub.publish(msg)
+            time.sleep(0.02)  # let the newest-frame worker see most of them (1-slot buffer)
+        result = harness.send_until_result(_raw(good), harness.raw_pub, frame_id="after_fuzz")
+        assert node.alive()
+        assert result.header.frame_id == "after_fuzz" and len(result.faces) == 2
+        assert all(f.header.frame_id != "bad" for f in harness.faces)
+        assert "skipping bad frame" in node.log_text()
+    finally:
+        node.stop()
+
+
+def test_compressed_input_and_garbage_compressed(harness, tmp_path):
+    node = NodeUnderTest(harness, tmp_path, input_type="compressed")
+    try:
+        node.up()
+        harness.wait_for_subscriber(harness.compressed_pub)
+        for payload in (b"", b"\xff\xd8\xff\xe0" + b"\x00" * 64, np.random.default_rng(1).bytes(5000)):
+            msg = CompressedImage(format="jpeg", data=payload)
+            msg.header = Header(stamp=harness.node.get_clock().now().to_msg(), frame_id="bad")
+            harness.compressed_pub.publish(msg)
+            time.sleep(0.05)
+        frame = _faces_frame()
+        result = harness.send_until_result(
+            lambda header: rgb_to_compressed_msg(frame, header), harness.compressed_pub, frame_id="jpeg_cam"
+        )
+        assert result.header.frame_id == "jpeg_cam" and len(result.faces) == 2
+        assert node.alive()
+    finally:
+        node.stop()
+
+
+def _tiny_dataset(shared_datasets: Path, root: Path, per_class: int = 12) -> Path:
+    """A 2-class class-folder dataset (male/female) from real UTKFace photos."""
+    folder = root / "tiny_gender"
+    counts = {"male": 0, "female": 0}
+    for path in sorted((shared_datasets / "utkface").iterdir()):
+        parts = path.name.split("_")
+        if len(parts) < 4 or parts[1] not in ("0", "1"):
+            continue
+        label = "male" if parts[1] == "0" else "female"
+        if counts[label] >= per_class:
+            if all(v >= per_class for v in counts.values()):
+                break
+            continue
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / label / path.name)
+        counts[label] += 1
+    return folder
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> Path:
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_bad_service_requests_change_nothing(harness, tmp_path, shared_datasets):
+    node = NodeUnderTest(harness, tmp_path)
+    try:
+        node.up()
+        dataset = _tiny_dataset(shared_datasets, tmp_path, per_class=4)
+        tasks_before = [
+            t.name
+            for t in harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
+        ]
+        client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
+        assert client.wait_for_server(timeout_sec=30.0)
+        bad_goals = {
+            "unknown lateral": dict(name="smile", labels=["male", "female"], dataset_path=str(dataset),
+                                    lateral_sources=["nope"]),
+            "duplicate": dict(name="gender", labels=["male", "female"], dataset_path=str(dataset)),
+            "empty labels": dict(name="smile", labels=[], dataset_path=str(dataset)),
+            "one label": dict(name="smile", labels=["male"], dataset_path=str(dataset)),
+            "missing dataset": dict(name="smile", labels=["a", "b"], dataset_path=str(tmp_path / "nowhere")),
+            "unreadable dataset": dict(name="smile", labels=["a", "b"], dataset_path=str(_write_png(
+                tmp_path / "one.png", _faces_frame()))),
+            "labels mismatch": dict(name="smile", labels=["happy", "sad"], dataset_path=str(dataset)),
+        }  # fmt: skip
+        for why, fields in bad_goals.items():
+            goal = AddTaskColumn.Goal(**fields)
+            result = _run_goal(client, goal, timeout=30.0)[0]
+            assert not result.success, why
+            assert result.message and "\n" not in result.message, why
+        tasks_after = [
+            t.name
+            for t in harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
+        ]
+        assert tasks_after == tasks_before
+        assert not (tmp_path / "columns" / "current.safetensors").exists()
+
+        for name, paths in (
+            ("", [str(tmp_path / "one.png")]),
+            ("unknown", [str(tmp_path / "one.png")]),
+            ("bob", [str(tmp_path / "missing.png")]),
+            ("bob", [str(_write_png(tmp_path / "blank.png", np.full((200, 200, 3), 90, np.uint8)))]),
+        ):
+            response = harness.call(
+                EnrolIdentity,
+                "/facial_perception/enrol_identity",
+                EnrolIdentity.Request(name=name, image_paths=paths),
+            )
+            assert not response.success and response.message, (name, paths)
+        forget = harness.call(
+            ForgetIdentity, "/facial_perception/forget_identity", ForgetIdentity.Request(name="bob")
+        )
+        assert not forget.success and "bob" in forget.message
+        listed = harness.call(ListIdentities, "/facial_perception/list_identities", ListIdentities.Request())
+        assert list(listed.names) == []
+        assert node.alive()
+    finally:
+        node.stop()
+
+
+def _run_goal(client: ActionClient, goal: Any, timeout: float) -> tuple[Any, list[Any]]:
+    feedback: list[Any] = []
+    send = client.send_goal_async(goal, feedback_callback=lambda fb: feedback.append(fb.feedback.status))
+    done = threading.Event()
+    send.add_done_callback(lambda _f: done.set())
+    assert done.wait(10.0), "goal not acknowledged"
+    handle = send.result()
+    assert handle.accepted
+    result_future = handle.get_result_async()
+    finished = threading.Event()
+    result_future.add_done_callback(lambda _f: finished.set())
+    assert finished.wait(timeout), "no action result"
+    return result_future.result().result, feedback
+
+
+def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_faces):
+    dataset = _tiny_dataset(shared_datasets, tmp_path)
+    astronaut_file = _write_png(tmp_path / "eileen.png", real_faces[0])
+    node = NodeUnderTest(harness, tmp_path)
+    try:
+        node.up()
+        harness.wait_for_subscriber(harness.raw_pub)
+        # enrol from an image file, then the face is recognised in a camera frame
+        enrol = harness.call(
+            EnrolIdentity,
+            "/facial_perception/enrol_identity",
+            EnrolIdentity.Request(name="eileen", image_paths=[str(astronaut_file)]),
+        )
+        assert enrol.success, enrol.message
+        assert enrol.samples_used == 1
+        frame = make_frame([0])
+        msg = harness.send_until_result(_raw(frame), harness.raw_pub)
+        assert [f.identity for f in msg.faces] == ["eileen"]
+
+        # add a column in the background; feedback arrives; the hot swap shows in the output
+        client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
+        assert client.wait_for_server(timeout_sec=30.0)
+        goal = AddTaskColumn.Goal(
+            name="utk_gender",
+            labels=["male", "female"],
+            dataset_path=str(dataset),
+            lateral_sources=["gender"],
+            epochs=2,
+        )
+        result, feedback = _run_goal(client, goal, timeout=120.0)
+        assert result.success, result.message + "\n" + node.log_text()[-2000:]
+        assert result.task.name == "utk_gender" and list(result.task.laterals) == ["gender"]
+        assert 0.0 <= result.val_accuracy <= 1.0
+        assert feedback and any(f.state == "running" for f in feedback)
+        assert max(f.epoch for f in feedback) == 2
+        harness.faces.clear()
+        msg = harness.send_until_result(_raw(frame), harness.raw_pub)
+        added = [p for p in msg.faces[0].predictions if p.task == "utk_gender"]
+        assert len(added) == 1 and added[0].label in ("male", "female")
+        assert (tmp_path / "columns" / "current.safetensors").is_file()
+    finally:
+        node.stop()
+
+    # restart: the added column and the enrolled person are still there
+    harness.faces.clear()
+    node = NodeUnderTest(harness, tmp_path)
+    try:
+        node.up()
+        harness.wait_for_subscriber(harness.raw_pub)
+        names = [
+            t.name
+            for t in harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
+        ]
+        assert "utk_gender" in names
+        listed = harness.call(ListIdentities, "/facial_perception/list_identities", ListIdentities.Request())
+        assert list(listed.names) == ["eileen"] and list(listed.sample_counts) == [1]
+        msg = harness.send_until_result(_raw(make_frame([0])), harness.raw_pub)
+        assert msg.faces[0].identity == "eileen"
+        assert "utk_gender" in [p.task for p in msg.faces[0].predictions]
+        forget = harness.call(
+            ForgetIdentity, "/facial_perception/forget_identity", ForgetIdentity.Request(name="eileen")
+        )
+        assert forget.success
+    finally:
+        node.stop()
