@@ -178,7 +178,7 @@ class DemoListener(Node):
         try:
             rgb = image_msg_to_rgb(image)
         except ImageDecodeError as exc:
-            self.get_logger().warn(f"cannot annotate frame: {exc}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"cannot annotate frame: {exc}", throttle_duration_sec=5.0)
             return
         annotated = draw_face_array(rgb, faces, self.note)
         if self._best is None or len(faces.faces) > self._best[0]:

@@ -214,7 +214,7 @@ def select_model(model_path: str, columns_dir: str) -> ModelSource:
         return ModelSource(current, "model with runtime-added columns (columns_dir)")
     if DEFAULT_MODEL.is_file():
         return ModelSource(DEFAULT_MODEL, "shipped default model")
-    return ModelSource(None, UNTRAINED_WARNING.format(current=current, default=DEFAULT_MODEL))
+    return ModelSource(None, "untrained lite model (no trained checkpoint found)")
 
 
 def _load_predictor(source: ModelSource, device: str, half: bool | None) -> tuple[Any, Any]:
@@ -382,7 +382,10 @@ class PerceptionNode(LifecycleNode):
         log = self.get_logger()
         self.model_source = select_model(str(self._p("model_path")), str(self._p("columns_dir")))
         if self.model_source.untrained:
-            log.warn(self.model_source.reason)
+            columns_dir = str(self._p("columns_dir"))
+            log.warning(
+                UNTRAINED_WARNING.format(current=current_model_path(columns_dir), default=DEFAULT_MODEL)
+            )
         half = {"auto": None, "true": True, "false": False}[str(self._p("half"))]
         predictor, self.model = _load_predictor(self.model_source, str(self._p("device")), half)
         self._half = half
@@ -586,7 +589,7 @@ class PerceptionNode(LifecycleNode):
             rgb = compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage) else image_msg_to_rgb(msg)
         except ImageDecodeError as exc:
             self._stats.bad_frames += 1
-            self.get_logger().warn(f"skipping bad frame: {exc}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"skipping bad frame: {exc}", throttle_duration_sec=5.0)
             return
         decode_ms = (time.perf_counter() - t0) * 1000.0
         stamp_ns = stamp_to_ns(msg.header.stamp)
@@ -594,7 +597,7 @@ class PerceptionNode(LifecycleNode):
             result = self.pipeline.process(rgb, stamp=stamp_ns / 1e9, decode_ms=decode_ms)
         except FacePipelineError as exc:
             self._stats.bad_frames += 1
-            self.get_logger().warn(f"skipping frame: {exc}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"skipping frame: {exc}", throttle_duration_sec=5.0)
             return
         self._frame_seq += 1
         now_ns = self.get_clock().now().nanoseconds
@@ -797,7 +800,7 @@ class PerceptionNode(LifecycleNode):
             trainer.start(request, self.model, self._on_column_trained)
         except ColumnRequestError as exc:
             result.success, result.message = False, str(exc)
-            self.get_logger().warn(f"add column rejected: {exc}")
+            self.get_logger().warning(f"add column rejected: {exc}")
             goal_handle.abort()
             return result
         last: TrainingState | None = None
