@@ -620,3 +620,171 @@ def write_report_plots(report: EvaluationReport, folder: str | os.PathLike[str])
             plots.plot_group_accuracy(table, out / f"{report.task}_by_{name}.png", f"{report.task} accuracy")
         )
     return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Few-shot identification (enrol K photos per unseen person, identify the rest)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FewShotResult:
+    """Rank-1/rank-5 identification of people enrolled with ``shots`` photos each."""
+
+    shots: int
+    people: int
+    queries: int
+    trials: int
+    rank1: float
+    rank1_std: float
+    rank5: float
+    per_trial_rank1: list[float]
+    skipped_people: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def to_markdown(self) -> str:
+        return (
+            f"| shots | people | queries/trial | trials | rank-1 | rank-5 |\n|---|---|---|---|---|---|\n"
+            f"| {self.shots} | {self.people} | {self.queries} | {self.trials} | "
+            f"{_pct(self.rank1)} ± {100 * self.rank1_std:.1f} | {_pct(self.rank5)} |\n"
+        )
+
+
+def fewshot_identification(
+    embeddings: Any, person: Sequence[str], shots: int = 5, trials: int = 10, seed: int = 0
+) -> FewShotResult:
+    """Nearest class-mean (cosine) identification of unseen people.
+
+    Per trial and person, ``shots`` random photos are enrolled (their L2-normalised embeddings
+    averaged into one template) and every other photo of that person is a query against all
+    templates. People with fewer than ``shots + 1`` photos are skipped.
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] != len(person):
+        raise EvaluationError(f"embeddings must be (N, D) with N={len(person)}, got {emb.shape}")
+    if shots < 1 or trials < 1:
+        raise EvaluationError("shots and trials must be >= 1")
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    by_person: dict[str, list[int]] = {}
+    for i, p in enumerate(person):
+        by_person.setdefault(str(p), []).append(i)
+    eligible = sorted(p for p, idx in by_person.items() if len(idx) > shots)
+    if len(eligible) < 2:
+        raise EvaluationError(
+            f"few-shot identification needs at least 2 people with more than {shots} photos,"
+            f" found {len(eligible)}"
+        )
+    rng = np.random.default_rng(seed)
+    rank1, rank5, queries = [], [], 0
+    for _ in range(trials):
+        templates, query_idx, query_label = [], [], []
+        for label, p in enumerate(eligible):
+            idx = rng.permutation(by_person[p])
+            template = emb[idx[:shots]].mean(axis=0)
+            templates.append(template / max(np.linalg.norm(template), 1e-12))
+            query_idx.extend(idx[shots:].tolist())
+            query_label.extend([label] * (len(idx) - shots))
+        scores = emb[query_idx] @ np.stack(templates).T
+        truth = np.asarray(query_label)
+        rank1.append(float(np.mean(scores.argmax(axis=1) == truth)))
+        rank5.append(top_k_accuracy(truth, scores, k=5))
+        queries = len(query_idx)
+    return FewShotResult(
+        shots=shots,
+        people=len(eligible),
+        queries=queries,
+        trials=trials,
+        rank1=float(np.mean(rank1)),
+        rank1_std=float(np.std(rank1, ddof=1)) if trials > 1 else 0.0,
+        rank5=float(np.mean(rank5)),
+        per_trial_rank1=rank1,
+        skipped_people=len(by_person) - len(eligible),
+    )
+
+
+def embed_images(
+    model: Any, task: str, images: np.ndarray, device: Any = "cpu", batch_size: int = 128
+) -> np.ndarray:
+    """Penultimate-layer embeddings (N, D) of ``task``'s column for uint8 grey faces (N, S, S)."""
+    import torch
+
+    from facial_perception.core.preprocess import normalise_tensor
+
+    model.eval()
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = normalise_tensor(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])))
+            chunks.append(model(x.unsqueeze(1).to(device), [task])[task].embedding.float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0))
+
+
+def fewshot_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    shots: int = 5,
+    trials: int = 10,
+    holdout_fraction: float | None = None,
+    split_seed: int = 0,
+    seed: int = 0,
+    device: str = "auto",
+    workers: int = 2,
+    image_cache: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> FewShotResult:
+    """Few-shot rank-1 of a checkpoint's identity column on people it was not trained on.
+
+    The people come from identity folders at ``data_path``: with ``holdout_fraction`` the
+    people that ``train-task --holdout-people`` left out (same fraction and ``split_seed``);
+    otherwise every person whose name is not among the column's labels.
+    """
+    from facial_perception.core import datasets as ds
+    from facial_perception.core.checkpoint import load_model
+    from facial_perception.core.devices import resolve_device
+    from facial_perception.core.training import open_task_dataset
+
+    model, _meta = load_model(checkpoint)
+    if task is None:
+        kinds = [name for name, spec in model.specs.items() if spec.kind == "identity"]
+        if not kinds:
+            raise EvaluationError(f"checkpoint {checkpoint} has no identity column; pass --task")
+        task = kinds[-1]
+    if task not in model.specs:
+        raise EvaluationError(
+            f"checkpoint {checkpoint} has no column {task!r} (columns: {', '.join(model.specs)})"
+        )
+    size = model.config.input_size
+    dataset = open_task_dataset(data_path, "identity", "identity", None, size)
+    if holdout_fraction:
+        _known, dataset = ds.split_people(dataset, holdout_fraction, seed=split_seed)
+        selection = f"people held out with fraction {holdout_fraction} (split seed {split_seed})"
+    else:
+        trained = set(model.specs[task].labels)
+        keep = [i for i, s in enumerate(dataset.samples) if dataset.label_names[s.label] not in trained]
+        if not keep:
+            raise EvaluationError(
+                f"every person in {data_path} is known to column {task!r}; "
+                "pass --holdout-fraction as used with train-task --holdout-people"
+            )
+        dataset = dataset.subset(keep)
+        selection = "people unknown to the column"
+    images, labels, _kept = ds.load_images(
+        dataset, size=size, workers=workers, cache=image_cache, progress=progress
+    )
+    dev = resolve_device(device)
+    model.to(dev)
+    emb = embed_images(model, task, images, dev)
+    names = [dataset.label_names[int(i)] for i in labels]
+    result = fewshot_identification(emb, names, shots, trials, seed)
+    result.meta = {
+        "checkpoint": str(checkpoint),
+        "dataset": str(data_path),
+        "task": task,
+        "people": selection,
+    }
+    return result

@@ -19,7 +19,6 @@ import io
 import math
 import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -185,6 +184,57 @@ def open_task_dataset(
     return dataset
 
 
+def load_task_split(
+    path: PathLike,
+    task: str,
+    size: int,
+    *,
+    layout: str = "auto",
+    target: str | None = None,
+    label_names: Sequence[str] | None = None,
+    val_path: PathLike | None = None,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    max_images: int | None = None,
+    holdout_people: float = 0.0,
+    workers: int = 2,
+    image_cache: PathLike | None = None,
+    progress: bool = True,
+) -> tuple[ColumnData, ColumnData]:
+    """Open a dataset, carve a stratified validation split (or open ``val_path``), decode into memory.
+
+    The split is stratified by label (so per person for identity folders) and depends only on
+    ``split_seed``, so runs with different training seeds see the same validation images.
+    ``max_images`` keeps a stratified subset of that many training images (quick experiments).
+    ``holdout_people`` (identity folders) leaves that fraction of the people out of training
+    altogether (``datasets.split_people`` with ``split_seed``), for few-shot tests on them.
+    """
+    from facial_perception.core import datasets as ds
+
+    dataset = open_task_dataset(path, task, layout, target, size, label_names)
+    if holdout_people > 0:
+        known, _held = ds.split_people(dataset, holdout_people, seed=split_seed)
+        people = sorted({known.label_names[int(i)] for i in known.labels()}, key=known.label_names.index)
+        dataset = known.remap_labels(people)
+    names = list(dataset.label_names)
+    if val_path is not None:
+        train_set = dataset
+        val_set = open_task_dataset(val_path, task, layout, target, size, names)
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise TrainingError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+        train_set, val_set = ds.stratified_split(dataset, val_fraction, seed=split_seed)
+        if len(val_set) == 0 or len(train_set) == 0:
+            raise TrainingError(f"{path}: too few images ({len(dataset)}) for a validation split")
+    if max_images is not None and 0 < max_images < len(train_set):
+        train_set, _ = ds.stratified_split(train_set, 1.0 - max_images / len(train_set), seed=split_seed)
+    show = progress
+    train = as_column_data(ds.load_into_memory(train_set, size, workers, image_cache, show), size)
+    val = as_column_data(ds.load_into_memory(val_set, size, workers, image_cache, show), size)
+    train.label_names = val.label_names = names
+    return train, val
+
+
 # --------------------------------------------------------------------------------------------------
 # Small shared helpers
 # --------------------------------------------------------------------------------------------------
@@ -208,64 +258,36 @@ def _device(device: str | torch.device) -> torch.device:
     return resolve_device(device) if isinstance(device, str) else torch.device(device)
 
 
-def rng_state() -> dict[str, Any]:
-    """Python/numpy/torch RNG states in a form ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "numpy": [
-            kind,
-            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            int(pos),
-            int(has_gauss),
-            float(cached),
-        ],
-        "torch": torch.get_rng_state(),
+def save_state(
+    path: PathLike, kind: str, state: Mapping[str, Any], optimizer: Any, scheduler: Any = None
+) -> None:
+    """``checkpoint.save_training_state`` (atomic, RNG included) with our resume payload in ``extra``."""
+    from facial_perception.core.checkpoint import save_training_state
+
+    save_training_state(
+        path,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epoch=int(state.get("epoch", 0)),
+        step=int(state.get("step", 0)),
+        extra={"format": STATE_FORMAT, "kind": kind, **state},
+    )
+
+
+def load_state(path: PathLike, kind: str) -> dict[str, Any]:
+    """Load a state written by :func:`save_state` (``weights_only``: no pickled code is run)."""
+    from facial_perception.core.checkpoint import load_training_state
+
+    payload = load_training_state(path)
+    extra = payload.get("extra") or {}
+    if extra.get("format") != STATE_FORMAT or extra.get("kind") != kind:
+        raise TrainingError(f"cannot resume from {path}: not a {kind} training state of this version")
+    return {
+        **extra,
+        "optimizer": payload["optimizer"],
+        "scheduler": payload["scheduler"],
+        "rng": payload["rng"],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate((state["python_version"], tuple(state["python"]), None))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_state(path: PathLike, state: Mapping[str, Any]) -> None:
-    """Atomically ``torch.save`` a training state of tensors and plain values (no pickled classes)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_state(path: PathLike) -> dict[str, Any]:
-    """Load a state written by :func:`save_state` without executing pickled code."""
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file; all mean the same to the user
-        raise TrainingError(
-            f"cannot resume from {path}: unreadable training state ({type(exc).__name__})"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise TrainingError(f"cannot resume from {path}: not a training state of this version")
-    return state
 
 
 def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -475,6 +497,7 @@ def train_column(
     checkpoint_path: PathLike | None = None,
     progress: bool = True,
     plots: bool = True,
+    save_checkpoint: bool = True,
     eval_batch_size: int = 256,
 ) -> ColumnResult:
     """Train the column for ``spec`` on ``model`` (a ProgressiveNet); returns history and best state.
@@ -491,7 +514,7 @@ def train_column(
     - ``soft_targets`` trains on the label distributions of ``train_data`` (FER+ votes).
     - Files in ``out_dir``: ``<task>_log.csv``, ``<task>_state.pt`` (resume), and at the end
       ``<task>_curves.png``, ``<task>_confusion.png`` and the checkpoint (``checkpoint_path``,
-      default ``out_dir/<task>.safetensors``).
+      default ``out_dir/<task>.safetensors``; skipped with ``save_checkpoint=False``).
     - ``callback(epoch, epochs, train_loss, val_acc)`` after every epoch (rank 0); setting
       ``cancel`` stops after the current batch, keeping the best weights so far.
     - Under torchrun every process runs this function; ``batch_size`` is per process.
@@ -505,7 +528,7 @@ def train_column(
     dev = fdist.rank_device(dev, ctx)
     task = spec.name
     state_path = out / f"{task}_state.pt"
-    saved = load_state(state_path) if resume and state_path.is_file() else None
+    saved = load_state(state_path, "column") if resume and state_path.is_file() else None
     if saved is not None:
         _check_resume(saved, spec, train_encoder, state_path)
 
@@ -644,15 +667,12 @@ def train_column(
             write_csv(files["log"], history)
             save_state(
                 state_path,
+                "column",
                 {
-                    "format": STATE_FORMAT,
-                    "kind": "column",
                     "task": spec.to_dict(),
                     "train_encoder": bool(train_encoder),
                     "epoch": epoch + 1,
                     "trainable": _trainable_state(model, task, train_encoder),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "history": history,
                     "best": best,
                     "best_state": best_state,
@@ -660,6 +680,8 @@ def train_column(
                     "seed": seed,
                     "world_size": ctx.world_size,
                 },
+                optimizer,
+                scheduler,
             )
             if progress:
                 print(
@@ -689,7 +711,8 @@ def train_column(
         files=files,
     )
     if ctx.is_main and history:
-        _finish_column(model, spec, view, val_in, val, out, result, checkpoint_path, plots, eval_batch_size, {
+        target = checkpoint_path if save_checkpoint else False
+        _finish_column(model, spec, view, val_in, val, out, result, target, plots, eval_batch_size, {
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience_lr": patience_lr,
             "early_stopping": early_stopping, "train_encoder": bool(train_encoder), "augment": bool(augment),
             "soft_targets": bool(soft_targets), "seed": seed, "world_size": ctx.world_size,
@@ -721,7 +744,7 @@ def _finish_column(
     val: ColumnData,
     out: Path,
     result: ColumnResult,
-    checkpoint_path: PathLike | None,
+    checkpoint_path: PathLike | bool | None,
     plots: bool,
     eval_batch_size: int,
     settings: dict[str, Any],
@@ -743,7 +766,9 @@ def _finish_column(
         result.files["confusion"] = str(
             fplots.plot_confusion_matrix(cm, spec.labels, out / f"{spec.name}_confusion.png", title=spec.name)
         )
-    target = Path(checkpoint_path) if checkpoint_path is not None else out / f"{spec.name}.safetensors"
+    if checkpoint_path is False:
+        return
+    target = Path(checkpoint_path) if checkpoint_path else out / f"{spec.name}.safetensors"
     training = {
         spec.name: {
             **settings,
@@ -767,7 +792,7 @@ def save_model_checkpoint(model: nn.Module, path: PathLike, training: Mapping[st
     merged = dict(getattr(model, "training_meta", {}) or {})
     merged.update(training)
     model.training_meta = merged
-    ckpt.save_model(model, path, training=merged)
+    ckpt.save_model(path, model, merged)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -897,18 +922,20 @@ def train_encoder(
     log_rows: list[dict[str, Any]] = []
     state_path, ckpt_path, log_path = out / "began_state.pt", out / "began.safetensors", out / "began_log.csv"
     if resume and state_path.is_file():
-        saved = load_state(state_path)
-        if saved.get("kind") != "began" or saved.get("config") != cfg.to_dict():
+        saved = load_state(state_path, "began")
+        if saved.get("config") != cfg.to_dict():
             raise TrainingError(f"cannot resume from {state_path}: it trains another configuration")
         model.load_state_dict(saved["model"])
-        opt_d.load_state_dict(saved["opt_d"])
+        opt_d.load_state_dict(saved["optimizer"])
         opt_g.load_state_dict(saved["opt_g"])
         state = BEGANState(k=float(saved["k"]), m_global=float(saved["m_global"]), step=int(saved["step"]))
         for key, value in saved["plateau"].items():
             setattr(plateau, key, value)
         log_rows = list(saved["log"])
-        if int(saved.get("world_size", 1)) == ctx.world_size:
-            set_rng_state(saved["rng"])
+        if int(saved.get("world_size", 1)) == ctx.world_size and saved.get("rng"):
+            from facial_perception.core.checkpoint import restore_rng_state
+
+            restore_rng_state(saved["rng"])
         if ctx.is_main and progress:
             print(f"resuming BEGAN from step {state.step} ({state_path})")
     fdist.broadcast_parameters(model, ctx)
@@ -926,19 +953,17 @@ def train_encoder(
         from facial_perception.core import checkpoint as ckpt
 
         meta = {
-            "steps": state.step, "k": state.k, "m_global": state.m_global, "gamma": gamma,
+            "steps": state.step, "k": state.k, "m_global": _finite(state.m_global), "gamma": gamma,
             "lambda_k": lambda_k, "lr": opt_d.param_groups[0]["lr"], "batch_size": batch_size,
             "images": n, "seed": seed, "world_size": ctx.world_size,
         }  # fmt: skip
-        ckpt.save_began(model, ckpt_path, state, training=meta)
+        ckpt.save_began(ckpt_path, model, state, meta)
         save_state(
             state_path,
+            "began",
             {
-                "format": STATE_FORMAT,
-                "kind": "began",
                 "config": cfg.to_dict(),
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "opt_d": opt_d.state_dict(),
                 "opt_g": opt_g.state_dict(),
                 "k": state.k,
                 "m_global": state.m_global,
@@ -947,9 +972,9 @@ def train_encoder(
                     k: v for k, v in asdict(plateau).items() if k in ("best", "bad", "acc_sum", "acc_n")
                 },
                 "log": log_rows,
-                "rng": rng_state(),
                 "world_size": ctx.world_size,
             },
+            opt_d,
         )
         write_csv(log_path, log_rows)
 
@@ -983,6 +1008,7 @@ def train_encoder(
                     cancelled = True
                     break
                 real = normalise_tensor(data[idx].to(dev))
+                step_rng.manual_seed(_epoch_seed(seed, state.step, ctx.rank))  # resume-exact noise
                 if flip:
                     mask = torch.rand(real.shape[0], generator=step_rng, device=real.device) < 0.5
                     real = torch.where(mask.view(-1, 1, 1, 1), torch.flip(real, dims=[3]), real)
@@ -1030,6 +1056,10 @@ def train_encoder(
         plot_training_log(log_rows, keys, out / "began_curves.png", "BEGAN")
     ctx.barrier()
     return EncoderResult(ckpt_path, state.step, state.k, state.m_global, log_path, cancelled, samples)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -1,0 +1,682 @@
+"""The ``facial-perception`` command: model info, training, evaluation, ablations, benchmark, few-shot.
+
+Run ``facial-perception <command> --help`` (or ``python -m facial_perception.core.cli``). Every
+training command also runs under ``torchrun --nproc_per_node N`` (see docs/TRAINING.md).
+User mistakes (a missing dataset, a bad option, a damaged checkpoint) print one line starting with
+``error:`` on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "facial-perception"
+
+
+class CLIError(ValueError):
+    """A command-line mistake found after parsing (conflicting or incomplete options)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit 2) instead of usage dumps."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes that mean "the user asked for something impossible" (no traceback)."""
+    errors: list[type[BaseException]] = [CLIError, FileNotFoundError, NotADirectoryError, PermissionError]
+    modules = {
+        "facial_perception.core.config": ["ConfigError"],
+        "facial_perception.core.progressive": ["ModelError"],
+        "facial_perception.core.checkpoint": ["CheckpointError"],
+        "facial_perception.core.datasets": ["DatasetError"],
+        "facial_perception.core.preprocess": ["PreprocessError"],
+        "facial_perception.core.training": ["TrainingError"],
+        "facial_perception.core.evaluation": ["EvaluationError"],
+        "facial_perception.core.features": ["FeatureCacheError"],
+        "facial_perception.core.distributed": ["DistributedError"],
+        "facial_perception.core.ablation": ["AblationError"],
+        "facial_perception.core.devices": ["DeviceError"],
+        "facial_perception.core.benchmark": ["BenchmarkError"],
+    }
+    import importlib
+
+    for module_name, names in modules.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        errors += [getattr(module, n) for n in names if isinstance(getattr(module, n, None), type)]
+    return tuple(errors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared option groups
+# --------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _add_runtime(p: argparse.ArgumentParser, workers_default: int = 2) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument(
+        "--workers", type=_non_negative_int, default=workers_default, help="image decoding / loader workers"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (python, numpy, torch, sampler)")
+    p.add_argument("--image-cache", metavar="DIR", help="keep decoded images here (.npz) for later runs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def _add_model_source(p: argparse.ArgumentParser, required: bool = False) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument(
+        "--checkpoint", metavar="FILE", help="model (.safetensors) or BEGAN encoder checkpoint to start from"
+    )
+    group.add_argument(
+        "--config",
+        metavar="NAME|FILE",
+        help="start from a random encoder: preset (lite, paper) or config JSON",
+    )
+
+
+def _add_column_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=_positive_int, default=35, help="maximum epochs (paper: 35)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="per process (paper: 32)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument(
+        "--lr-patience",
+        type=_positive_int,
+        default=2,
+        help="halve the lr after this many epochs w/o val-loss gain",
+    )
+    p.add_argument(
+        "--patience",
+        type=_non_negative_int,
+        default=8,
+        help="early stopping: epochs without a better val accuracy",
+    )
+    p.add_argument(
+        "--val-fraction", type=_fraction, default=0.1, help="stratified validation share (default 0.1)"
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument(
+        "--max-images", type=_positive_int, help="use a stratified subset of this many training images"
+    )
+    p.add_argument("--no-augment", action="store_true", help="no flips / affine / brightness augmentation")
+    p.add_argument(
+        "--no-feature-cache", action="store_true", help="run the frozen encoder every step (no feature cache)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if _is_main():
+        print(text, flush=True)
+
+
+def _check_exists(path: str | None) -> None:
+    if path is not None and not Path(path).expanduser().exists():
+        raise CLIError(f"dataset not found: {path}")
+
+
+def _load_base(args: argparse.Namespace) -> Any:
+    """A ProgressiveNet from ``--checkpoint`` (model or BEGAN) or a fresh one from ``--config``."""
+    from facial_perception.core.config import get_config
+    from facial_perception.core.progressive import ProgressiveNet
+
+    if getattr(args, "checkpoint", None):
+        return load_model_or_encoder(args.checkpoint)
+    return ProgressiveNet(get_config(args.config or "lite"))
+
+
+def load_model_or_encoder(path: str | os.PathLike[str]) -> Any:
+    """A ProgressiveNet from a model checkpoint, or with the encoder of a BEGAN checkpoint (no columns)."""
+    from facial_perception.core.checkpoint import load_model
+
+    target = Path(path).expanduser()
+    if not target.is_file():
+        raise CLIError(f"checkpoint not found: {path}")
+    model, meta = load_model(target)
+    if isinstance(meta.get("training"), dict) and meta.get("kind") != "began":
+        model.training_meta = dict(meta["training"])
+    return model
+
+
+def _resolve(device: str) -> Any:
+    from facial_perception.core.devices import resolve_device
+
+    return resolve_device(device)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if not _is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from facial_perception.core.flops import format_model_info, model_info
+
+    if args.checkpoint:
+        model = load_model_or_encoder(args.checkpoint)
+        specs = list(model.specs.values()) or None
+        info = model_info(model.config, specs)
+    else:
+        info = model_info(args.config or "lite")
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_model_info(info))
+    return 0
+
+
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from facial_perception.core import datasets as ds
+    from facial_perception.core.config import get_config
+    from facial_perception.core.distributed import init_distributed, shutdown
+    from facial_perception.core.training import train_encoder
+
+    if (args.epochs is None) == (args.steps is None):
+        raise CLIError("give exactly one of --epochs or --steps")
+    for folder in args.data:
+        _check_exists(folder)
+    config = get_config(args.config)
+    ctx = init_distributed(_resolve(args.device))
+    try:
+        dataset = ds.read_unlabeled(args.data, size=config.input_size)
+        if args.max_images and args.max_images < len(dataset):
+            pick = np.random.default_rng(args.seed).choice(len(dataset), args.max_images, replace=False)
+            dataset = dataset.subset(sorted(pick.tolist()))
+        images, _labels, _kept = ds.load_images(
+            dataset,
+            config.input_size,
+            args.workers,
+            args.image_cache,
+            progress=not args.quiet and ctx.is_main,
+        )
+        result = train_encoder(
+            config,
+            images,
+            args.out,
+            epochs=args.epochs,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            gamma=args.gamma,
+            lambda_k=args.lambda_k,
+            device=args.device,
+            resume=not args.no_resume,
+            seed=args.seed,
+            workers=0,
+            log_every=args.log_every,
+            sample_every=args.sample_every,
+            checkpoint_every=args.checkpoint_every,
+            progress=not args.quiet,
+        )
+    finally:
+        shutdown(ctx)
+    _say(
+        args,
+        f"BEGAN: {result.steps} steps, k={result.k:.4f}, M_global={result.m_global:.4f}; "
+        f"encoder checkpoint {result.checkpoint}, log {result.log}",
+    )
+    return 0
+
+
+def cmd_train_task(args: argparse.Namespace) -> int:
+    from facial_perception.core.distributed import init_distributed, shutdown
+    from facial_perception.core.progressive import TaskSpec
+    from facial_perception.core.training import load_task_split, train_column
+
+    _check_exists(args.data)
+    _check_exists(args.val_data)
+    model = _load_base(args)
+    size = model.config.input_size
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}_{args.task}_work"
+    ctx = init_distributed(_resolve(args.device))
+    try:
+        train, val = load_task_split(
+            args.data,
+            args.task,
+            size,
+            layout=args.layout,
+            target=args.target,
+            label_names=args.labels,
+            val_path=args.val_data,
+            val_fraction=args.val_fraction,
+            split_seed=args.split_seed,
+            max_images=args.max_images,
+            holdout_people=args.holdout_people,
+            workers=args.workers,
+            image_cache=args.image_cache,
+            progress=not args.quiet and ctx.is_main,
+        )
+        kind = args.kind or (
+            "identity" if args.task.startswith("identity") or args.layout == "identity" else None
+        )
+        spec = TaskSpec(
+            args.task, train.label_names or [], list(args.laterals or []), kind or "classification"
+        )
+        _say(
+            args,
+            f"{args.task}: {len(train)} training / {len(val)} validation images, {len(spec.labels)} classes",
+        )
+        result = train_column(
+            model,
+            spec,
+            train,
+            val,
+            work,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            patience_lr=args.lr_patience,
+            early_stopping=args.patience or None,
+            train_encoder=args.train_encoder,
+            use_feature_cache=not args.no_feature_cache,
+            augment=not args.no_augment,
+            soft_targets=args.soft_labels,
+            device=args.device,
+            seed=args.seed,
+            resume=not args.no_resume,
+            workers=args.workers if args.loader_workers else 0,
+            checkpoint_path=out,
+            progress=not args.quiet,
+        )
+    finally:
+        shutdown(ctx)
+    _say(
+        args,
+        f"{args.task}: best validation accuracy {100 * result.best_val_acc:.2f}% "
+        f"at epoch {result.best_epoch} "
+        f"({result.epochs_run} epochs run{', stopped early' if result.stopped_early else ''}); "
+        f"checkpoint {out}; logs and plots in {work}",
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from facial_perception.core.evaluation import evaluate_checkpoint
+
+    _check_exists(args.data)
+    if not Path(args.checkpoint).expanduser().is_file():
+        raise CLIError(f"checkpoint not found: {args.checkpoint}")
+    subgroups: Any = (
+        "auto" if args.subgroups is None else (None if args.subgroups == "none" else args.subgroups)
+    )
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        args.task,
+        args.data,
+        args.out_json,
+        layout=args.layout,
+        target=args.target,
+        split=args.split,
+        subgroups=subgroups,
+        plots_dir=args.plots,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        image_cache=args.image_cache,
+        min_group_count=args.min_group,
+        progress=not args.quiet,
+    )
+    print(report.to_markdown(), end="")
+    if args.out_json:
+        print(f"\nJSON written to {args.out_json}")
+    return 0
+
+
+def _parse_task_data(items: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """``NAME=PATH[:TARGET]`` -> (name, path, target)."""
+    parsed = []
+    for item in items:
+        name, sep, rest = item.partition("=")
+        if not sep or not name or not rest:
+            raise CLIError(f"--data expects NAME=PATH[:TARGET], got {item!r}")
+        path, _colon, target = rest.partition(":")
+        _check_exists(path)
+        parsed.append((name, path, target or None))
+    names = [n for n, _p, _t in parsed]
+    if len(set(names)) != len(names):
+        raise CLIError(f"task names repeat in --data: {names}")
+    return parsed
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from facial_perception.core import ablation
+    from facial_perception.core.training import load_task_split
+
+    specs = _parse_task_data(args.data)
+    model = _load_base(args)
+    size = model.config.input_size
+    tasks = []
+    for name, path, target in specs:
+        train, val = load_task_split(
+            path,
+            name,
+            size,
+            target=target,
+            val_fraction=args.val_fraction,
+            split_seed=args.split_seed,
+            max_images=args.max_images,
+            workers=args.workers,
+            image_cache=args.image_cache,
+            progress=not args.quiet,
+        )
+        tasks.append(ablation.task_data_from_split(name, train, val))
+    kwargs: dict[str, Any] = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "patience_lr": args.lr_patience,
+        "early_stopping": args.patience or None,
+        "augment": not args.no_augment,
+        "use_feature_cache": not args.no_feature_cache,
+        "device": args.device,
+        "progress": not args.quiet,
+    }
+    if args.experiment == "encoder":
+        result = ablation.frozen_vs_retrained(model, tasks, args.out, args.runs, args.seed, **kwargs)
+    elif args.experiment == "laterals":
+        if not args.target:
+            raise CLIError("ablation laterals needs --target TASK (one of the --data names)")
+        by_name = {t.name: t for t in tasks}
+        if args.target not in by_name:
+            raise CLIError(f"--target {args.target!r} is not among the --data tasks {sorted(by_name)}")
+        sources = [t for t in tasks if t.name != args.target]
+        result = ablation.lateral_subsets(
+            model, by_name[args.target], sources, args.out, args.runs, args.seed, args.max_sources, **kwargs
+        )
+    else:
+        result = ablation.lateral_curves(model, tasks, args.out, args.runs, args.seed, **kwargs)
+    print(result.to_markdown(), end="")
+    print("\nfiles: " + ", ".join(sorted(result.files.values())))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import inspect
+
+    from facial_perception.core import benchmark
+
+    wanted = {
+        "configs": args.configs,
+        "batch_sizes": args.batch_sizes,
+        "device": args.device,
+        "out_dir": args.out_dir,
+        "seconds": args.seconds,
+    }
+    accepted = inspect.signature(benchmark.run_benchmark).parameters
+    kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
+    result = benchmark.run_benchmark(**kwargs)
+    if isinstance(result, str):
+        print(result)
+    elif hasattr(result, "to_markdown"):
+        print(result.to_markdown())
+    elif isinstance(result, dict) and isinstance(result.get("markdown"), str):
+        print(result["markdown"])
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from facial_perception.core.evaluation import atomic_write_text, fewshot_checkpoint
+
+    _check_exists(args.data)
+    if not Path(args.checkpoint).expanduser().is_file():
+        raise CLIError(f"checkpoint not found: {args.checkpoint}")
+    result = fewshot_checkpoint(
+        args.checkpoint,
+        args.data,
+        task=args.task,
+        shots=args.shots,
+        trials=args.trials,
+        holdout_fraction=args.holdout_fraction,
+        split_seed=args.split_seed,
+        seed=args.seed,
+        device=args.device,
+        workers=args.workers,
+        image_cache=args.image_cache,
+        progress=not args.quiet,
+    )
+    print(result.to_markdown(), end="")
+    if args.out_json:
+        atomic_write_text(Path(args.out_json), json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"\nJSON written to {args.out_json}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Facial encoder (BEGAN) + progressive task columns: info, training, evaluation, "
+        "ablations.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="parameters and GFLOP per face of a configuration or checkpoint")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config", metavar="NAME|FILE", help="preset (lite, paper) or config JSON (default lite)"
+    )
+    source.add_argument("--checkpoint", metavar="FILE", help="a model or BEGAN checkpoint")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train-encoder", help="unsupervised BEGAN training of the facial encoder")
+    p.add_argument(
+        "--data", nargs="+", required=True, metavar="DIR", help="folders of face images (no labels)"
+    )
+    p.add_argument(
+        "--config", default="lite", metavar="NAME|FILE", help="lite | paper | config JSON (default lite)"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (checkpoint, state, log, samples)"
+    )
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_int, help="passes over the images")
+    length.add_argument("--steps", type=_positive_int, help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam lr (beta1 0.5), halved on plateaus")
+    p.add_argument("--min-lr", type=_positive_float, default=1e-5, help="floor of the lr halving")
+    p.add_argument("--gamma", type=float, default=0.5, help="BEGAN diversity ratio")
+    p.add_argument("--lambda-k", type=float, default=0.001, help="BEGAN k_t learning rate")
+    p.add_argument("--max-images", type=_positive_int, help="train on a random subset of this many images")
+    p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument(
+        "--sample-every", type=_non_negative_int, default=500, help="sample grid PNG every N steps"
+    )
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=500)
+    p.add_argument("--no-resume", action="store_true", help="start over even if a state file exists")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_train_encoder)
+
+    p = sub.add_parser(
+        "train-task", help="train one task column (optionally with laterals) and save the model"
+    )
+    _add_model_source(p)
+    p.add_argument("--task", required=True, help="task (column) name, e.g. emotion, age, gender, identity")
+    p.add_argument("--data", required=True, metavar="PATH", help="dataset folder")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "ferplus", "utkface", "identity", "folders", "fer2013", "adience"],
+    )
+    p.add_argument(
+        "--target", help="label to use: utkface age8|age7|gender|race; ferplus majority|distribution"
+    )
+    p.add_argument("--split", help="FER+ / FER2013 split folder name (e.g. FER2013Train)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="label names/order (default: the dataset's)")
+    p.add_argument(
+        "--laterals", nargs="*", metavar="COLUMN", default=[], help="existing columns to connect from"
+    )
+    p.add_argument("--kind", choices=["classification", "identity"], help="default: identity for identity*")
+    p.add_argument("--val-data", metavar="PATH", help="separate validation dataset (else --val-fraction)")
+    p.add_argument(
+        "--holdout-people", type=_fraction, default=0.0, help="identity: leave this share of people out"
+    )
+    p.add_argument("--soft-labels", action="store_true", help="train on FER+ vote distributions")
+    p.add_argument("--train-encoder", action="store_true", help="re-train the encoder with the column")
+    p.add_argument("--loader-workers", action="store_true", help="also use --workers for the batch loader")
+    _add_column_training(p)
+    p.add_argument("--out", required=True, metavar="CKPT", help="output model checkpoint (.safetensors)")
+    p.add_argument("--work-dir", metavar="DIR", help="logs, plots, resume state (default: beside --out)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a state file exists")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_train_task)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class recall, macro-F1, subgroups, calibration")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", required=True, metavar="PATH")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "ferplus", "utkface", "identity", "folders", "fer2013", "adience"],
+    )
+    p.add_argument("--target", help="label to use where a layout has several (see train-task)")
+    p.add_argument("--split", help="FER+ / FER2013 split folder name")
+    p.add_argument(
+        "--subgroups",
+        metavar="A,B",
+        help="attributes for per-group tables (default: race,gender when present; none)",
+    )
+    p.add_argument(
+        "--min-group", type=_positive_int, default=1, help="smallest group that counts for the gap"
+    )
+    p.add_argument("--out-json", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--plots", metavar="DIR", help="write confusion / reliability / subgroup PNGs here")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ablation", help="Table IV / Table V / Fig. 5 experiments, N runs each")
+    p.add_argument(
+        "experiment",
+        choices=["encoder", "laterals", "curves"],
+        help="encoder: frozen vs re-trained; laterals: every subset of sources; "
+        "curves: with vs without laterals",
+    )
+    _add_model_source(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH[:TARGET]", help="one per task")
+    p.add_argument("--target", help="laterals: the task whose column gets the laterals")
+    p.add_argument("--max-sources", type=_non_negative_int, help="laterals: largest subset size")
+    p.add_argument("--runs", type=_positive_int, default=3, help="runs per setting (seeds seed..seed+N-1)")
+    _add_column_training(p)
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_ablation)
+
+    p = sub.add_parser("benchmark", help="speed benchmark (JSON + Markdown in docs/)")
+    p.add_argument(
+        "--configs", nargs="+", metavar="NAME", help="presets to measure (default: the benchmark's)"
+    )
+    p.add_argument("--batch-sizes", nargs="+", type=_positive_int, metavar="N")
+    p.add_argument("--seconds", type=_positive_float, help="measuring time per case")
+    p.add_argument("--out-dir", metavar="DIR", help="where the JSON and Markdown go (default docs/)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("fewshot", help="enrol K photos of unseen people, report rank-1 on their other photos")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("--data", required=True, metavar="DIR", help="identity folders <Name>/<Name>_NNNN.jpg")
+    p.add_argument("--task", help="identity column (default: the last identity-kind column)")
+    p.add_argument("--shots", type=_positive_int, default=5)
+    p.add_argument("--trials", type=_positive_int, default=10, help="random enrolment draws")
+    p.add_argument("--holdout-fraction", type=_fraction, help="the --holdout-people value used in training")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--out-json", metavar="FILE")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_fewshot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
