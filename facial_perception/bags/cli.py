@@ -119,6 +119,7 @@ def add_subcommands(subparsers: Any) -> None:
         const="/facial_perception",
         help="configure+activate this lifecycle node first (default /facial_perception)",
     )
+    live.add_argument("--clock-hz", type=float, default=100.0, help="/clock publication rate")
     live.add_argument("--no-clock", action="store_true", help="do not publish /clock")
     live.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node")
     live.add_argument(
@@ -224,6 +225,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             output_bag=args.output_bag,
             progress=progress,
             activate=args.activate,
+            clock_hz=args.clock_hz,
         )
     report_dir = Path(args.report) if args.report else Path(str(Path(args.bag)).rstrip("/") + "_report")
     write_report(evaluation, report_dir, plots=not args.no_plots)

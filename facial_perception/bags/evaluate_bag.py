@@ -421,7 +421,7 @@ class BagEvaluator:
             if scored:
                 evaluation.confusions[task] = (confusion_matrix(y_true, y_pred, len(vocab)), vocab)
                 entry["subgroups"] = {}
-                groups = self._group_columns(scored)
+                groups = self._group_columns(scored, task)
                 for attribute, values in groups.items():
                     table = subgroup_table(
                         y_true, y_pred, {attribute: values}, attribute, min_count=self.min_group
@@ -448,14 +448,19 @@ class BagEvaluator:
         summary["warnings"] = warnings
         return evaluation
 
-    def _group_columns(self, rows: Sequence[dict[str, Any]]) -> dict[str, list[str | None]]:
-        """Attributes usable as subgroups: 2..MAX_GROUPS distinct values among the evaluated faces."""
+    def _group_columns(self, rows: Sequence[dict[str, Any]], task: str) -> dict[str, list[str | None]]:
+        """Attributes usable as subgroups: 2..MAX_GROUPS distinct values among the evaluated faces.
+
+        An attribute that only repeats the task's own label (``person`` for identity) is skipped:
+        its "groups" would be the classes, already shown by the confusion matrix.
+        """
         names = sorted({a for r in rows for a in r["attributes"]})
+        truth = [r["labels"][task]["true"] for r in rows]
         columns = {}
         for name in names:
             values = [r["attributes"].get(name) for r in rows]
             distinct = {v for v in values if v}
-            if 2 <= len(distinct) <= MAX_GROUPS:
+            if 2 <= len(distinct) <= MAX_GROUPS and values != truth:
                 columns[name] = values
         return columns
 
@@ -714,6 +719,7 @@ def evaluate_live(
     output_bag: str | os.PathLike[str] | None = None,
     progress: bool = True,
     activate: str | None = None,
+    clock_hz: float = 100.0,
 ) -> BagEvaluation:
     """Replay the bag through DDS to a running perception node and evaluate its ``FaceArray`` output.
 
@@ -731,6 +737,8 @@ def evaluate_live(
 
     if not (rate > 0 and math.isfinite(rate)):
         raise BagError(f"rate must be a positive factor, got {rate}")
+    if not 1.0 <= clock_hz <= 1000.0:
+        raise BagError(f"clock rate must be within 1..1000 Hz, got {clock_hz}")
     try:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
@@ -805,21 +813,35 @@ def evaluate_live(
         _wait_for_peers(node, image_pub, faces_topic, out_topic, wait_for_node)
 
         first_log = frames[0].log_time_ns
+        lead_in = 0.3 if clock_pub is not None else 0.0  # the node's clock starts before the first frame
+        start = time.monotonic() + lead_in
+        stop_clock = threading.Event()
+        clock_thread = None
+        if clock_pub is not None:
+            clock_thread = threading.Thread(
+                target=_run_clock,
+                args=(clock_pub, clock_cls, first_log, start, rate, clock_hz, stop_clock),
+                name="bag-player-clock",
+                daemon=True,
+            )
+            clock_thread.start()
         bar = tqdm(total=len(frames), desc=f"replay x{rate:g}", unit="frame", disable=not progress)
-        start = time.monotonic()
-        for frame in frames:
-            target = start + (frame.log_time_ns - first_log) / 1e9 / rate
-            delay = target - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            if clock_pub is not None:
-                clock_pub.publish(_clock_msg(clock_cls, frame.log_time_ns))
-            with lock:
-                published[frame.stamp_ns] = time.monotonic()
-            image_pub.publish(frame.raw)
-            bar.update(1)
-        bar.close()
-        all_done.wait(drain)
+        try:
+            for frame in frames:
+                target = start + (frame.log_time_ns - first_log) / 1e9 / rate
+                delay = target - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                with lock:
+                    published[frame.stamp_ns] = time.monotonic()
+                image_pub.publish(frame.raw)
+                bar.update(1)
+            all_done.wait(drain)
+        finally:
+            bar.close()
+            stop_clock.set()
+            if clock_thread is not None:
+                clock_thread.join(timeout=1.0)
         elapsed = time.monotonic() - start
     finally:
         executor.shutdown(timeout_sec=1.0)
@@ -927,6 +949,21 @@ def _wait_for_peers(node: Any, image_pub: Any, faces_topic: str, image_topic: st
         f"no perception node found within {timeout:g} s (nothing subscribes to {image_topic} "
         f"and publishes {faces_topic}): start `python -m facial_perception.ros.perception_node`"
     )
+
+
+def _run_clock(
+    pub: Any, cls: Any, first_ns: int, start: float, rate: float, hz: float, stop: threading.Event
+) -> None:
+    """Publish bag time on ``/clock`` at ``hz`` (like ``ros2 bag play --clock``) until ``stop``.
+
+    A clock that only ticked with each frame would freeze the node's sim time between frames and
+    make its own ``latency_ms`` read zero; a steady clock keeps it meaningful at 1/hz resolution.
+    """
+    period = 1.0 / hz
+    while not stop.is_set():
+        elapsed = max(time.monotonic() - start, 0.0)
+        pub.publish(_clock_msg(cls, first_ns + int(elapsed * rate * 1e9)))
+        stop.wait(period)
 
 
 def _clock_msg(cls: Any, stamp_ns: int) -> Any:
