@@ -1,0 +1,367 @@
+"""Model tests: configs, shapes and gradient flow, freezing, laterals, BEGAN dynamics, FLOP counts."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facial_perception.core.began import BEGAN, BEGANState, Decoder, began_step, reconstruction_loss
+from facial_perception.core.config import (
+    LITE,
+    PAPER,
+    PRESETS,
+    ColumnConfig,
+    ConfigError,
+    DecoderConfig,
+    EncoderConfig,
+    ModelConfig,
+    get_config,
+)
+from facial_perception.core.devices import DeviceError, resolve_device
+from facial_perception.core.flops import format_model_info, model_info
+from facial_perception.core.progressive import (
+    ModelError,
+    ProgressiveNet,
+    TaskSpec,
+    default_task_specs,
+)
+
+TINY = ModelConfig(
+    name="tiny",
+    encoder=EncoderConfig(input_size=16, stages=((4, 1), (8, 1)), latent_dim=8),
+    decoder=DecoderConfig(channels=4, base_size=4, convs_per_block=1),
+    column=ColumnConfig(layers=((8, False), (8, True)), fc_dim=12, dropout=0.2),
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and spinning threads suffer badly on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_json_round_trip(name: str, tmp_path: Path) -> None:
+    config = get_config(name)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert ModelConfig.from_json(config.to_json()) == config
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    assert get_config(str(path)) == config
+
+
+def test_paper_preset_follows_the_published_tables() -> None:
+    enc = PAPER.encoder
+    assert (PAPER.input_size, PAPER.in_channels) == (128, 1)
+    assert (enc.feature_channels, enc.feature_size, enc.latent_dim) == (256, 16, 128)
+    assert PAPER.decoder.channels * PAPER.decoder.base_size**2 == 1024  # FC 128 -> 16x8x8
+    assert (LITE.input_size, LITE.in_channels) == (64, 1)
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"name": "x", "bogus": 1}, "unknown model config key"),
+        ({"encoder": {"input_size": 100}}, "multiple of 8"),
+        ({"encoder": {"stages": "nope"}}, "encoder.stages"),
+        ({"column": {"dropout": 1.5}}, "dropout"),
+        ({"column": {"widths": [1]}}, "unknown key"),
+        ({"encoder": {"activation": "tanh"}}, "activation"),
+        (
+            {"encoder": {"input_size": 16, "stages": [[8, 1], [8, 1], [8, 1], [8, 1]]}},
+            "max-pools",
+        ),
+    ],
+)
+def test_invalid_configs_give_one_clear_error(data: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as info:
+        ModelConfig.from_dict(data)
+    assert "\n" not in str(info.value)
+
+
+def test_get_config_rejects_unknown_names_and_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown model config"):
+        get_config("huge")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        get_config(bad)
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+def test_flop_count_matches_hand_count_and_lite_is_10x_cheaper() -> None:
+    info = model_info(TINY, [TaskSpec("a", ["x", "y"])])
+    # conv 1->4 @16x16, strided conv 4->4 @8x8, conv 4->8 @8x8 (3x3 each), in multiply-adds.
+    encoder_macs = 9 * (1 * 4 * 256 + 4 * 4 * 64 + 4 * 8 * 64)
+    assert info["gflop_per_face"]["encoder"] == pytest.approx(2 * encoder_macs / 1e9)
+    # column: conv 8->8 @8x8 twice, FC 8*4*4 -> 12, FC 12 -> 2
+    column_macs = 2 * 9 * 8 * 8 * 64 + 128 * 12 + 12 * 2
+    assert info["gflop_per_face"]["columns"]["a"] == pytest.approx(2 * column_macs / 1e9)
+    assert info["params"]["encoder_features"] == sum(
+        p.numel() for p in ProgressiveNet(TINY).encoder.features.parameters()
+    )
+
+    paper, lite = model_info("paper"), model_info("lite")
+    assert lite["gflop_per_face"]["shared_total"] * 10 <= paper["gflop_per_face"]["shared_total"]
+    # laterals cost FLOPs: the identity column (3 sources) costs more than the gender column (none)
+    cols = paper["gflop_per_face"]["columns"]
+    assert cols["identity"] > cols["gender"]
+    table = format_model_info(lite)
+    assert "independent" in table and "lite" in table
+
+
+# ------------------------------------------------------------------------------------------ shapes, gradients
+@pytest.mark.parametrize("config, batch", [(LITE, 2), (PAPER, 2)], ids=["lite", "paper"])
+def test_shapes_and_gradient_flow(config: ModelConfig, batch: int) -> None:
+    torch.manual_seed(0)
+    net = ProgressiveNet(config, default_task_specs(num_identities=5)).train()
+    x = torch.rand(batch, 1, config.input_size, config.input_size) * 2 - 1
+    out = net(x)
+    assert list(out) == ["gender", "age", "emotion", "identity"]
+    for name, result in out.items():
+        assert result.logits.shape == (batch, net.specs[name].num_classes)
+        assert result.embedding.shape == (batch, config.column.fc_dim)
+    features = net.encoder.forward_features(x)
+    assert features.shape == (batch, *net.encoder.feature_shape)
+    assert net.encoder(x).shape == (batch, config.encoder.latent_dim)
+
+    sum(o.logits.logsumexp(1).sum() for o in out.values()).backward()
+    newest = net.columns["identity"]
+    grads = [p.grad for p in newest.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in net.encoder.parameters())
+    for name in ("gender", "age", "emotion"):
+        assert all(p.grad is None for p in net.columns[name].parameters())
+    assert {id(p) for p in net.trainable_parameters()} == {id(p) for p in newest.parameters()}
+
+
+@pytest.mark.parametrize("config", [LITE, PAPER], ids=["lite", "paper"])
+def test_decoder_reproduces_input_size(config: ModelConfig) -> None:
+    decoder = Decoder(config.decoder, config.encoder.latent_dim, config.input_size)
+    image = decoder(torch.rand(1, config.encoder.latent_dim) * 2 - 1)
+    assert image.shape == (1, 1, config.input_size, config.input_size)
+
+
+def test_retrained_encoder_receives_gradients() -> None:
+    net = ProgressiveNet(TINY)
+    net.add_column(TaskSpec("a", ["x", "y"]), train_encoder=True)
+    net.train()
+    net(torch.randn(3, 1, 16, 16))["a"].logits.sum().backward()
+    assert all(p.grad is not None for p in net.encoder.features.parameters())
+    assert net.encoder.training
+
+
+# ------------------------------------------------------------------------------------------ composition
+def test_add_column_validation_and_remove_rules() -> None:
+    net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"])])
+    with pytest.raises(ModelError, match="unknown lateral source"):
+        net.add_column(TaskSpec("b", ["x", "y"], ["nope"]))
+    with pytest.raises(ModelError, match="already exists"):
+        net.add_column(TaskSpec("a", ["x", "y"]))
+    with pytest.raises(ValueError, match="at least 2 labels"):
+        TaskSpec("c", ["only"])
+    with pytest.raises(ValueError, match="reserved"):
+        TaskSpec("keys", ["x", "y"])
+    with pytest.raises(ValueError, match="must start with a letter"):
+        TaskSpec("bad.name", ["x", "y"])
+    net.add_column(TaskSpec("b", ["x", "y", "z"], ["a"]))
+    with pytest.raises(ModelError, match="lateral source of"):
+        net.remove_column("a")
+    net.remove_column("b")
+    net.remove_column("a")
+    assert net.task_names == []
+
+
+def test_task_subsets_run_their_lateral_sources_and_cached_features_match() -> None:
+    torch.manual_seed(1)
+    net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"])]).eval()
+    x = torch.randn(4, 1, 16, 16)
+    full = net(x)
+    only_b = net(x, tasks=["b"])
+    assert list(only_b) == ["b"]
+    torch.testing.assert_close(only_b["b"].logits, full["b"].logits)
+    cached = net.forward_features(net.encoder.forward_features(x))
+    for name in ("a", "b"):
+        torch.testing.assert_close(cached[name].logits, full[name].logits)
+    with pytest.raises(ModelError, match="unknown task"):
+        net(x, tasks=["c"])
+
+
+def test_frozen_columns_stay_bit_identical_while_a_new_column_trains() -> None:
+    torch.manual_seed(2)
+    net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"])])
+    net.train()
+    opt = torch.optim.Adam(net.trainable_parameters(), lr=1e-2)
+    for _ in range(3):  # give column a non-trivial weights and BatchNorm statistics
+        x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x)["a"].logits, y).backward()
+        opt.step()
+
+    net.add_column(TaskSpec("b", ["p", "q", "r"], ["a"]))
+    encoder_before, a_before = _state(net.encoder), _state(net.columns["a"])
+    b_before = _state(net.columns["b"])
+    net.train()  # must not put frozen parts back into training mode
+    assert not net.columns["a"].training and not net.encoder.training and net.columns["b"].training
+    assert all(not p.requires_grad for p in net.columns["a"].parameters())
+    opt = torch.optim.Adam(net.trainable_parameters(), lr=1e-2)
+    for _ in range(5):
+        x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 3, (8,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x)["b"].logits, y).backward()
+        opt.step()
+
+    for before, module in ((encoder_before, net.encoder), (a_before, net.columns["a"])):
+        after = module.state_dict()
+        assert before.keys() == after.keys()
+        for key, value in before.items():
+            assert torch.equal(value, after[key]), key  # weights and BN running stats alike
+    b_after = net.columns["b"].state_dict()
+    assert not torch.equal(b_before["norms.0.running_mean"], b_after["norms.0.running_mean"])
+    assert not torch.equal(b_before["laterals.1.proj.weight"], b_after["laterals.1.proj.weight"])
+
+
+def _quadrant_images(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """16x16 noise images with a bright 6x6 square in one of four quadrants (label 0..3)."""
+    labels = torch.randint(0, 4, (n,), generator=generator)
+    images = torch.rand(n, 1, 16, 16, generator=generator) * 0.6 - 0.8
+    for i, label in enumerate(labels.tolist()):
+        top, left = (label // 2) * 8 + 1, (label % 2) * 8 + 1
+        images[i, 0, top : top + 6, left : left + 6] = 0.9
+    return images, labels
+
+
+def test_lateral_connected_column_learns_a_synthetic_task() -> None:
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(3)
+    net = ProgressiveNet(TINY, [TaskSpec("side", ["left", "right"])])
+    # Column "side" learns left/right; the lateral column then learns the full quadrant.
+    images, quadrant = _quadrant_images(256, gen)
+    test_images, test_quadrant = _quadrant_images(128, gen)
+
+    def fit(task: str, targets: torch.Tensor, steps: int) -> None:
+        net.train()
+        opt = torch.optim.Adam(net.trainable_parameters(), lr=1e-2)
+        for step in range(steps):
+            idx = torch.arange(step * 32, step * 32 + 32) % images.shape[0]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(images[idx])[task].logits, targets[idx])
+            loss.backward()
+            opt.step()
+        net.eval()
+
+    fit("side", quadrant % 2, 40)
+    net.add_column(TaskSpec("quadrant", ["tl", "tr", "bl", "br"], ["side"]))
+    scales_before = net.columns["quadrant"].laterals["1"].scales.detach().clone()
+    fit("quadrant", quadrant, 60)
+    with torch.no_grad():
+        predicted = net(test_images)["quadrant"].logits.argmax(1)
+    accuracy = (predicted == test_quadrant).float().mean().item()
+    assert accuracy >= 0.9, accuracy
+    assert not torch.equal(scales_before, net.columns["quadrant"].laterals["1"].scales)
+
+
+# ------------------------------------------------------------------------------------------ BEGAN
+def _real_face_crops(root: Path, count: int, size: int) -> torch.Tensor:
+    files = sorted(root.glob("*/*.jpg"))[:count]
+    assert len(files) == count, f"need {count} images under {root}"
+    crops = []
+    for file in files:
+        with Image.open(file) as image:
+            grey = image.convert("L").resize((size, size), Image.Resampling.BOX)
+        crops.append(np.asarray(grey, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(crops))[:, None]
+
+
+def test_began_keeps_k_in_unit_interval_and_m_global_falls(shared_datasets: Path) -> None:
+    torch.manual_seed(4)
+    faces = _real_face_crops(shared_datasets / "lfw_unlabeled", 64, 32)
+    config = ModelConfig(
+        name="began-tiny",
+        encoder=EncoderConfig(input_size=32, stages=((8, 1), (16, 1), (16, 1)), latent_dim=16),
+        decoder=DecoderConfig(channels=8, base_size=8, convs_per_block=1),
+        column=ColumnConfig(layers=((8, True),), fc_dim=8),
+    )
+    began = BEGAN(config)
+    opt_d = torch.optim.Adam(began.discriminator_parameters(), lr=5e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(began.generator_parameters(), lr=5e-4, betas=(0.5, 0.999))
+    state = BEGANState()
+    rng = torch.Generator().manual_seed(4)
+    history = []
+    for step in range(100):
+        batch = faces[(step * 16) % 64 : (step * 16) % 64 + 16]
+        stats = began_step(began, batch, opt_d, opt_g, state, gamma=0.5, lambda_k=0.01, rng=rng)
+        assert 0.0 <= stats["k"] <= 1.0
+        assert stats["m_global"] == pytest.approx(
+            stats["loss_real"] + abs(0.5 * stats["loss_real"] - stats["loss_fake"])
+        )
+        history.append(stats["m_global"])
+    assert state.step == 100 and 0.0 <= state.k <= 1.0
+    first, last = np.mean(history[:10]), np.mean(history[-10:])
+    print(f"M_global first 10 steps {first:.4f}, last 10 steps {last:.4f}")
+    assert last < 0.8 * first, (history[:10], history[-10:])
+
+
+def test_began_generator_gradients_never_reach_the_discriminator() -> None:
+    torch.manual_seed(5)
+    began = BEGAN(TINY)
+    reference = copy.deepcopy(began)
+    real = torch.rand(4, 1, 16, 16) * 2 - 1
+    state = BEGANState(k=0.4)
+
+    # Expected gradients, computed independently: D sees a detached G(z); G sees a fixed D.
+    z = reference.sample_z(4, generator=torch.Generator().manual_seed(9))
+    fake = reference.generator(z)
+    d_params = reference.discriminator_parameters()
+    loss_d = reconstruction_loss(real, reference.reconstruct(real)) - 0.4 * reconstruction_loss(
+        fake.detach(), reference.reconstruct(fake.detach())
+    )
+    expected_d = torch.autograd.grad(loss_d, d_params)
+    expected_g = torch.autograd.grad(
+        reconstruction_loss(fake, reference.reconstruct(fake)), reference.generator_parameters()
+    )
+
+    opt_d = torch.optim.SGD(began.discriminator_parameters(), lr=0.0)
+    opt_g = torch.optim.SGD(began.generator_parameters(), lr=0.0)
+    stats = began_step(began, real, opt_d, opt_g, state, rng=torch.Generator().manual_seed(9))
+    for got, want in zip([p.grad for p in began.discriminator_parameters()], expected_d, strict=True):
+        torch.testing.assert_close(got, want)
+    for got, want in zip([p.grad for p in began.generator_parameters()], expected_g, strict=True):
+        torch.testing.assert_close(got, want)
+    assert stats["loss_d"] == pytest.approx(loss_d.item())
+    expected_k = min(max(0.4 + 0.001 * (0.5 * stats["loss_real"] - stats["loss_fake"]), 0.0), 1.0)
+    assert state.k == pytest.approx(expected_k)
+
+
+# ------------------------------------------------------------------------------------------ devices
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_default_specs_are_a_progressive_chain() -> None:
+    specs = default_task_specs()
+    assert [s.name for s in specs] == ["gender", "age", "emotion", "identity"]
+    assert [len(s.labels) for s in specs] == [2, 8, 8, 62]
+    assert specs[-1].kind == "identity"
+    assert json.loads(json.dumps([s.to_dict() for s in specs]))[1]["laterals"] == ["gender"]
+    assert TaskSpec.from_dict(specs[2].to_dict()) == specs[2]
