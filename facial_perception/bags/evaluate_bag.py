@@ -52,6 +52,7 @@ __all__ = [
     "PipelineSettings",
     "PredictedFace",
     "activate_lifecycle_node",
+    "benchmark_offline",
     "build_pipeline",
     "evaluate_live",
     "evaluate_offline",
@@ -972,3 +973,81 @@ def _clock_msg(cls: Any, stamp_ns: int) -> Any:
     msg = cls()
     msg.clock = Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
     return msg
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+def benchmark_offline(
+    bag: str | os.PathLike[str],
+    settings: PipelineSettings | None = None,
+    *,
+    repeats: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Offline evaluation throughput vs model-only throughput at the same batch sizes.
+
+    Runs :func:`evaluate_offline` on the bag (decode, detect, track, crop, batch, model, smooth),
+    records how many faces each frame sent to the model, then times ``FacePredictor.predict`` alone
+    on preprocessed real face crops with exactly that sequence of batch sizes.  The ratio of the
+    two frame rates is the pipeline's efficiency (1.0 = no overhead beyond the model).
+    """
+    import torch
+
+    from facial_perception.core.preprocess import crop_face, preprocess_batch
+
+    settings = settings or PipelineSettings()
+    predictor, source = load_predictor(settings)
+    pipeline = build_pipeline(settings, predictor)
+    batch_sizes: list[int] = []
+    crops: list[np.ndarray] = []
+
+    def on_frame(_: int, result: Any) -> None:
+        batch_sizes.append(len(result.faces))
+
+    evaluation = evaluate_offline(bag, pipeline, progress=progress, on_frame=on_frame)
+    offline_fps = evaluation.summary["throughput_fps"]
+    # real crops for the model-only run: the detected faces of the first frames
+    with BagReader(bag) as reader:
+        topic = reader.image_topic()
+        for image in reader.images(topic):
+            rgb = decode_bag_image(image)
+            for det in pipeline.detector.detect(rgb):
+                crops.append(crop_face(rgb, det.box, pipeline.crop_margin, square=True))
+            if len(crops) >= max(batch_sizes, default=1):
+                break
+    if not crops:
+        raise BagError(f"{bag}: no face detected, nothing to benchmark")
+    size = pipeline.input_size
+    largest = max(max(batch_sizes, default=1), 1)
+    pool = preprocess_batch([crops[i % len(crops)] for i in range(largest)], size)
+    for _ in range(3):  # warm-up, as the offline run had its first frames for that
+        predictor.predict(pool[:largest])
+    model_time = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for b in batch_sizes:
+            if b:
+                predictor.predict(pool[:b])
+        model_time.append(time.perf_counter() - start)
+    model_fps = len(batch_sizes) / min(model_time)
+    s = evaluation.summary
+    return {
+        "bag": str(bag),
+        "frames": len(batch_sizes),
+        "image_type": s["image_type"],
+        "storage": s["storage"],
+        "model": source,
+        "device": settings.device,
+        "torch_threads": torch.get_num_threads(),
+        "faces_per_frame": {str(k): batch_sizes.count(k) for k in sorted(set(batch_sizes))},
+        "offline_fps": offline_fps,
+        "model_only_fps": model_fps,
+        "ratio": offline_fps / model_fps if offline_fps and model_fps else None,
+        "target_ratio": 0.7,
+        "stage_ms_mean": s["stage_ms_mean"],
+        "latency_ms": s["latency_ms"],
+        "detection_recall": s.get("detection", {}).get("recall"),
+    }
