@@ -3,6 +3,7 @@
 #   make test       set up, lint, run the whole test suite (what .ci/run calls)
 #   make benchmark  set up, then the 30 Hz / 640x480 node benchmark (results -> docs/)
 #   make clean      remove build products (keeps the venv); make distclean also removes the venv
+#   variables: TESTS=test/test_x.py PYTEST_ARGS='-x -k name' DEMO_ARGS=... BENCHMARK_ARGS=... VENV=dir
 # Every target re-runs scripts/setup.sh, which takes seconds when nothing changed.
 
 SHELL := /bin/bash
@@ -15,6 +16,7 @@ PYTHON := $(VENV)/bin/python
 # the ROS environment of the venv + the sources under test first on the import path
 RUN := cd $(REPO) && set +u && . $(VENV)/bin/ros_env.sh && set -u && export PYTHONPATH=$(REPO)$${PYTHONPATH:+:$$PYTHONPATH} &&
 
+TESTS ?= test
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCHMARK_ARGS ?=
@@ -22,7 +24,7 @@ BENCHMARK_ARGS ?=
 .PHONY: help setup demo test lint pytest benchmark clean distclean
 
 help:
-	@sed -n '2,6p' $(REPO)/Makefile | sed 's/^# *//'
+	@sed -n '2,7p' $(REPO)/Makefile | sed 's/^# *//'
 
 setup:
 	@FP_VENV=$(VENV) bash $(REPO)/scripts/setup.sh
@@ -34,7 +36,7 @@ lint: setup
 	@$(RUN) ruff check .
 
 pytest: setup
-	@$(RUN) python -m pytest test -o 'markers=slow: builds or runs long (still part of make test)' $(PYTEST_ARGS)
+	@$(RUN) python -m pytest $(TESTS) -o 'markers=slow: builds or runs long (still part of make test)' $(PYTEST_ARGS)
 
 test: lint pytest
 

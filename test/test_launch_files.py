@@ -33,6 +33,9 @@ PERCEPTION_NODE = "facial_perception"
 # Executables of the camera drivers the example launch file can start (from their packages' install rules).
 EXTERNAL_EXECUTABLES = {"v4l2_camera": {"v4l2_camera_node"}, "usb_cam": {"usb_cam_node_exe"}}
 
+# Parameters every rclpy node has; they are not the package's to document.
+ROS_BUILTIN_PARAMETERS = {"use_sim_time", "start_type_description_service"}
+
 # The perception node's parameters (issue 3): name -> (ROS type, allowed values or (min, max) or None).
 PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "image_topic": (Parameter.Type.STRING, None),
@@ -41,17 +44,20 @@ PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "device": (Parameter.Type.STRING, {"auto", "cpu", "cuda"}),
     "half": (Parameter.Type.STRING, {"auto", "true", "false"}),
     "model_path": (Parameter.Type.STRING, None),
-    "detector": (Parameter.Type.STRING, {"blazeface", "haar"}),
+    "detector": (Parameter.Type.STRING, {"blazeface", "blazeface_full", "haar", "auto"}),
     "detection_threshold": (Parameter.Type.DOUBLE, (0.0, 1.0)),
     "max_faces": (Parameter.Type.INTEGER, (1, 64)),
     "min_face_size": (Parameter.Type.INTEGER, (8, 4096)),
     "tracker_iou": (Parameter.Type.DOUBLE, (0.0, 1.0)),
     "track_max_missed": (Parameter.Type.INTEGER, (0, 100)),
-    "smoothing": (Parameter.Type.DOUBLE, (0.0, 1.0)),
+    "smoothing": (Parameter.Type.DOUBLE, (0.0, 0.99)),
     "identity_enabled": (Parameter.Type.BOOL, None),
     "gallery_path": (Parameter.Type.STRING, None),
     "identity_threshold": (Parameter.Type.DOUBLE, (0.0, 1.0)),
     "store_face_images": (Parameter.Type.BOOL, None),
+    "enrol_frames": (Parameter.Type.INTEGER, (1, 1000)),
+    "enrol_timeout": (Parameter.Type.DOUBLE, (0.5, 600.0)),
+    "training_epochs": (Parameter.Type.INTEGER, (1, 1000)),
     "publish_debug_image": (Parameter.Type.BOOL, None),
     "diagnostics_period": (Parameter.Type.DOUBLE, (0.1, 60.0)),
     "columns_dir": (Parameter.Type.STRING, None),
@@ -324,8 +330,14 @@ def test_parameter_file_matches_node_declarations(config: str, module: str, node
             for name, param in expected.items():
                 assert node.get_parameter(name).value == param.value, name
             if config == "perception.yaml":
-                declared = {name for name in node._parameters if name != "use_sim_time"}
+                declared = set(node._parameters) - ROS_BUILTIN_PARAMETERS
                 assert declared <= set(expected), f"not in {config}: {declared - set(expected)}"
+                for name in declared:  # described, and numbers bounded, for `ros2 param describe`
+                    descriptor = node.describe_parameter(name)
+                    assert descriptor.description.strip(), f"{name} has no description"
+                    if expected[name].type_ in (Parameter.Type.INTEGER, Parameter.Type.DOUBLE):
+                        ranges = [*descriptor.integer_range, *descriptor.floating_point_range]
+                        assert ranges, f"{name} is declared without a range"
         finally:
             node.destroy_node()
     finally:
