@@ -1,0 +1,166 @@
+"""Inference API tests: per-task labels/probabilities, embeddings, checkpoints, hot swap."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facial_perception.core.checkpoint import CheckpointError, save_model
+from facial_perception.core.config import ColumnConfig, DecoderConfig, EncoderConfig, ModelConfig
+from facial_perception.core.inference import FacePrediction, FacePredictor, InferenceError
+from facial_perception.core.preprocess import preprocess_batch
+from facial_perception.core.progressive import ProgressiveNet, TaskSpec
+
+TINY = ModelConfig(
+    name="tiny",
+    encoder=EncoderConfig(input_size=16, stages=((4, 1), (8, 1)), latent_dim=8),
+    decoder=DecoderConfig(channels=4, base_size=4, convs_per_block=1),
+    column=ColumnConfig(layers=((8, False), (8, True)), fc_dim=12, dropout=0.2),
+)
+SPECS = [
+    TaskSpec("gender", ["male", "female"]),
+    TaskSpec("emotion", ["neutral", "happy", "sad"], ["gender"]),
+    TaskSpec("identity", ["ann", "bob", "cy", "dee"], ["gender"], kind="identity"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _net(seed: int) -> ProgressiveNet:
+    torch.manual_seed(seed)
+    net = ProgressiveNet(TINY, SPECS)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # spread the logits so that argmax is meaningful
+    return net.eval()
+
+
+def _reference(net: ProgressiveNet, batch: torch.Tensor) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = net(batch)
+    probs = {n: torch.softmax(o.logits, 1).numpy() for n, o in out.items()}
+    probs["_embedding"] = torch.nn.functional.normalize(out["identity"].embedding, dim=1).numpy()
+    return probs
+
+
+def _check(predictions: list[FacePrediction], reference: dict[str, np.ndarray]) -> None:
+    for row, face in enumerate(predictions):
+        assert list(face.tasks) == ["gender", "emotion", "identity"]
+        for name, task in face.tasks.items():
+            assert task.probabilities.shape == (len(task.labels),)
+            assert task.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+            assert task.index == int(np.argmax(task.probabilities))
+            assert task.label == task.labels[task.index]
+            assert task.confidence == pytest.approx(float(task.probabilities.max()))
+            np.testing.assert_allclose(task.probabilities, reference[name][row], atol=1e-5)
+        assert face.embedding is not None and face.embedding.shape == (TINY.column.fc_dim,)
+        assert np.linalg.norm(face.embedding) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(face.embedding, reference["_embedding"][row], atol=1e-5)
+
+
+def test_predict_returns_labels_probabilities_and_unit_embeddings() -> None:
+    net = _net(0)
+    predictor = FacePredictor(net, device="cpu", max_batch=2)  # 5 faces -> chunks of 2, 2, 1
+    batch = torch.rand(5, 1, 16, 16) * 2 - 1
+    predictions = predictor.predict(batch)
+    assert len(predictions) == 5
+    _check(predictions, _reference(net, batch))
+    assert predictor.predict(torch.empty(0, 1, 16, 16)) == []
+    assert predictor.predict_images([]) == []
+    # The caller's model is left alone (the predictor works on its own prepared copy).
+    assert next(net.parameters()).dtype == torch.float32 and net.encoder.features[0].weight.is_contiguous()
+
+
+def test_predict_images_uses_the_shared_preprocessing(real_faces: list[np.ndarray]) -> None:
+    net = _net(1)
+    predictor = FacePredictor(net, device="cpu")
+    grey = real_faces[1].mean(axis=2).astype(np.uint8)
+    images = [*real_faces, grey]
+    predictions = predictor.predict_images(images)
+    assert len(predictions) == 3
+    _check(predictions, _reference(net, preprocess_batch(images, 16)))
+
+
+def test_bad_inputs_give_one_clear_error() -> None:
+    predictor = FacePredictor(_net(2), device="cpu")
+    with pytest.raises(InferenceError, match=r"expects \(N, 1, 16, 16\)"):
+        predictor.predict(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(InferenceError, match=r"\(N, C, H, W\)"):
+        predictor.predict(torch.zeros(16, 16))
+    with pytest.raises(InferenceError, match=r"torch\.Tensor"):
+        predictor.predict(np.zeros((1, 1, 16, 16)))  # type: ignore[arg-type]
+    with pytest.raises(InferenceError, match="needs a CUDA device"):
+        FacePredictor(_net(2), device="cpu", half=True)
+    with pytest.raises(InferenceError, match="unknown task"):
+        FacePredictor(_net(2), device="cpu", tasks=["age"])
+    with pytest.raises(InferenceError, match="no task columns"):
+        FacePredictor(ProgressiveNet(TINY), device="cpu")
+
+
+def test_task_subset_without_identity_has_no_embedding() -> None:
+    predictor = FacePredictor(_net(3), device="cpu", tasks=["emotion"])
+    (face,) = predictor.predict(torch.zeros(1, 1, 16, 16))
+    assert list(face.tasks) == ["emotion"] and face.embedding is None
+    assert predictor.task_names == ["emotion"]
+
+
+def test_from_checkpoint_matches_the_in_memory_model(tmp_path: Path) -> None:
+    net = _net(4)
+    path = tmp_path / "m.safetensors"
+    save_model(path, net, {"note": "test"})
+    predictor = FacePredictor.from_checkpoint(path, device="cpu")
+    assert predictor.metadata["training"] == {"note": "test"}
+    batch = torch.rand(3, 1, 16, 16) * 2 - 1
+    _check(predictor.predict(batch), _reference(net, batch))
+    with pytest.raises(CheckpointError, match="not found"):
+        FacePredictor.from_checkpoint(tmp_path / "missing.safetensors", device="cpu")
+
+
+def test_set_model_hot_swaps_while_other_threads_predict() -> None:
+    old, new = _net(5), _net(6)
+    predictor = FacePredictor(old, device="cpu")
+    batch = torch.rand(4, 1, 16, 16) * 2 - 1
+    ref_old, ref_new = _reference(old, batch), _reference(new, batch)
+    assert not np.allclose(ref_old["emotion"], ref_new["emotion"], atol=1e-3)
+    errors: list[BaseException] = []
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            while not stop.is_set():
+                probs = np.stack([f.tasks["emotion"].probabilities for f in predictor.predict(batch)])
+                if np.allclose(probs, ref_old["emotion"], atol=1e-5):
+                    seen.append("old")
+                elif np.allclose(probs, ref_new["emotion"], atol=1e-5):
+                    seen.append("new")
+                else:
+                    seen.append("mixed")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    while not seen and not errors:
+        threading.Event().wait(0.005)
+    predictor.set_model(new)
+    count = len(seen)
+    while len(seen) < count + 4 and not errors:
+        threading.Event().wait(0.005)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
+    assert "mixed" not in seen and seen[0] == "old" and seen[-1] == "new"
+    _check(predictor.predict(batch), ref_new)
