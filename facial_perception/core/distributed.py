@@ -135,7 +135,7 @@ def wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Mo
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else ctx.local_rank] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True)
+    return DistributedDataParallel(module, device_ids=ids)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
