@@ -41,7 +41,7 @@ pytest: setup
 test: lint pytest
 
 benchmark: setup
-	@$(RUN) python -m facial_perception.ros.benchmark $(BENCHMARK_ARGS)
+	@$(RUN) python -m facial_perception.ros.ros_benchmark $(BENCHMARK_ARGS)
 
 clean:
 	rm -rf $(VENV)/build $(REPO)/build $(REPO)/install $(REPO)/log $(REPO)/.pytest_cache $(REPO)/.ruff_cache

@@ -194,6 +194,24 @@ def test_launch_file_executables_exist(path: Path) -> None:
             assert executable in known, f"{path.name}: unknown executable {package}/{executable}"
 
 
+@pytest.mark.parametrize(
+    ("executable", "module"),
+    [
+        *((name, f"ros/{name}.py") for name in installed_ros_executables()),
+        ("facial-perception", "core/cli.py"),
+    ],
+)
+def test_installed_executables_have_a_main(executable: str, module: str) -> None:
+    """Each generated wrapper runs facial_perception.<module>:main(); that function must exist."""
+    source = REPO / PACKAGE / module
+    assert source.is_file(), f"{executable}: {source} is missing"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+    assert mains, f"{source} defines no top-level main()"
+    arguments = mains[0].args
+    assert len(arguments.args) - len(arguments.defaults) == 0, "main() must be callable without arguments"
+
+
 @pytest.mark.parametrize("path", launch_files(), ids=lambda p: p.name)
 def test_launch_file_named_files_exist(path: Path) -> None:
     """config/<file> and launch/<file> references point at files that exist and are installed."""
