@@ -325,10 +325,10 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         f"Setup: a publisher sends {st['resolution']} `rgb8` frames at {st['rate_hz']:g} Hz with "
         f"{st['faces_per_frame']} (real face photos of the demo) over real DDS (Fast DDS, loopback, "
         f"`image_reliability: {st['image_reliability']}`); the perception node runs in its own process on "
-        f"`{st['device']}` with model: {st['model']}. Latency is the image header stamp to the receipt of its "
-        f"`FaceArray` in the publisher process. The first {st['warmup_s']:g} s are warm-up and excluded; "
-        f"{st['duration_s']:g} s are measured. CPU % is of one core (200 % = both cores), sampled each second "
-        f"with {st['resource_sampler']}."
+        f"`{st['device']}` with model: {st['model']}. Latency is the image header stamp to the receipt of "
+        f"its `FaceArray` in the publisher process. The first {st['warmup_s']:g} s are warm-up and excluded; "
+        f"{st['duration_s']:g} s are measured. CPU % is of one core (200 % = both cores), sampled each "
+        f"second with {st['resource_sampler']}."
     )
     fps = f"{_fmt(s['processed_fps'])} (published {_fmt(s['published_fps'])})"
     latency = f"{_fmt(s['latency_p50_ms'])} / {_fmt(s['latency_p95_ms'])} / {_fmt(s['latency_p99_ms'])} ms"
@@ -364,10 +364,10 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         lines.append("| " + " | ".join([*cells, _fmt(row["rss_mb"])]) + " |")
     lines += [
         "",
-        "Notes: the publisher shares the same 2 cores (serialising 30 frames of 0.9 MB per second), so the node "
-        "has less than the whole machine. Frames the node cannot take in time are skipped (one-slot buffer), "
-        "never queued, so latency stays bounded when fps drops. Re-run: `make benchmark` or "
-        "`python -m facial_perception.ros.ros_benchmark --duration 60`.",
+        "Notes: the publisher shares the same 2 cores (serialising 30 frames of 0.9 MB per second), so the "
+        "node has less than the whole machine. Frames the node cannot take in time are skipped "
+        "(one-slot buffer), never queued, so latency stays bounded when fps drops. "
+        "Re-run: `make benchmark` or `python -m facial_perception.ros.ros_benchmark --duration 60`.",
         "",
     ]
     _atomic_write(path, "\n".join(lines))
