@@ -9,14 +9,13 @@ The camera driver is `v4l2_camera` (apt: ros-$ROS_DISTRO-v4l2-camera) or `usb_ca
 
 import os
 
+import launch
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
 from launch.conditions import LaunchConfigurationEquals
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-
-import launch
 
 PACKAGE = "facial_perception"
 CAMERA_NAMESPACE = "camera"

@@ -10,6 +10,7 @@ auto_activate (the default) this file sends 'configure' at start-up and 'activat
 
 import os
 
+import launch
 import launch.events
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, EmitEvent, RegisterEventHandler
@@ -19,8 +20,6 @@ from launch_ros.actions import LifecycleNode
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
-
-import launch
 
 PACKAGE = "facial_perception"
 EXECUTABLE = "perception_node"
