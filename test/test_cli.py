@@ -1,0 +1,345 @@
+"""Smoke runs of every ``facial-perception`` command on tiny real-face datasets, and its user errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import make_identity_folders, make_unlabeled, make_utkface
+
+from facial_perception.core.checkpoint import load_model
+from facial_perception.core.cli import main
+from facial_perception.core.datasets import read_identity_folders, split_people
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--batch-size", "4", "--device", "cpu", "--workers", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("cli")
+    return {
+        "tmp": tmp,
+        "unlabeled": make_unlabeled(tmp, 8),
+        "utkface": make_utkface(tmp, 30),
+        "identities": make_identity_folders(tmp, people=4, per_person=6),
+    }
+
+
+@pytest.fixture(scope="module")
+def encoder(data) -> Path:
+    out = data["tmp"] / "encoder"
+    code = main(
+        [
+            "train-encoder",
+            "--data",
+            str(data["unlabeled"]),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--sample-every",
+            "1",
+            "--checkpoint-every",
+            "1",
+            *TINY,
+        ]
+    )
+    assert code == 0
+    return out / "began.safetensors"
+
+
+@pytest.fixture(scope="module")
+def gender_model(data, encoder) -> Path:
+    out = data["tmp"] / "model.safetensors"
+    code = main(
+        [
+            "train-task",
+            "--checkpoint",
+            str(encoder),
+            "--task",
+            "gender",
+            "--data",
+            str(data["utkface"]),
+            "--epochs",
+            "2",
+            "--val-fraction",
+            "0.3",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_info_for_presets_and_checkpoints(capsys, gender_model):
+    assert main(["info", "--config", "lite"]) == 0
+    text = capsys.readouterr().out
+    assert "GFLOP" in text and "encoder" in text
+    assert main(["info", "--config", "paper", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"] == "paper" and info["gflop_per_face"]["shared_total"] > 1.0
+    assert main(["info", "--checkpoint", str(gender_model)]) == 0
+    assert "gender" in capsys.readouterr().out
+
+
+def test_train_encoder_writes_checkpoint_log_and_samples(encoder):
+    folder = encoder.parent
+    assert encoder.is_file() and (folder / "began_state.pt").is_file()
+    with open(folder / "began_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and 0.0 <= float(rows[-1]["k"]) <= 1.0
+    assert sorted(p.name for p in (folder / "samples").glob("*.png")) == [
+        "step_0000001.png",
+        "step_0000002.png",
+    ]
+
+
+def test_train_task_then_a_lateral_column(data, gender_model):
+    model, meta = load_model(gender_model)
+    assert model.task_names == ["gender"] and model.specs["gender"].labels == ["male", "female"]
+    assert meta["training"]["gender"]["epochs_run"] == 2
+    work = gender_model.parent / "model_gender_work"
+    assert (work / "gender_log.csv").is_file() and (work / "gender_confusion.png").is_file()
+    out = data["tmp"] / "model2.safetensors"
+    code = main(
+        [
+            "train-task",
+            "--checkpoint",
+            str(gender_model),
+            "--task",
+            "age",
+            "--data",
+            str(data["utkface"]),
+            "--target",
+            "age8",
+            "--laterals",
+            "gender",
+            "--epochs",
+            "1",
+            "--val-fraction",
+            "0.3",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
+    assert code == 0
+    model2, meta2 = load_model(out)
+    assert model2.task_names == ["gender", "age"] and model2.specs["age"].laterals == ["gender"]
+    assert set(meta2["training"]) == {"gender", "age"}  # earlier columns keep their metadata
+
+
+def test_evaluate_prints_and_writes_json_with_subgroups(data, gender_model, capsys):
+    out_json = data["tmp"] / "eval.json"
+    plots = data["tmp"] / "plots"
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(gender_model),
+            "--task",
+            "gender",
+            "--data",
+            str(data["utkface"]),
+            "--out-json",
+            str(out_json),
+            "--plots",
+            str(plots),
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "race \\ gender" in text and "Largest gap" in text
+    report = json.loads(out_json.read_text())
+    assert report["num_samples"] == 30 and set(report["per_class_recall"]) == {"male", "female"}
+    assert [s["attributes"] for s in report["subgroups"]] == [["race", "gender"], ["race"], ["gender"]]
+    assert sum(r["count"] for r in report["subgroups"][0]["rows"]) == 30
+    assert {p.name for p in plots.glob("*.png")} >= {"gender_confusion.png", "gender_reliability.png"}
+
+
+def test_ablation_laterals_with_two_runs(data, encoder, capsys):
+    out = data["tmp"] / "ablation"
+    code = main(
+        [
+            "ablation",
+            "laterals",
+            "--checkpoint",
+            str(encoder),
+            "--data",
+            f"gender={data['utkface']}",
+            f"age={data['utkface']}:age8",
+            "--target",
+            "gender",
+            "--runs",
+            "2",
+            "--epochs",
+            "1",
+            "--val-fraction",
+            "0.3",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
+    assert code == 0
+    assert "no laterals" in capsys.readouterr().out
+    with open(out / "laterals_gender_summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert [(r["setting"], r["runs"]) for r in summary] == [("no laterals", "2"), ("age", "2")]
+    with open(out / "laterals_gender_runs.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted({r["seed"] for r in runs}) == ["0", "1"]
+
+
+def test_fewshot_on_people_held_out_from_training(data, gender_model, capsys):
+    out = data["tmp"] / "identity.safetensors"
+    code = main(
+        [
+            "train-task",
+            "--checkpoint",
+            str(gender_model),
+            "--task",
+            "identity",
+            "--data",
+            str(data["identities"]),
+            "--holdout-people",
+            "0.5",
+            "--epochs",
+            "1",
+            "--val-fraction",
+            "0.3",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
+    assert code == 0
+    model, _ = load_model(out)
+    assert len(model.specs["identity"].labels) == 2 and model.specs["identity"].kind == "identity"
+    capsys.readouterr()
+    out_json = data["tmp"] / "fewshot.json"
+    code = main(
+        [
+            "fewshot",
+            "--checkpoint",
+            str(out),
+            "--data",
+            str(data["identities"]),
+            "--holdout-fraction",
+            "0.5",
+            "--shots",
+            "2",
+            "--trials",
+            "3",
+            "--out-json",
+            str(out_json),
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert result["people"] == 2 and result["shots"] == 2 and 0.0 <= result["rank1"] <= 1.0
+    # The enrolled people are exactly those the identity column never saw.
+    _known, held = split_people(read_identity_folders(data["identities"]), 0.5, seed=0)
+    held_people = {held.label_names[i] for i in held.labels()}
+    assert len(held_people) == 2 and not held_people & set(model.specs["identity"].labels)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+def test_user_mistakes_exit_2_with_one_line(data, gender_model, capsys, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    assert main(["evaluate", "--checkpoint", str(gender_model), "--task", "gender", "--data", missing]) == 2
+    assert _one_line_error(capsys) == f"error: dataset not found: {missing}"
+    assert main(["train-task", "--config", "lite", "--task", "gender", "--data", missing, "--out", "x"]) == 2
+    assert _one_line_error(capsys) == f"error: dataset not found: {missing}"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(gender_model),
+                "--task",
+                "emotion",
+                "--data",
+                str(data["utkface"]),
+                "-q",
+            ]
+        )
+        == 2
+    )
+    assert "no column 'emotion'" in _one_line_error(capsys)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(gender_model.read_bytes()[:200])
+    assert main(["info", "--checkpoint", str(corrupt)]) == 2
+    message = _one_line_error(capsys)
+    assert str(corrupt) in message and ("truncated" in message or "corrupt" in message)
+    assert (
+        main(
+            [
+                "train-task",
+                "--checkpoint",
+                str(gender_model),
+                "--task",
+                "age",
+                "--data",
+                str(data["utkface"]),
+                "--laterals",
+                "emotion",
+                "--out",
+                str(tmp_path / "m.safetensors"),
+                *TINY,
+            ]
+        )
+        == 2
+    )
+    assert "emotion" in _one_line_error(capsys)
+    with pytest.raises(SystemExit) as exc:
+        main(["train-task", "--task", "x"])
+    assert exc.value.code == 2
+    assert "required" in _one_line_error(capsys)
+    with pytest.raises(SystemExit) as exc:
+        main(["train-encoder", "--data", "x", "--out", "y", "--steps", "0"])
+    assert exc.value.code == 2
+    assert "positive integer" in _one_line_error(capsys)
+
+
+def test_module_entry_point_error_has_no_traceback(tmp_path):
+    missing = str(tmp_path / "nope")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "facial_perception.core.cli",
+            "fewshot",
+            "--checkpoint",
+            missing,
+            "--data",
+            missing,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: dataset not found: {missing}"
