@@ -103,6 +103,25 @@ class Harness:
                         return msg
         raise AssertionError(f"no FaceArray for the published frames within {timeout:g} s")
 
+    def call_while_publishing(
+        self, srv_type: Any, name: str, request: Any, frame: np.ndarray, timeout: float = 30.0
+    ) -> Any:
+        """Call a service that needs live camera frames, publishing frames until it answers."""
+        client = self.node.create_client(srv_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
+            future = client.call_async(request)
+            done = threading.Event()
+            future.add_done_callback(lambda _f: done.set())
+            deadline = time.monotonic() + timeout
+            while not done.wait(0.1):
+                assert time.monotonic() < deadline, f"service {name} did not answer"
+                header = Header(stamp=self.node.get_clock().now().to_msg(), frame_id="live")
+                self.raw_pub.publish(rgb_to_image_msg(frame, header))
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
     def call(self, srv_type: Any, name: str, request: Any, timeout: float = 30.0) -> Any:
         client = self.node.create_client(srv_type, name)
         try:
@@ -422,6 +441,15 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
         frame = make_frame([0])
         msg = harness.send_until_result(_raw(frame), harness.raw_pub)
         assert [f.identity for f in msg.faces] == ["eileen"]
+        # live enrolment: the next 3 frames of the largest tracked face
+        live = harness.call_while_publishing(
+            EnrolIdentity,
+            "/facial_perception/enrol_identity",
+            EnrolIdentity.Request(name="grace", num_frames=3, timeout_s=20.0),
+            make_frame([1]),
+        )
+        assert live.success, live.message
+        assert live.samples_used == 3
 
         # add a column in the background; feedback arrives; the hot swap shows in the output
         client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
@@ -459,7 +487,7 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
         ]
         assert "utk_gender" in names
         listed = harness.call(ListIdentities, "/facial_perception/list_identities", ListIdentities.Request())
-        assert list(listed.names) == ["eileen"] and list(listed.sample_counts) == [1]
+        assert list(listed.names) == ["eileen", "grace"] and list(listed.sample_counts) == [1, 3]
         msg = harness.send_until_result(_raw(make_frame([0])), harness.raw_pub)
         assert msg.faces[0].identity == "eileen"
         assert "utk_gender" in [p.task for p in msg.faces[0].predictions]
