@@ -362,21 +362,24 @@ def test_bad_service_requests_change_nothing(harness, tmp_path, shared_datasets)
         ]
         client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
         assert client.wait_for_server(timeout_sec=30.0)
-        bad_goals = {
-            "unknown lateral": dict(name="smile", labels=["male", "female"], dataset_path=str(dataset),
-                                    lateral_sources=["nope"]),
-            "duplicate": dict(name="gender", labels=["male", "female"], dataset_path=str(dataset)),
-            "empty labels": dict(name="smile", labels=[], dataset_path=str(dataset)),
-            "one label": dict(name="smile", labels=["male"], dataset_path=str(dataset)),
-            "missing dataset": dict(name="smile", labels=["a", "b"], dataset_path=str(tmp_path / "nowhere")),
-            "unreadable dataset": dict(name="smile", labels=["a", "b"], dataset_path=str(_write_png(
-                tmp_path / "one.png", _faces_frame()))),
-            "labels mismatch": dict(name="smile", labels=["happy", "sad"], dataset_path=str(dataset)),
+        png = str(_write_png(tmp_path / "one.png", _faces_frame()))
+        ds = str(dataset)
+        bad_goals = {  # request -> words the one-line error must contain
+            "nope": dict(name="smile", labels=["male", "female"], dataset_path=ds, lateral_sources=["nope"]),
+            "already exists": dict(name="gender", labels=["male", "female"], dataset_path=ds),
+            "at least 2 labels": dict(name="smile", labels=[], dataset_path=ds),
+            "got 1": dict(name="smile", labels=["male"], dataset_path=ds),
+            "not found": dict(name="smile", labels=["a", "b"], dataset_path=str(tmp_path / "nowhere")),
+            "is a file": dict(name="smile", labels=["a", "b"], dataset_path=png),
+            "not among the requested": dict(name="smile", labels=["happy", "sad"], dataset_path=ds),
+            "have no images": dict(name="smile", labels=["male", "female", "other"], dataset_path=ds),
+            "must match": dict(name="Bad Name", labels=["male", "female"], dataset_path=ds),
         }  # fmt: skip
         for why, fields in bad_goals.items():
             goal = AddTaskColumn.Goal(**fields)
             result = _run_goal(client, goal, timeout=30.0)[0]
             assert not result.success, why
+            assert why in result.message, result.message
             assert result.message and "\n" not in result.message, why
         tasks_after = [
             t.name
