@@ -181,6 +181,9 @@ def _load_base(args: argparse.Namespace) -> Any:
 
     if getattr(args, "checkpoint", None):
         return load_model_or_encoder(args.checkpoint)
+    import torch
+
+    torch.manual_seed(getattr(args, "seed", 0))  # the same random encoder on every torchrun rank
     return ProgressiveNet(get_config(args.config or "lite"))
 
 

@@ -545,6 +545,8 @@ def train_column(
     seed_everything(seed)
     prepare_column(model, spec, train_encoder, allow_existing=saved is not None)
     model.to(dev)
+    # Every rank must run the same frozen parts (and features); DDP itself only syncs the trainable view.
+    fdist.broadcast_parameters(model, ctx)
     cached = use_feature_cache and not train_encoder
     train_feats = val_feats = None
     if cached:
