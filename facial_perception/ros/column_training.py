@@ -309,7 +309,6 @@ class ColumnTrainer:
             )
             on_success(work, spec, final)
             self._set(**{k: v for k, v in final.to_dict().items() if k != "task"})
-            shutil.rmtree(work_dir / "feature_cache", ignore_errors=True)
         except (ColumnRequestError, TrainingError, DatasetError, ModelError) as exc:
             self._set(state=FAILED, message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except Exception as exc:  # never let a training bug take the node down; report it instead
@@ -317,6 +316,8 @@ class ColumnTrainer:
             self._set(
                 state=FAILED, message=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             )
+        finally:  # the cached encoder maps of the training images are not kept
+            shutil.rmtree(work_dir / "feature_cache", ignore_errors=True)
 
 
 def describe_request(request: ColumnRequest) -> str:
