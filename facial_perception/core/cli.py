@@ -465,26 +465,18 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    import inspect
+    from facial_perception.core.benchmark import run_benchmark
 
-    from facial_perception.core import benchmark
-
-    wanted = {
-        "configs": args.configs,
-        "batch_sizes": args.batch_sizes,
-        "device": args.device,
-        "out_dir": args.out_dir,
-        "seconds": args.seconds,
-    }
-    accepted = inspect.signature(benchmark.run_benchmark).parameters
-    kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
-    result = benchmark.run_benchmark(**kwargs)
-    if isinstance(result, str):
-        print(result)
-    elif hasattr(result, "to_markdown"):
-        print(result.to_markdown())
-    elif isinstance(result, dict) and isinstance(result.get("markdown"), str):
-        print(result["markdown"])
+    kwargs: dict[str, Any] = {"device": args.device, "repeats": args.repeats, "threads": args.threads}
+    if args.configs:
+        kwargs["configs"] = args.configs
+    if args.batch_sizes:
+        kwargs["batches"] = args.batch_sizes
+    if args.out_json:
+        kwargs["out_json"] = args.out_json
+    if args.out_md:
+        kwargs["out_md"] = args.out_md
+    run_benchmark(**kwargs)
     return 0
 
 
@@ -642,12 +634,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("benchmark", help="speed benchmark (JSON + Markdown in docs/)")
+    p.add_argument("--configs", nargs="+", metavar="NAME", help="configs to measure (default: paper lite)")
+    p.add_argument("--batch-sizes", nargs="+", type=_positive_int, metavar="N", help="default: 1 4 16")
     p.add_argument(
-        "--configs", nargs="+", metavar="NAME", help="presets to measure (default: the benchmark's)"
+        "--repeats", type=_positive_int, default=7, help="timed repeats per case (median reported)"
     )
-    p.add_argument("--batch-sizes", nargs="+", type=_positive_int, metavar="N")
-    p.add_argument("--seconds", type=_positive_float, help="measuring time per case")
-    p.add_argument("--out-dir", metavar="DIR", help="where the JSON and Markdown go (default docs/)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out-json", metavar="FILE", help="default docs/benchmark_model.json")
+    p.add_argument("--out-md", metavar="FILE", help="default docs/BENCHMARK_MODEL.md")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_benchmark)
 
