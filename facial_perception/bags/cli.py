@@ -339,9 +339,12 @@ Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}
 
 Mean time per stage (ms): {stages}.
 
-Notes: the machine is shared (2 cores, other jobs running), so absolute numbers vary between runs;
-the ratio is the stable figure.  With a GPU the model share shrinks and decoding/detection (CPU)
-dominate; use compressed bags only when the decode cost is part of what you want to measure.
+Reading the two ratios: the throughput ratio uses total times, so load spikes on the shared
+machine (both measurements see them, as they are interleaved) weigh in; the ratio of per-frame
+medians describes a quiet machine.  When they differ a lot, the median one is the conservative
+figure: the fixed per-frame cost (BlazeFace detection ~{r["stage_ms_mean"].get("detect", 0):.0f} ms,
+decode, tracking, cropping, smoothing, scoring) is large next to a small CPU model and shrinks
+relative to a bigger one (the `paper` preset) -- on a GPU the model share shrinks instead.
 """
 
 
