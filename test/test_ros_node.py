@@ -474,12 +474,28 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
         msg = harness.send_until_result(_raw(frame), harness.raw_pub)
         added = [p for p in msg.faces[0].predictions if p.task == "utk_gender"]
         assert len(added) == 1 and added[0].label in ("male", "female")
-        assert (tmp_path / "columns" / "current.safetensors").is_file()
+        current = tmp_path / "columns" / "current.safetensors"
+        saved = current.read_bytes()
+
+        # a kill during the next training leaves the saved model intact
+        long_goal = AddTaskColumn.Goal(
+            name="killed_column", labels=["male", "female"], dataset_path=str(dataset), epochs=1000
+        )
+        epochs_seen = threading.Event()
+        client.send_goal_async(
+            long_goal, feedback_callback=lambda fb: fb.feedback.status.epoch >= 1 and epochs_seen.set()
+        )
+        assert epochs_seen.wait(60.0), "the second training never reported an epoch"
+        node.process.kill()
+        node.process.wait(10.0)
+        assert current.read_bytes() == saved
+        assert sorted(p.name for p in current.parent.iterdir()) == ["current.safetensors", "training"]
     finally:
         node.stop()
 
-    # restart: the added column and the enrolled person are still there
-    harness.faces.clear()
+    # restart: the added column and the enrolled person are still there.  A fresh DDS participant,
+    # because the killed node's endpoints linger in the old one until their lease expires.
+    harness = Harness()
     node = NodeUnderTest(harness, tmp_path)
     try:
         node.up()
@@ -488,7 +504,7 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
             t.name
             for t in harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
         ]
-        assert "utk_gender" in names
+        assert "utk_gender" in names and "killed_column" not in names
         listed = harness.call(ListIdentities, "/facial_perception/list_identities", ListIdentities.Request())
         assert list(listed.names) == ["eileen", "grace"] and list(listed.sample_counts) == [1, 3]
         msg = harness.send_until_result(_raw(make_frame([0])), harness.raw_pub)
@@ -500,3 +516,4 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
         assert forget.success
     finally:
         node.stop()
+        harness.close()

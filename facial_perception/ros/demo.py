@@ -133,19 +133,32 @@ class LifecycleClient:
         self._change = node.create_client(ChangeState, f"{target}/change_state")
         self._get = node.create_client(GetState, f"{target}/get_state")
 
-    def _call(self, client: Any, request: Any, timeout: float) -> Any:
+    def _call(self, client: Any, request: Any, timeout: float, resend_after: float | None = None) -> Any:
+        """Call and wait; an idempotent request is re-sent every ``resend_after`` s without an answer.
+
+        Re-sending matters after a node was killed: DDS keeps announcing the dead server until its
+        lease expires, so ``wait_for_service`` can succeed before the new server is matched, and a
+        request sent then is lost.
+        """
+        deadline = time.monotonic() + timeout
         if not client.wait_for_service(timeout_sec=timeout):
             raise DemoError(f"{client.srv_name} not available after {timeout:g} s (is the node running?)")
-        future = client.call_async(request)
-        done = threading.Event()
-        future.add_done_callback(lambda _f: done.set())
-        if not done.wait(timeout):
-            raise DemoError(f"{client.srv_name} did not answer within {timeout:g} s")
-        return future.result()
+        while True:
+            future = client.call_async(request)
+            done = threading.Event()
+            future.add_done_callback(lambda _f, event=done: event.set())
+            wait = deadline - time.monotonic()
+            if resend_after is not None:
+                wait = min(wait, resend_after)
+            if done.wait(max(wait, 0.0)):
+                return future.result()
+            client.remove_pending_request(future)
+            if time.monotonic() >= deadline:
+                raise DemoError(f"{client.srv_name} did not answer within {timeout:g} s")
 
     def state(self, timeout: float = 10.0) -> str:
         """The node's current state label (``unconfigured``, ``inactive``, ``active``, ...)."""
-        return str(self._call(self._get, GetState.Request(), timeout).current_state.label)
+        return str(self._call(self._get, GetState.Request(), timeout, resend_after=2.0).current_state.label)
 
     def change(self, transition_id: int, timeout: float = 120.0) -> None:
         """Request a transition; :class:`DemoError` when the node refuses or fails it."""
