@@ -155,7 +155,7 @@ class BenchmarkResult:
         rows = []
         t0 = self.settings["warmup_s"]
         start_receipt = self.receipts[0] if self.receipts else 0.0
-        for bucket_start in np.arange(0.0, self.window_s, step_s):
+        for bucket_start in np.arange(0.0, math.floor(self.window_s / step_s) * step_s, step_s):  # full only
             in_bucket = [
                 i
                 for i, t in enumerate(self.receipts)
@@ -221,6 +221,7 @@ def run_benchmark(args: argparse.Namespace) -> BenchmarkResult:
         "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "resource_sampler": "psutil" if _has_psutil() else "/proc",
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
     }
     result = BenchmarkResult(settings)
     frames = _frames(args.width, args.height)
@@ -299,6 +300,8 @@ def run_benchmark(args: argparse.Namespace) -> BenchmarkResult:
         node.destroy_node()
         rclpy.try_shutdown()
     result.resources = sampler.samples
+    # Other processes on the machine share the cores: the load average puts the figures in context.
+    result.settings["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     return result
 
 
@@ -328,7 +331,8 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         f"`{st['device']}` with model: {st['model']}. Latency is the image header stamp to the receipt of "
         f"its `FaceArray` in the publisher process. The first {st['warmup_s']:g} s are warm-up and excluded; "
         f"{st['duration_s']:g} s are measured. CPU % is of one core (200 % = both cores), sampled each "
-        f"second with {st['resource_sampler']}."
+        f"second with {st['resource_sampler']}. Machine load average (1 min) at start / end: "
+        f"{st.get('load_average_1min_at_start', 'n/a')} / {st.get('load_average_1min_at_end', 'n/a')}."
     )
     fps = f"{_fmt(s['processed_fps'])} (published {_fmt(s['published_fps'])})"
     latency = f"{_fmt(s['latency_p50_ms'])} / {_fmt(s['latency_p95_ms'])} / {_fmt(s['latency_p99_ms'])} ms"
