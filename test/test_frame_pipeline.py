@@ -11,7 +11,7 @@ import torch
 
 from facial_perception.core import inference
 from facial_perception.core.config import get_config
-from facial_perception.core.preprocess import crop_face, preprocess_batch
+from facial_perception.core.preprocess import preprocess_batch
 from facial_perception.core.progressive import ProgressiveNet, TaskSpec, default_task_specs
 from facial_perception.pipeline.detection import make_detector
 from facial_perception.pipeline.frame_pipeline import (
@@ -96,7 +96,7 @@ def test_end_to_end_one_batch_per_frame(predictor, detector, frame: np.ndarray) 
         assert np.allclose(face.box_normalized, face.box / np.array([640, 480, 640, 480]))
         assert 0.5 <= face.detection_score <= 1.0
         # Batching must not mix faces: same probabilities as this face alone through the model.
-        alone = predictor.predict(preprocess_batch([crop_face(frame, face.box, 0.2)], 64))[0]
+        alone = predictor.predict(preprocess_batch([pipeline.crop(frame, face.box)], 64))[0]
         for name in TASKS:
             assert np.allclose(face.tasks[name].probabilities, alone.tasks[name].probabilities, atol=1e-5)
     for stage in ("detect", "track", "preprocess", "model", "smooth", "total"):
@@ -189,7 +189,11 @@ def test_embed_faces_for_enrolment_from_files(predictor, detector, real_faces: l
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
     assert all(c.ndim == 3 and c.shape[0] == c.shape[1] for c in crops)
     with pytest.raises(FacePipelineError, match="no face found in image 1"):
-        pipeline.embed_faces([real_faces[0], np.zeros((100, 100, 3), np.uint8)])
+        pipeline.embed_faces([real_faces[0], np.zeros((480, 640, 3), np.uint8)])
+    # a small square image is an aligned dataset crop (too tight for the detector): used whole
+    dataset_crop = np.ascontiguousarray(crops[0][::4, ::4])
+    assert dataset_crop.shape[0] <= 256
+    assert pipeline.embed_faces([dataset_crop])[0].shape[0] == 1
     assert pipeline.tracker.tracks == []  # file enrolment leaves tracking alone
 
 
@@ -201,7 +205,7 @@ def test_hot_swap_adds_a_task(predictor, detector, frame: np.ndarray) -> None:
     result = pipeline.process(frame)
     assert set(result.faces[0].tasks) == TASKS | {"glasses"}
     assert [f.track_id for f in result.faces] == [1, 2]  # tracks survive the swap
-    alone = bigger.predict(preprocess_batch([crop_face(frame, result.faces[0].box, 0.2)], 64))[0]
+    alone = bigger.predict(preprocess_batch([pipeline.crop(frame, result.faces[0].box)], 64))[0]
     # Smoothing restarted at the swap: the first frame after it is the raw prediction.
     assert np.allclose(result.faces[0].tasks["glasses"].probabilities, alone.tasks["glasses"].probabilities,
                        atol=1e-5)

@@ -104,7 +104,7 @@ def add_subcommands(subparsers: Any) -> None:
     ev.add_argument("--no-progress", action="store_true")
     off = ev.add_argument_group("offline")
     off.add_argument("--checkpoint", help="model .safetensors (default: the shipped default model)")
-    off.add_argument("--detector", default="blazeface")
+    off.add_argument("--detector", default="blazeface_full")
     off.add_argument("--detection-threshold", type=float, default=0.6)
     off.add_argument("--max-faces", type=int, default=10)
     off.add_argument("--smoothing", type=float, default=0.6)

@@ -492,7 +492,7 @@ class PipelineSettings:
     """The node's defaults (config/perception.yaml), so offline numbers match the live node."""
 
     checkpoint: str | None = None  # None/"" = the shipped default model
-    detector: str = "blazeface"
+    detector: str = "blazeface_full"
     detection_threshold: float = 0.6
     max_faces: int = 10
     min_face_size: int = 24
@@ -998,7 +998,7 @@ def benchmark_offline(
     """
     import torch
 
-    from facial_perception.core.preprocess import crop_face, preprocess_batch
+    from facial_perception.core.preprocess import preprocess_batch
 
     settings = settings or PipelineSettings()
     predictor, source = load_predictor(settings)
@@ -1008,7 +1008,7 @@ def benchmark_offline(
         for image in reader.images(reader.image_topic()):
             rgb = decode_bag_image(image)
             crops += [
-                crop_face(rgb, d.box, pipeline.crop_margin, square=True)
+                pipeline.crop(rgb, d.box)
                 for d in pipeline.detector.detect(rgb)
             ]
             if len(crops) >= settings.max_faces:

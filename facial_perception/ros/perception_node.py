@@ -127,7 +127,7 @@ PARAMETERS: tuple[_Param, ...] = (
         "~/.local/share/facial_perception/models",
         "Folder where the model with runtime-added columns is persisted",
     ),
-    _Param("detector", "blazeface", "Face detector: blazeface, blazeface_full, haar or auto"),
+    _Param("detector", "blazeface_full", "Face detector: blazeface_full, blazeface (near), haar, auto"),
     _Param("detection_threshold", 0.6, "Minimum detector score", (0.0, 1.0)),
     _Param("max_faces", 10, "Most faces per frame (largest first)", (1, 64)),
     _Param("min_face_size", 24, "Smallest face side in pixels", (8, 4096)),
