@@ -29,6 +29,7 @@ from facial_perception.core.checkpoint import (
     save_training_state,
 )
 from facial_perception.core.config import ColumnConfig, DecoderConfig, EncoderConfig, ModelConfig
+from facial_perception.core.devices import DeviceError
 from facial_perception.core.progressive import ProgressiveNet, TaskSpec
 
 TINY = ModelConfig(
@@ -101,6 +102,13 @@ def test_round_trip_gives_identical_outputs_and_metadata(saved: tuple[Path, Prog
     assert loaded.is_frozen("encoder") and loaded.is_frozen("gender") and loaded.is_frozen("emotion")
     assert not loaded.is_frozen("identity")
     assert not any(name.startswith(".") for name in os.listdir(path.parent))  # no temporary files
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_loading_onto_an_absent_gpu_is_a_clear_error(saved: tuple[Path, ProgressiveNet]) -> None:
+    path, _net = saved
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        load_model(path, map_location="cuda")
 
 
 def test_missing_garbage_empty_and_plain_safetensors_files(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from facial_perception.core.began import BEGAN, BEGANState
 from facial_perception.core.config import ConfigError, ModelConfig
+from facial_perception.core.devices import resolve_device
 from facial_perception.core.progressive import ModelError, ProgressiveNet, TaskSpec
 
 FORMAT_VERSION = 1
@@ -225,8 +226,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: corrupt tensor data ({str(exc).splitlines()[0]})") from exc
-    if str(map_location) != "cpu":
-        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    device = resolve_device(map_location)
+    if device.type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return CheckpointContents(path, meta, tensors)
 
 
@@ -269,6 +271,7 @@ def load_model(
     frozen exactly as after training.  A BEGAN checkpoint yields a network with its encoder and no
     columns.  Extra tensors saved with the model are returned in ``metadata["extra_tensors"]``.
     """
+    device = resolve_device(map_location)
     contents = read_checkpoint(path)
     config, specs = _config_and_specs(contents)
     kind = contents.meta.get("kind")
@@ -288,11 +291,11 @@ def load_model(
         _load_strict(model, contents.section("model."), contents.path)
     else:
         raise CheckpointError(f"{contents.path}: unknown checkpoint kind {kind!r}")
-    model.to(map_location).eval()
+    model.to(device).eval()
     meta = dict(contents.meta)
     extra = contents.section("extra.")
     if extra:
-        meta["extra_tensors"] = {k: v.to(map_location) for k, v in extra.items()}
+        meta["extra_tensors"] = {k: v.to(device) for k, v in extra.items()}
     return model, meta
 
 
@@ -300,6 +303,7 @@ def load_began(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[BEGAN, BEGANState, dict[str, Any]]:
     """Rebuild a BEGAN (train mode) and its equilibrium state from :func:`save_began`'s file."""
+    device = resolve_device(map_location)
     contents = read_checkpoint(path)
     if contents.meta.get("kind") != KIND_BEGAN:
         raise CheckpointError(
@@ -315,7 +319,7 @@ def load_began(
         m_global=float("nan") if m_global is None else float(m_global),
         step=int(info.get("step", 0)),
     )
-    return began.to(map_location), state, dict(contents.meta)
+    return began.to(device), state, dict(contents.meta)
 
 
 # ------------------------------------------------------------------------------------ training state
@@ -381,11 +385,12 @@ def save_training_state(
 
 def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a training-state file with ``weights_only=True`` (no arbitrary code from the file)."""
+    device = resolve_device(map_location)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training state not found: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: not a readable training-state file ({first[:200]})") from exc
