@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from data_fixtures import real_face_files
+from PIL import Image
 
 from facial_perception.core import inference
 from facial_perception.core.config import get_config
@@ -190,10 +192,12 @@ def test_embed_faces_for_enrolment_from_files(predictor, detector, real_faces: l
     assert all(c.ndim == 3 and c.shape[0] == c.shape[1] for c in crops)
     with pytest.raises(FacePipelineError, match="no face found in image 1"):
         pipeline.embed_faces([real_faces[0], np.zeros((480, 640, 3), np.uint8)])
-    # a small square image is an aligned dataset crop (too tight for the detector): used whole
-    dataset_crop = np.ascontiguousarray(crops[0][::4, ::4])
-    assert dataset_crop.shape[0] <= 256
-    assert pipeline.embed_faces([dataset_crop])[0].shape[0] == 1
+    # a tight dataset crop (too little context for the detector) is padded and found
+    lfw = np.asarray(Image.open(real_face_files("lfw", 1)[0]).convert("RGB"))
+    assert lfw.shape[:2] == (112, 112)
+    assert pipeline.embed_faces([lfw])[0].shape[0] == 1
+    with pytest.raises(FacePipelineError, match="no face found in image 0"):
+        pipeline.embed_faces([np.full((112, 112, 3), 90, np.uint8)])
     assert pipeline.tracker.tracks == []  # file enrolment leaves tracking alone
 
 

@@ -385,11 +385,13 @@ class FramePipeline:
         for i, image in enumerate(images):
             frame = _check_frame(image)
             detections: list[Detection] = self.detector.detect(frame)
+            if not detections:
+                # tight dataset crops (LFW, UTKFace, FER) give the detector too little context
+                frame = _pad_for_detection(frame)
+                detections = self.detector.detect(frame)
             if detections:
                 largest = max(detections, key=lambda d: d.area)
                 crops.append(self.crop(frame, largest.box))
-            elif _is_face_crop(frame):
-                crops.append(frame)  # an aligned dataset crop: too tight for the detector
             else:
                 raise FacePipelineError(f"no face found in image {i}")
         with self._lock:
@@ -473,7 +475,7 @@ def draw_annotations(
     return canvas
 
 
-def _is_face_crop(image: np.ndarray) -> bool:
-    """A small, near-square image is taken as an already cropped face (LFW/UTKFace/FER style)."""
+def _pad_for_detection(image: np.ndarray) -> np.ndarray:
+    """Half the size again on every side, replicated: a tight face crop becomes a detectable face."""
     height, width = image.shape[:2]
-    return max(height, width) <= 256 and 0.8 <= width / height <= 1.25
+    return cv2.copyMakeBorder(image, height // 2, height // 2, width // 2, width // 2, cv2.BORDER_REPLICATE)
