@@ -54,7 +54,12 @@ setup(
         "bags": ["rosbags>=0.10"],
         "test": ["pytest>=8", "scikit-image>=0.22"],
     },
-    entry_points={"console_scripts": ["facial-perception=facial_perception.core.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "facial-perception=facial_perception.core.cli:main",
+            "facial-perception-bag=facial_perception.bags.cli:main",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

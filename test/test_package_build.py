@@ -108,8 +108,11 @@ def test_setup_py_builds_a_ros_free_wheel(tmp_path: Path) -> None:
     assert f"{PACKAGE}/models/packaging_probe.safetensors" in names
     generated = [n for n in names if n.split("/")[:2] in ([PACKAGE, k] for k in ("msg", "srv", "action"))]
     assert not generated, f"generated ROS code in the wheel: {generated}"
-    script = r"^facial-perception\s*=\s*facial_perception\.core\.cli:main$"
-    assert re.search(script, entry_points, re.MULTILINE), entry_points
+    for script in (
+        r"^facial-perception\s*=\s*facial_perception\.core\.cli:main$",
+        r"^facial-perception-bag\s*=\s*facial_perception\.bags\.cli:main$",
+    ):
+        assert re.search(script, entry_points, re.MULTILINE), entry_points
     requires = set(re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", metadata, re.MULTILINE))
     expected = {"torch", "numpy", "safetensors", "opencv-python-headless", "scipy", "tqdm", "matplotlib"}
     assert expected | {"pillow"} <= requires
@@ -166,7 +169,8 @@ def test_colcon_build_of_a_workspace(tmp_path: Path) -> None:
     assert (share / "package.xml").is_file() and (share / "msg" / "FaceArray.msg").is_file()
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / PACKAGE).is_file()
     executables = [prefix / "lib" / PACKAGE / name for name in ROS_EXECUTABLES]
-    for executable in (*executables, prefix / "bin" / "facial-perception"):
+    clis = [prefix / "bin" / name for name in ("facial-perception", "facial-perception-bag")]
+    for executable in (*executables, *clis):
         assert executable.is_file() and os.access(executable, os.X_OK), executable
         shebang = executable.read_text().splitlines()[0]
         assert shebang.startswith("#!") and Path(shebang[2:].split()[0]).exists(), f"{executable}: {shebang}"
