@@ -343,3 +343,26 @@ def test_module_entry_point_error_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: dataset not found: {missing}"
+
+
+def test_split_writes_deterministic_disjoint_stratified_folders(data, tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        argv = ["split", "--data", str(data["utkface"]), "--out", str(out), "--val-fraction", "0.3", "-q"]
+        assert main(argv) == 0
+    names = {part: sorted(p.name for p in (first / part).iterdir()) for part in ("train", "val")}
+    assert names["val"] == sorted(p.name for p in (second / "val").iterdir())  # same seed, same split
+    assert not set(names["train"]) & set(names["val"])
+    assert len(names["train"]) + len(names["val"]) == 30
+    assert all((first / "val" / n).resolve().parent == data["utkface"].resolve() for n in names["val"])
+    assert not (tmp_path / "a.partial").exists()
+    # identity folders: every person appears in both parts
+    people = tmp_path / "people"
+    argv = ["split", "--data", str(data["identities"]), "--out", str(people), "--by-person"]
+    assert main(argv) == 0
+    assert {p.name for p in (people / "train").iterdir()} == {p.name for p in (people / "val").iterdir()}
+    # an existing, non-empty output is refused and left alone
+    capsys.readouterr()
+    assert main(["split", "--data", str(data["utkface"]), "--out", str(first)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (first / "val").iterdir()) == names["val"]

@@ -12,10 +12,15 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from facial_perception.core.datasets import FaceSample
 
 PROG = "facial-perception"
 
@@ -507,6 +512,57 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    """Deterministic train/validation folders (symlinks) so that every split-based figure is reproducible."""
+    from facial_perception.core.datasets import FaceSample, open_dataset, split_per_person, stratified_split
+
+    source = Path(args.data).resolve()
+    if not source.is_dir():
+        raise CLIError(f"dataset not found: {args.data}")
+    if (source / "label.csv").is_file() or any(source.glob("FER2013*/label.csv")):
+        raise CLIError("FER+ comes with its own splits: train on FER2013Train, validate on FER2013Valid")
+    data = open_dataset(source)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"output folder is not empty: {out}")
+    if args.by_person:
+        train, val = split_per_person(data.samples, args.val_fraction, seed=args.seed, min_train=2)
+    else:
+        # stratify by label and by every known attribute (UTKFace: race, gender, age group), so
+        # per-subgroup accuracies on the validation part rest on proportional counts
+        keyed = [FaceSample(s.path, _strata_key(s), s.attributes) for s in data.samples]
+        index = {id(k): s for k, s in zip(keyed, data.samples, strict=True)}
+        train_k, val_k = stratified_split(keyed, args.val_fraction, seed=args.seed)
+        train, val = [index[id(k)] for k in train_k], [index[id(k)] for k in val_k]
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for part, samples in (("train", train), ("val", val)):
+        for sample in samples:
+            link = staging / part / Path(sample.path).resolve().relative_to(source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(sample.path).resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    for part in ("train", "val"):
+        os.replace(staging / part, out / part)
+    staging.rmdir()
+    print(f"{len(train)} training and {len(val)} validation images linked under {out}/train and {out}/val")
+    return 0
+
+
+def _strata_key(sample: FaceSample) -> int:
+    parts = [str(sample.label)]
+    for name in ("race", "gender", "age"):
+        value = sample.attributes.get(name)
+        if value is not None:
+            parts.append(str(_age_bin(value)) if name == "age" else str(value))
+    return zlib.crc32("|".join(parts).encode())  # stable across processes, unlike hash()
+
+
+def _age_bin(age: object) -> int:
+    bins = (3, 13, 20, 30, 40, 50, 60)
+    return sum(int(age) >= edge for edge in bins)  # type: ignore[call-overload]
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------------
@@ -656,6 +712,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", metavar="FILE")
     _add_runtime(p)
     p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser(
+        "split", help="deterministic train/validation folders (symlinks), for reproducible figures"
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="UTKFace, identity or class folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder: OUT/train and OUT/val")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--by-person", action="store_true", help="identity folders: every person in both parts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_split)
     return parser
 
 
