@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Reproduces the shipped default model (facial_perception/models/default.safetensors) with the package's
+# own commands, on CPU, resumable: every step resumes from its own state file, and a finished step is
+# skipped. Run it in the background and re-run it after an interruption:
+#
+#   nohup bash scripts/train_default_models.sh > runs/train_default.log 2>&1 &
+#
+# env: DATA (default ../shared/datasets), RUNS (default ./runs), BEGAN_STEPS, EMOTION_EPOCHS, TASK_EPOCHS,
+#      DEVICE (auto), WORKERS (2). Results, logs and plots: $RUNS/default/. Figures: docs/MODEL_CARD.md.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DATA=$(realpath "${DATA:-$REPO/../shared/datasets}")
+RUNS=$(realpath -m "${RUNS:-$REPO/runs}")
+BEGAN_STEPS=${BEGAN_STEPS:-3000}
+EMOTION_EPOCHS=${EMOTION_EPOCHS:-12}
+TASK_EPOCHS=${TASK_EPOCHS:-30}
+DEVICE=${DEVICE:-auto}
+WORKERS=${WORKERS:-2}
+OUT=$RUNS/default
+MODEL=$OUT/model.safetensors
+FP=(python -m facial_perception.core.cli)
+COMMON=(--device "$DEVICE" --workers "$WORKERS" --image-cache "$RUNS/cache")
+
+set +u; . "${FP_VENV:-$REPO/.venv}/bin/ros_env.sh"; set -u
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+step() { printf '\n=== %s  %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+done_marker() { [ -f "$OUT/.done_$1" ]; }
+mark_done() { touch "$OUT/.done_$1"; }
+
+# 0. deterministic validation splits carved out of the training data (FER+ has its own: FER2013Valid)
+step "splits"
+[ -d "$RUNS/splits/utkface/val" ] || "${FP[@]}" split --data "$DATA/utkface" --out "$RUNS/splits/utkface" --val-fraction 0.1 --seed 0
+[ -d "$RUNS/splits/lfw_identity/val" ] || "${FP[@]}" split --data "$DATA/lfw_identity" --out "$RUNS/splits/lfw_identity" \
+  --val-fraction 0.2 --by-person --seed 0
+
+# 1. the facial encoder, unsupervised (BEGAN), on unlabeled faces of all three sources (training parts only)
+step "BEGAN encoder ($BEGAN_STEPS steps)"
+done_marker encoder || { "${FP[@]}" train-encoder --config lite --out "$RUNS/encoder_lite" --steps "$BEGAN_STEPS" \
+  --data "$DATA/lfw_unlabeled" "$RUNS/splits/utkface/train" "$DATA/ferplus/FER2013Train" \
+  --batch-size 32 --checkpoint-every 250 --sample-every 500 --seed 1 "${COMMON[@]}" && mark_done encoder; }
+
+# 2. emotion first, re-training the encoder with it (the paper's "re-trained encoder", Table IV); FER+ majority
+step "emotion column + encoder"
+done_marker emotion || { "${FP[@]}" train-task --checkpoint "$RUNS/encoder_lite/began.safetensors" --task emotion \
+  --data "$DATA/ferplus/FER2013Train" --val-data "$DATA/ferplus/FER2013Valid" --train-encoder \
+  --epochs "$EMOTION_EPOCHS" --patience 4 --out "$MODEL" --work-dir "$OUT/emotion" --seed 1 "${COMMON[@]}" \
+  && mark_done emotion; }
+
+# 3. frozen encoder and emotion column from here on; each new column takes laterals from earlier ones
+step "gender column (laterals: emotion)"
+done_marker gender || { "${FP[@]}" train-task --checkpoint "$MODEL" --task gender --target gender \
+  --data "$RUNS/splits/utkface/train" --val-data "$RUNS/splits/utkface/val" --laterals emotion \
+  --epochs "$TASK_EPOCHS" --out "$MODEL" --work-dir "$OUT/gender" --seed 1 "${COMMON[@]}" && mark_done gender; }
+
+step "age column, 8 groups (laterals: emotion gender)"
+done_marker age || { "${FP[@]}" train-task --checkpoint "$MODEL" --task age --target age8 \
+  --data "$RUNS/splits/utkface/train" --val-data "$RUNS/splits/utkface/val" --laterals emotion gender \
+  --epochs "$TASK_EPOCHS" --out "$MODEL" --work-dir "$OUT/age" --seed 1 "${COMMON[@]}" && mark_done age; }
+
+# identity last: as a lateral source it hurt every other task in the paper
+step "identity column, 62 people (laterals: gender emotion)"
+done_marker identity || { "${FP[@]}" train-task --checkpoint "$MODEL" --task identity \
+  --data "$RUNS/splits/lfw_identity/train" --val-data "$RUNS/splits/lfw_identity/val" --laterals gender emotion \
+  --epochs "$TASK_EPOCHS" --out "$MODEL" --work-dir "$OUT/identity" --seed 1 "${COMMON[@]}" && mark_done identity; }
+
+step "done: $MODEL"
+"${FP[@]}" info --checkpoint "$MODEL"
