@@ -270,7 +270,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     from facial_perception.bags.evaluate_bag import PipelineSettings, benchmark_offline
     from facial_perception.bags.make_bag import MakeBagOptions, make_bag
-    from facial_perception.core.evaluation import atomic_write_text
+    from facial_perception.core.fileio import atomic_write_text
 
     progress = not args.no_progress
     with tempfile.TemporaryDirectory(prefix="fp-bag-bench-") as tmp:

@@ -13,27 +13,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from facial_perception.bags.bag_io import BagError
 from facial_perception.bags.evaluate_bag import BagEvaluation
+from facial_perception.core.fileio import jsonable
 
 __all__ = ["render_markdown", "write_report"]
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, tuples -> lists (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _pct(value: float | None) -> str:
@@ -224,7 +211,7 @@ def write_report(
         data["plots"] = made
         if include_matches:
             data["matches"] = evaluation.matches
-        (staging / "report.json").write_text(json.dumps(_jsonable(data), indent=2) + "\n", encoding="utf-8")
+        (staging / "report.json").write_text(json.dumps(jsonable(data), indent=2) + "\n", encoding="utf-8")
         (staging / "report.md").write_text(render_markdown(evaluation, made), encoding="utf-8")
         if target.exists():
             old = target.with_name(f".{target.name}.old")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from facial_perception.core.evaluation import atomic_write_text
+from facial_perception.core.fileio import atomic_write_text
 from facial_perception.core.training import ColumnData, TrainingError, train_column
 
 PathLike = str | os.PathLike[str]

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from facial_perception.core.checkpoint import atomic_write
 from facial_perception.core.config import get_config
 from facial_perception.core.devices import resolve_device, tune_cpu_allocator
+from facial_perception.core.fileio import atomic_write_text
 from facial_perception.core.flops import model_info
 from facial_perception.core.progressive import ProgressiveNet, default_task_specs
 
@@ -267,8 +267,8 @@ def run_benchmark(
         for row in entry["rows"]:
             row["share_of_matmul_peak"] = row["gflops_achieved"] / peak
     result["targets"] = evaluate_targets(result)
-    atomic_write(Path(out_json), (json.dumps(result, indent=2) + "\n").encode())
-    atomic_write(Path(out_md), to_markdown(result).encode())
+    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_md, to_markdown(result))
     return result
 
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from torch import nn
 from facial_perception.core.began import BEGAN, BEGANState
 from facial_perception.core.config import ConfigError, ModelConfig
 from facial_perception.core.devices import resolve_device
+from facial_perception.core.fileio import atomic_path
 from facial_perception.core.progressive import ModelError, ProgressiveNet, TaskSpec
 
 FORMAT_VERSION = 1
@@ -48,7 +47,7 @@ class CheckpointError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- writing
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes) -> Path:
-    """Write via a temporary file in the same folder, fsync, then ``os.replace``.
+    """Write via a temporary file in the same folder, fsync, then ``os.replace`` (see ``fileio``).
 
     A failure at any point leaves the previous file untouched and no temporary file behind.
     """
@@ -56,31 +55,14 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes) -
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CheckpointError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             if isinstance(write, (bytes, bytearray, memoryview)):
                 handle.write(write)
             else:
                 write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, ValueError, TypeError)):
-            raise CheckpointError(f"cannot write {path}: {exc}") from exc
-        raise
-    try:  # make the rename itself durable; not possible on every platform/filesystem
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot write {path}: {exc}") from exc
     return path
 
 

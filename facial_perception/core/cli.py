@@ -486,7 +486,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
-    from facial_perception.core.evaluation import atomic_write_text, fewshot_checkpoint
+    from facial_perception.core.evaluation import fewshot_checkpoint
+    from facial_perception.core.fileio import atomic_write_text
 
     _check_exists(args.data)
     if not Path(args.checkpoint).expanduser().is_file():

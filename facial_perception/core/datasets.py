@@ -19,7 +19,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from facial_perception.core.fileio import atomic_path
 from facial_perception.core.preprocess import normalise_tensor, resize_grey
 
 __all__ = [
@@ -1097,18 +1097,9 @@ def _read_cache(path: Path, key: str, n: int) -> tuple[np.ndarray, np.ndarray] |
 
 
 def _write_cache(path: Path, key: str, images: np.ndarray, kept: np.ndarray) -> None:
-    """Atomic write: a temporary file in the same folder, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, images=images, kept=kept, key=np.array(key))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic write, so an interrupted run never leaves a half cache behind."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, images=images, kept=kept, key=np.array(key))
 
 
 def load_images(

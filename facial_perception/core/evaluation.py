@@ -12,13 +12,14 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from facial_perception.core.fileio import atomic_write_text, jsonable
 
 
 class EvaluationError(ValueError):
@@ -160,7 +161,7 @@ class SubgroupTable:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (tuples become lists, NaN becomes null)."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def to_markdown(self) -> str:
         """A Markdown table; for two attributes a grid (first attribute down, second across)."""
@@ -267,7 +268,7 @@ class Calibration:
     brier: float
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def calibration(probabilities: Any, y_true: Any, n_bins: int = 15) -> Calibration:
@@ -341,7 +342,7 @@ class EvaluationReport:
         data = {k: v for k, v in asdict(self).items() if k not in ("calibration", "subgroups")}
         data["calibration"] = self.calibration.to_dict() if self.calibration else None
         data["subgroups"] = [s.to_dict() for s in self.subgroups]
-        return _jsonable(data)
+        return jsonable(data)
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """The report as JSON text; also written atomically to ``path`` when given."""
@@ -446,36 +447,6 @@ def _pct(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{100 * value:.1f}%"
-
-
-def _jsonable(obj: Any) -> Any:
-    """Tuples -> lists, numpy scalars -> Python, NaN/inf -> None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,7 +614,7 @@ class FewShotResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def to_markdown(self) -> str:
         return (

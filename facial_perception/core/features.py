@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facial_perception.core.fileio import atomic_path
 from facial_perception.core.preprocess import normalise_tensor
 
 FORMAT_VERSION = 1
@@ -211,16 +211,8 @@ def cached_features(
         tensors = {"features": result.features.contiguous()}
         if result.flipped is not None:
             tensors["flipped"] = result.flipped.contiguous()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return result
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,23 +20,16 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from facial_perception.core.evaluation import Calibration, SubgroupTable
+from facial_perception.core.fileio import atomic_path
 
 PathLike = str | os.PathLike[str]
 
 
 def _save(fig: Figure, path: PathLike, dpi: int = 110) -> Path:
-    """Save to a temporary PNG beside ``path`` and rename, so readers never see half a file."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    """Save atomically, so readers never see half a PNG."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return Path(path)
 
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -224,14 +216,6 @@ def save_image_grid(images: Any, path: PathLike, columns: int = 8) -> Path:
     for i in range(n):
         r, col = divmod(i, cols)
         grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = pixels[i]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return Path(path)

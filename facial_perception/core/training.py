@@ -301,7 +301,7 @@ def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _csv_value(row.get(k)) for k in keys})
-    from facial_perception.core.evaluation import atomic_write_text
+    from facial_perception.core.fileio import atomic_write_text
 
     atomic_write_text(target, text.getvalue())
 

@@ -35,6 +35,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_system_default
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
+from facial_perception.core.fileio import atomic_write_text
 from facial_perception.msg import FaceArray
 from facial_perception.ros.conversions import rgb_to_image_msg, stamp_to_ns
 from facial_perception.ros.demo import REPO, DemoError, LifecycleClient, start_perception_node, stop_process
@@ -374,14 +375,7 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         "Re-run: `make benchmark` or `python -m facial_perception.ros.ros_benchmark --duration 60`.",
         "",
     ]
-    _atomic_write(path, "\n".join(lines))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -417,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as exc:
         print(f"ros_benchmark: error: {exc}", file=sys.stderr)
         return 1
-    _atomic_write(args.json, json.dumps(result.to_dict(), indent=2, allow_nan=True) + "\n")
+    atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2, allow_nan=True) + "\n")
     write_markdown(result, args.markdown, args.json)
     summary = result.summary()
     print(json.dumps({k: v for k, v in summary.items()}, indent=2))
