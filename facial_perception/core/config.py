@@ -215,7 +215,7 @@ LITE = ModelConfig(
     name="lite",
     encoder=EncoderConfig(input_size=64, stages=((16, 1), (32, 1), (64, 2), (128, 2)), latent_dim=64),
     decoder=DecoderConfig(channels=16, base_size=8, convs_per_block=2),
-    column=ColumnConfig(layers=((48, False), (64, True), (96, True)), fc_dim=128, dropout=0.3),
+    column=ColumnConfig(layers=((32, False), (64, True), (96, True)), fc_dim=128, dropout=0.3),
 )
 
 PRESETS: dict[str, ModelConfig] = {"paper": PAPER, "lite": LITE}
