@@ -228,3 +228,15 @@ def test_draw_annotations(predictor, detector, frame: np.ndarray) -> None:
         assert not np.array_equal(drawn[y1, x1:x2], frame[y1, x1:x2])  # box edge drawn
     empty = draw_annotations(frame, pipeline.process(np.full((480, 640, 3), 90, np.uint8)))
     assert np.array_equal(empty, frame)
+
+
+def test_known_identity_fallback_only_above_threshold(predictor, detector, frame, tmp_path) -> None:
+    """The gallery does not know these faces: a confident identity-column class names them instead."""
+    gallery = IdentityGallery(tmp_path / "empty.db", threshold=0.5)
+    never = _pipeline(predictor, detector, gallery=gallery, known_identity_threshold=1.01).process(frame)
+    assert [f.identity for f in never.faces] == ["unknown", "unknown"]
+    always = _pipeline(predictor, detector, gallery=gallery, known_identity_threshold=0.0).process(frame)
+    for face in always.faces:
+        column = face.tasks["identity"]
+        assert face.identity == column.label and face.identity_confidence == pytest.approx(column.confidence)
+    gallery.close()

@@ -54,6 +54,7 @@ PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "identity_enabled": (Parameter.Type.BOOL, None),
     "gallery_path": (Parameter.Type.STRING, None),
     "identity_threshold": (Parameter.Type.DOUBLE, (0.0, 1.0)),
+    "known_identity_threshold": (Parameter.Type.DOUBLE, (0.0, 1.01)),
     "store_face_images": (Parameter.Type.BOOL, None),
     "enrol_frames": (Parameter.Type.INTEGER, (1, 1000)),
     "enrol_timeout": (Parameter.Type.DOUBLE, (0.5, 600.0)),

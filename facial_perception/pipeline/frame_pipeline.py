@@ -29,7 +29,7 @@ import numpy as np
 
 from facial_perception.core.preprocess import crop_face, preprocess_batch
 from facial_perception.pipeline.detection import Detection, FaceDetector
-from facial_perception.pipeline.gallery import GalleryError, IdentityGallery
+from facial_perception.pipeline.gallery import UNKNOWN, GalleryError, IdentityGallery
 from facial_perception.pipeline.smoothing import PredictionSmoother
 from facial_perception.pipeline.tracking import FaceTracker, Track
 
@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 IDENTITY_TASK = "identity"
+
 STANDARD_TASKS = ("identity", "age", "gender", "emotion")
 
 
@@ -170,6 +171,7 @@ class FramePipeline:
         crop_margin: float = 0.1,
         max_faces: int = 5,
         crop_offset_y: float = -0.08,
+        known_identity_threshold: float = 0.9,
     ) -> None:
         if max_faces < 1:
             raise FacePipelineError(f"max_faces must be >= 1, got {max_faces}")
@@ -184,6 +186,9 @@ class FramePipeline:
         # reproduces the framing of the training crops best (measured in docs/DATA.md).
         self.crop_margin = float(crop_margin)
         self.crop_offset_y = float(crop_offset_y)
+        # Faces the gallery does not know may still be one of the people the identity column was
+        # trained on ("known identities"); only a confident classification counts (> 1 disables it).
+        self.known_identity_threshold = float(known_identity_threshold)
         self.max_faces = int(max_faces)
         self._lock = threading.Lock()
         self._collectors: list[EnrolmentCollector] = []
@@ -292,6 +297,7 @@ class FramePipeline:
         return face, raw
 
     def _identify(self, faces: list[FaceResult]) -> None:
+        """Gallery match first (enrolled people); else a confident identity-column class; else unknown."""
         if self.gallery is None:
             return
         indexed = [(i, f.embedding) for i, f in enumerate(faces) if f.embedding is not None]
@@ -299,6 +305,9 @@ class FramePipeline:
             return
         matches = self.gallery.match(np.stack([e for _, e in indexed]))
         for (i, _), (name, confidence) in zip(indexed, matches, strict=True):
+            known = faces[i].tasks.get(IDENTITY_TASK)
+            if name == UNKNOWN and known is not None and known.confidence >= self.known_identity_threshold:
+                name, confidence = known.label, known.confidence
             faces[i].identity, faces[i].identity_confidence = name, float(confidence)
 
     # -- enrolment -----------------------------------------------------------------------------

@@ -143,6 +143,14 @@ PARAMETERS: tuple[_Param, ...] = (
         (0.0, 1.0),
         dynamic=True,
     ),
+    _Param(
+        "known_identity_threshold",
+        0.9,
+        "Confidence above which a face the gallery does not know is named after the identity column's "
+        "trained people (> 1 never)",
+        (0.0, 1.01),
+        dynamic=True,
+    ),
     _Param("store_face_images", False, "Keep enrolment face crops in the gallery (privacy: off by default)"),
     _Param(
         "enrol_frames",
@@ -349,6 +357,8 @@ class PerceptionNode(LifecycleNode):
         for param in params:
             if param.name == "identity_threshold" and self.gallery is not None:
                 self.gallery.threshold = float(param.value)
+            if param.name == "known_identity_threshold" and self.pipeline is not None:
+                self.pipeline.known_identity_threshold = float(param.value)
         return SetParametersResult(successful=True)
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -398,6 +408,7 @@ class PerceptionNode(LifecycleNode):
             min_score=float(self._p("detection_threshold")),
             min_face_size=float(self._p("min_face_size")),
             max_faces=int(self._p("max_faces")),
+            known_identity_threshold=float(self._p("known_identity_threshold")),
         )
         tracker = FaceTracker(
             iou_threshold=float(self._p("tracker_iou")), max_missed=int(self._p("track_max_missed"))
