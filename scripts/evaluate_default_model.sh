@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every figure of docs/MODEL_CARD.md, from the shipped checkpoint and the validation splits that
+# scripts/train_default_models.sh carved out of the training data (same seeds), with the package's own
+# `facial-perception evaluate` / `fewshot` commands. Writes JSON + PNG to docs/model_card/.
+#
+# env: DATA (../shared/datasets), RUNS (./runs), MODEL (the shipped default), FEWSHOT_MODEL (identity column
+#      trained without 20 % of the people; made here when missing), OUT (docs/model_card)
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DATA=$(realpath "${DATA:-$REPO/../shared/datasets}")
+RUNS=$(realpath -m "${RUNS:-$REPO/runs}")
+MODEL=${MODEL:-$REPO/facial_perception/models/default.safetensors}
+FEWSHOT_MODEL=${FEWSHOT_MODEL:-$RUNS/default/fewshot_identity.safetensors}
+OUT=${OUT:-$REPO/docs/model_card}
+FP=(python -m facial_perception.core.cli)
+COMMON=(--workers 2 --image-cache "$RUNS/cache")
+set +u; . "${FP_VENV:-$REPO/.venv}/bin/ros_env.sh"; set -u
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+[ -d "$RUNS/splits/utkface/val" ] || { echo "run scripts/train_default_models.sh first (validation splits)" >&2; exit 2; }
+
+"${FP[@]}" evaluate --checkpoint "$MODEL" --task emotion --data "$DATA/ferplus/FER2013Valid" \
+  --out-json "$OUT/emotion.json" --plots "$OUT" "${COMMON[@]}"
+"${FP[@]}" evaluate --checkpoint "$MODEL" --task gender --target gender --data "$RUNS/splits/utkface/val" \
+  --subgroups race,gender --out-json "$OUT/gender.json" --plots "$OUT" "${COMMON[@]}"
+"${FP[@]}" evaluate --checkpoint "$MODEL" --task gender --target gender --data "$RUNS/splits/utkface/val" \
+  --subgroups race --out-json "$OUT/gender_by_race.json" "${COMMON[@]}"
+"${FP[@]}" evaluate --checkpoint "$MODEL" --task age --target age8 --data "$RUNS/splits/utkface/val" \
+  --subgroups race,gender --out-json "$OUT/age.json" --plots "$OUT" "${COMMON[@]}"
+"${FP[@]}" evaluate --checkpoint "$MODEL" --task identity --data "$RUNS/splits/lfw_identity/val" \
+  --out-json "$OUT/identity.json" --plots "$OUT" "${COMMON[@]}"
+
+# few-shot: an identity column trained on 80 % of the 62 people, then 5 photos of each unseen person
+# enrolled and the rest of their photos identified (nearest enrolled mean, cosine)
+if [ ! -f "$FEWSHOT_MODEL" ]; then
+  python - "$MODEL" "$FEWSHOT_MODEL.base.safetensors" <<'PY'
+import sys
+from facial_perception.core.checkpoint import load_model, save_model
+model, meta = load_model(sys.argv[1])
+model.remove_column("identity")
+save_model(sys.argv[2], model, meta.get("training", {}))
+PY
+  "${FP[@]}" train-task --checkpoint "$FEWSHOT_MODEL.base.safetensors" --task identity \
+    --data "$RUNS/splits/lfw_identity/train" --holdout-people 0.2 --laterals gender emotion --epochs 30 \
+    --out "$FEWSHOT_MODEL" --work-dir "$RUNS/default/fewshot_identity" --seed 1 "${COMMON[@]}" -q
+fi
+"${FP[@]}" fewshot --checkpoint "$FEWSHOT_MODEL" --data "$RUNS/splits/lfw_identity/train" --holdout-fraction 0.2 \
+  --shots 5 --trials 10 --out-json "$OUT/fewshot.json" "${COMMON[@]}"
+echo "figures in $OUT"
