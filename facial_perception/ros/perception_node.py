@@ -408,7 +408,6 @@ class PerceptionNode(LifecycleNode):
             min_score=float(self._p("detection_threshold")),
             min_face_size=float(self._p("min_face_size")),
             max_faces=int(self._p("max_faces")),
-            known_identity_threshold=float(self._p("known_identity_threshold")),
         )
         tracker = FaceTracker(
             iou_threshold=float(self._p("tracker_iou")), max_missed=int(self._p("track_max_missed"))
@@ -426,6 +425,7 @@ class PerceptionNode(LifecycleNode):
             smoother=smoother,
             gallery=self.gallery if bool(self._p("identity_enabled")) else None,
             max_faces=int(self._p("max_faces")),
+            known_identity_threshold=float(self._p("known_identity_threshold")),
         )
         self.trainer = ColumnTrainer(
             str(self._p("columns_dir")),
