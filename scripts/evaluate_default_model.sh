@@ -20,15 +20,13 @@ mkdir -p "$OUT"
 [ -d "$RUNS/splits/utkface/val" ] || { echo "run scripts/train_default_models.sh first (validation splits)" >&2; exit 2; }
 
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task emotion --data "$DATA/ferplus/FER2013Valid" \
-  --out-json "$OUT/emotion.json" --plots "$OUT" "${COMMON[@]}"
+  --out-json "$OUT/emotion.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/emotion.md"
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task gender --target gender --data "$RUNS/splits/utkface/val" \
-  --subgroups race,gender --out-json "$OUT/gender.json" --plots "$OUT" "${COMMON[@]}"
-"${FP[@]}" evaluate --checkpoint "$MODEL" --task gender --target gender --data "$RUNS/splits/utkface/val" \
-  --subgroups race --out-json "$OUT/gender_by_race.json" "${COMMON[@]}"
+  --subgroups race,gender --out-json "$OUT/gender.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/gender.md"
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task age --target age8 --data "$RUNS/splits/utkface/val" \
-  --subgroups race,gender --out-json "$OUT/age.json" --plots "$OUT" "${COMMON[@]}"
+  --subgroups race,gender --out-json "$OUT/age.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/age.md"
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task identity --data "$RUNS/splits/lfw_identity/val" \
-  --out-json "$OUT/identity.json" --plots "$OUT" "${COMMON[@]}"
+  --out-json "$OUT/identity.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/identity.md"
 
 # few-shot: an identity column trained on 80 % of the 62 people, then 5 photos of each unseen person
 # enrolled and the rest of their photos identified (nearest enrolled mean, cosine)
@@ -45,5 +43,5 @@ PY
     --out "$FEWSHOT_MODEL" --work-dir "$RUNS/default/fewshot_identity" --seed 1 "${COMMON[@]}" -q
 fi
 "${FP[@]}" fewshot --checkpoint "$FEWSHOT_MODEL" --data "$RUNS/splits/lfw_identity/train" --holdout-fraction 0.2 \
-  --shots 5 --trials 10 --out-json "$OUT/fewshot.json" "${COMMON[@]}"
+  --shots 5 --trials 10 --out-json "$OUT/fewshot.json" "${COMMON[@]}" -q | tee "$OUT/fewshot.md"
 echo "figures in $OUT"
