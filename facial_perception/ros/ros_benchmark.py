@@ -208,6 +208,8 @@ def run_benchmark(args: argparse.Namespace) -> BenchmarkResult:
     }
     if args.model_path:
         params["model_path"] = args.model_path
+    if args.detector:
+        params["detector"] = args.detector
     source = select_model(str(params.get("model_path", "")), str(params["columns_dir"]))
     settings = {
         "duration_s": args.duration,
@@ -217,6 +219,7 @@ def run_benchmark(args: argparse.Namespace) -> BenchmarkResult:
         "faces_per_frame": "1-5 (scene changes every 2 s)",
         "image_reliability": args.reliability,
         "device": args.device,
+        "detector": args.detector or "node default",
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
@@ -389,6 +392,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reliability", choices=("reliable", "best_effort"), default="reliable")
+    parser.add_argument("--detector", default="", help="detector parameter of the node (default: the node's)")
     parser.add_argument("--model-path", default="", help="checkpoint (default: what the node would load)")
     parser.add_argument(
         "--columns-dir", default="", help="columns_dir of the node (default: a fresh temp dir)"
