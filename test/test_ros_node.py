@@ -222,7 +222,8 @@ def test_image_in_faces_out_with_header_and_lifecycle(harness, tmp_path):
             assert face.identity == "unknown"  # empty gallery
 
         tasks = harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
-        assert [t.name for t in tasks][:3] == ["gender", "age", "emotion"]
+        # the columns of the model the node loaded, in column order
+        assert [t.name for t in tasks] == _expected_task_order()
 
         # deactivate: the node stops publishing results
         harness.lifecycle.change(Transition.TRANSITION_DEACTIVATE)
@@ -517,3 +518,14 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
     finally:
         node.stop()
         harness.close()
+
+
+def _expected_task_order() -> list[str]:
+    """Task order of what the node loads with an empty columns_dir: the shipped default, else untrained."""
+    from facial_perception.core.checkpoint import load_model
+    from facial_perception.core.progressive import default_task_specs
+    from facial_perception.ros.perception_node import DEFAULT_MODEL
+
+    if DEFAULT_MODEL.is_file():
+        return load_model(DEFAULT_MODEL)[0].task_names
+    return [spec.name for spec in default_task_specs()]
