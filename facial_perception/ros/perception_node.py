@@ -53,6 +53,7 @@ from rclpy.qos import (
 from sensor_msgs.msg import CompressedImage, Image
 
 from facial_perception.action import AddTaskColumn
+from facial_perception.core.preprocess import preprocess_batch
 from facial_perception.msg import FaceArray, TrainingStatus
 from facial_perception.pipeline.detection import DetectorError, make_detector
 from facial_perception.pipeline.frame_pipeline import FacePipelineError, FramePipeline, draw_annotations
@@ -388,6 +389,15 @@ class PerceptionNode(LifecycleNode):
         log.info(f"configured: model from {self.model_source.reason} [{tasks}] on {self._device_name()}")
         return super().on_configure(state)
 
+    def _warm_up(self) -> None:
+        """Run the detector and a model batch once, so the first camera frame is not the slow one."""
+        assert self.pipeline is not None
+        size = self.pipeline.input_size
+        self.pipeline.detector.detect(np.full((480, 640, 3), 127, np.uint8))
+        grey = np.full((size, size), 127, np.uint8)
+        for faces in (1, 4):
+            self.pipeline.predictor.predict(preprocess_batch([grey] * faces, size))
+
     def _build_pipeline(self) -> None:
         log = self.get_logger()
         self.model_source = select_model(str(self._p("model_path")), str(self._p("columns_dir")))
@@ -427,6 +437,7 @@ class PerceptionNode(LifecycleNode):
             max_faces=int(self._p("max_faces")),
             known_identity_threshold=float(self._p("known_identity_threshold")),
         )
+        self._warm_up()
         self.trainer = ColumnTrainer(
             str(self._p("columns_dir")),
             device=self._training_device(),
