@@ -8,7 +8,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA=$(realpath "${DATA:-$REPO/../shared/datasets}")
 RUNS=$(realpath -m "${RUNS:-$REPO/runs}")
 RUNS_PER_SETTING=${RUNS_PER_SETTING:-2}
-EPOCHS=${EPOCHS:-10}
+EPOCHS=${EPOCHS:-8}
 FP=(python -m facial_perception.core.cli)
 COMMON=(--workers 2 --image-cache "$RUNS/cache" --runs "$RUNS_PER_SETTING" --epochs "$EPOCHS" -q)
 set +u; . "${FP_VENV:-$REPO/.venv}/bin/ros_env.sh"; set -u
