@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import TINY, one_thread  # noqa: F401 - one_thread is an autouse fixture
 
 from facial_perception.core.began import BEGAN, BEGANState
 from facial_perception.core.checkpoint import (
@@ -28,16 +29,9 @@ from facial_perception.core.checkpoint import (
     save_model,
     save_training_state,
 )
-from facial_perception.core.config import ColumnConfig, DecoderConfig, EncoderConfig, ModelConfig
 from facial_perception.core.devices import DeviceError
 from facial_perception.core.progressive import ProgressiveNet, TaskSpec
 
-TINY = ModelConfig(
-    name="tiny",
-    encoder=EncoderConfig(input_size=16, stages=((4, 1), (8, 1)), latent_dim=8),
-    decoder=DecoderConfig(channels=4, base_size=4, convs_per_block=1),
-    column=ColumnConfig(layers=((8, False), (8, True)), fc_dim=12, dropout=0.2),
-)
 SPECS = [
     TaskSpec("gender", ["male", "female"]),
     TaskSpec("emotion", ["neutral", "happy", "sad"], ["gender"]),
@@ -45,12 +39,6 @@ SPECS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trained_net(seed: int = 0) -> ProgressiveNet:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TINY, one_thread  # noqa: F401 - one_thread is an autouse fixture
 
 from facial_perception.core.began import BEGAN, BEGANState, Decoder, began_step, reconstruction_loss
 from facial_perception.core.config import (
@@ -31,22 +32,6 @@ from facial_perception.core.progressive import (
     TaskSpec,
     default_task_specs,
 )
-
-TINY = ModelConfig(
-    name="tiny",
-    encoder=EncoderConfig(input_size=16, stages=((4, 1), (8, 1)), latent_dim=8),
-    decoder=DecoderConfig(channels=4, base_size=4, convs_per_block=1),
-    column=ColumnConfig(layers=((8, False), (8, True)), fc_dim=12, dropout=0.2),
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning threads suffer badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
