@@ -80,7 +80,8 @@ class ProcessSampler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5.0)
+        if self._thread.is_alive():
+            self._thread.join(5.0)
 
     def _run(self) -> None:
         start = time.monotonic()
@@ -118,6 +119,8 @@ class BenchmarkResult:
     faces_per_result: list[int] = field(default_factory=list)
     resources: list[dict[str, float]] = field(default_factory=list)
     window_s: float = 0.0
+    # the same benchmark with other node transports, run right after this one: [{settings, summary}]
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms, dtype=np.float64)
@@ -181,6 +184,7 @@ class BenchmarkResult:
             "summary": self.summary(),
             "timeline": self.timeline(),
             "resources": self.resources,
+            "comparisons": self.comparisons,
         }
 
 
@@ -193,8 +197,12 @@ def _frames(width: int, height: int) -> list[tuple[int, Image]]:
     return out
 
 
-def run_benchmark(args: argparse.Namespace) -> BenchmarkResult:
-    """Start the node, publish for warmup + duration seconds, collect results and resource samples."""
+def run_benchmark(args: argparse.Namespace, node_transports: str = "") -> BenchmarkResult:
+    """Start the node, publish for warmup + duration seconds, collect results and resource samples.
+
+    ``node_transports`` sets ``FASTDDS_BUILTIN_TRANSPORTS`` for the node process only ("" = the node's
+    own choice); the publisher, like a camera driver, keeps the environment's transports.
+    """
     from facial_perception.ros.perception_node import select_model
 
     workdir = Path(tempfile.mkdtemp(prefix="fp_benchmark_"))
@@ -226,11 +234,17 @@ def run_benchmark(args: argparse.Namespace) -> BenchmarkResult:
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "resource_sampler": "psutil" if _has_psutil() else "/proc",
         "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+        "node_fastdds_transports": node_transports
+        or os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA (node default)"),
+        "publisher_fastdds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "DEFAULT (unset)"),
     }
     result = BenchmarkResult(settings)
     frames = _frames(args.width, args.height)
     log = workdir / "node.log"
-    process = start_perception_node(params, log_path=log)
+    node_env = dict(os.environ)
+    if node_transports:
+        node_env["FASTDDS_BUILTIN_TRANSPORTS"] = node_transports
+    process = start_perception_node(params, log_path=log, env=node_env)
     rclpy.init()
     node = rclpy.create_node("fp_benchmark")
     executor = MultiThreadedExecutor(num_threads=2)
@@ -298,8 +312,8 @@ def run_benchmark(args: argparse.Namespace) -> BenchmarkResult:
         result.window_s = time.monotonic() - 0.3 - window_start
         result.published = tick - published_at_start
     finally:
+        stop_process(process)  # first: a failure below must never leave the node running
         sampler.stop()
-        stop_process(process)
         executor.shutdown(timeout_sec=2.0)
         node.destroy_node()
         rclpy.try_shutdown()
@@ -370,6 +384,27 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
     for row in result.timeline():
         cells = [f"{row['t_s']:.0f}", _fmt(row["fps"]), _fmt(row["latency_p95_ms"]), _fmt(row["cpu_percent"])]
         lines.append("| " + " | ".join([*cells, _fmt(row["rss_mb"])]) + " |")
+    if result.comparisons:
+        lines += [
+            "",
+            "## Fast DDS transports of the node (same run, one after the other)",
+            "",
+            "The node sets `FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA` for itself unless the environment chooses "
+            "(docs/ROS_NODE.md); the publisher keeps the default transports, like a camera driver would.",
+            "",
+            "| node transports | processed fps | latency p50 / p95 / p99 (ms) | node CPU % | fps ratio |",
+            "|---|---|---|---|---|",
+        ]
+        runs = [(st["node_fastdds_transports"], s)] + [
+            (c["settings"]["node_fastdds_transports"], c["summary"]) for c in result.comparisons
+        ]
+        for name, summ in runs:
+            lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
+            ratio = summ["processed_fps"] / s["processed_fps"] if s["processed_fps"] else math.nan
+            lines.append(
+                f"| {name} | {_fmt(summ['processed_fps'])} | {lat} | {_fmt(summ['cpu_percent_mean'])} "
+                f"| {_fmt(ratio, 2)} |"
+            )
     lines += [
         "",
         "Notes: the publisher shares the same 2 cores (serialising 30 frames of 0.9 MB per second), so the "
@@ -400,6 +435,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmark_ros.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "docs" / "BENCHMARK_ROS.md")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
+    parser.add_argument(
+        "--node-transports",
+        default="",
+        help="FASTDDS_BUILTIN_TRANSPORTS of the node process (default: the node's own choice, LARGE_DATA)",
+    )
+    parser.add_argument(
+        "--compare-transports",
+        nargs="*",
+        default=["DEFAULT"],
+        metavar="NAME",
+        help="also run the benchmark with these node transports, for comparison (default: DEFAULT)",
+    )
     return parser
 
 
@@ -411,7 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     try:
-        result = run_benchmark(args)
+        result = run_benchmark(args, args.node_transports)
+        for transports in args.compare_transports:
+            print(f"benchmark: again with the node on FASTDDS_BUILTIN_TRANSPORTS={transports}", flush=True)
+            other = run_benchmark(args, transports)
+            result.comparisons.append({"settings": other.settings, "summary": other.summary()})
     except DemoError as exc:
         print(f"ros_benchmark: error: {exc}", file=sys.stderr)
         return 1
