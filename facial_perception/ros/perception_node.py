@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
@@ -119,6 +120,13 @@ PARAMETERS: tuple[_Param, ...] = (
     ),
     _Param("device", "auto", "Inference device: auto, cpu, cuda or cuda:N"),
     _Param("half", "auto", "fp16 inference: auto (on CUDA), true or false"),
+    _Param(
+        "cpu_threads",
+        1,
+        "torch threads for CPU inference (0 = torch's default, all cores); 1 leaves the other cores to "
+        "detection, DDS and the camera driver",
+        (0, 256),
+    ),
     _Param(
         "model_path",
         "",
@@ -408,6 +416,9 @@ class PerceptionNode(LifecycleNode):
                 UNTRAINED_WARNING.format(current=current_model_path(columns_dir), default=DEFAULT_MODEL)
             )
         half = {"auto": None, "true": True, "false": False}[str(self._p("half"))]
+        threads = int(self._p("cpu_threads"))
+        if threads > 0:  # process-wide; measured: 1 thread gave more fps and less CPU (docs/BENCHMARK_ROS.md)
+            torch.set_num_threads(threads)
         predictor, self.model = _load_predictor(self.model_source, str(self._p("device")), half)
         self._half = half
         # Per-column training records (val accuracy, trained_at); kept on the model so that the next
