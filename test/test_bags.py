@@ -439,3 +439,24 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert not report.exists()
+
+
+def test_overlapped_stages_give_the_same_results_as_sequential(tmp_path, people_dataset, predictor):
+    """Detecting frame t+1 while the model runs on frame t must not change a single result."""
+    from facial_perception.bags.evaluate_bag import PipelineSettings
+
+    bag = tmp_path / "bag"
+    options = _opts("sqlite3", "raw", frames=16, track_length=8, motion=12.0)
+    make_bag(people_dataset, bag, ["identity"], options, progress=False)
+    runs = {}
+    for overlap in (True, False):
+        settings = PipelineSettings(overlap=overlap, cpu_threads=1 if overlap else 0)
+        runs[overlap] = evaluate_offline(bag, _pipeline(predictor), settings=settings, progress=False)
+    overlapped_rows, sequential_rows = runs[True].matches, runs[False].matches
+    assert len(overlapped_rows) == len(sequential_rows) > 0
+    for a, b in zip(overlapped_rows, sequential_rows, strict=True):
+        assert a["pred_track"] == b["pred_track"]
+        assert a["iou"] == b["iou"]  # boxes of frame t, not of the frame prepared meanwhile
+        assert a["labels"] == b["labels"]
+    assert runs[True].summary["detection"] == runs[False].summary["detection"]
+    assert runs[True].summary["tracking"] == runs[False].summary["tracking"]

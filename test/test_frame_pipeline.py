@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -20,6 +23,7 @@ from facial_perception.pipeline.frame_pipeline import (
     FacePipelineError,
     FramePipeline,
     draw_annotations,
+    overlapped,
 )
 from facial_perception.pipeline.gallery import UNKNOWN, IdentityGallery
 from facial_perception.pipeline.images import decode_raw, encode_raw
@@ -211,8 +215,9 @@ def test_hot_swap_adds_a_task(predictor, detector, frame: np.ndarray) -> None:
     assert [f.track_id for f in result.faces] == [1, 2]  # tracks survive the swap
     alone = bigger.predict(preprocess_batch([pipeline.crop(frame, result.faces[0].box)], 64))[0]
     # Smoothing restarted at the swap: the first frame after it is the raw prediction.
-    assert np.allclose(result.faces[0].tasks["glasses"].probabilities, alone.tasks["glasses"].probabilities,
-                       atol=1e-5)
+    assert np.allclose(
+        result.faces[0].tasks["glasses"].probabilities, alone.tasks["glasses"].probabilities, atol=1e-5
+    )
 
 
 def test_draw_annotations(predictor, detector, frame: np.ndarray) -> None:
@@ -240,3 +245,72 @@ def test_known_identity_fallback_only_above_threshold(predictor, detector, frame
         column = face.tasks["identity"]
         assert face.identity == column.label and face.identity_confidence == pytest.approx(column.confidence)
     gallery.close()
+
+
+# ------------------------------------------------------------------------------------ overlapped stages
+def _square_slowly(x: int) -> int:
+    time.sleep(0.002 * (x % 3))  # uneven stage times must not reorder anything
+    return x * x
+
+
+def test_overlapped_keeps_order_and_runs_ahead() -> None:
+    seen: list[int] = []
+
+    def stage(x: int) -> int:
+        seen.append(x)
+        return _square_slowly(x)
+
+    out = []
+    for item, value in overlapped(range(20), stage):
+        time.sleep(0.003)  # a slow consumer: the first stage is already working on the next item
+        out.append((item, value))
+        assert len(seen) >= len(out)
+    assert out == [(i, i * i) for i in range(20)]
+
+
+def test_overlapped_raises_a_stage_error_at_its_turn() -> None:
+    def stage(x: int) -> int:
+        if x == 3:
+            raise ValueError("bad frame 3")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="bad frame 3"):
+        for item, _ in overlapped(range(10), stage):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+
+def test_overlapped_stops_its_thread_when_the_consumer_stops() -> None:
+    before = threading.active_count()
+    gen = overlapped(itertools.count(), lambda x: x)
+    assert [v for _, v in itertools.islice(gen, 5)] == [0, 1, 2, 3, 4]
+    gen.close()
+    deadline = time.monotonic() + 5.0
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
+
+
+def test_overlapped_passes_on_a_failing_source() -> None:
+    def source():
+        yield 1
+        raise OSError("truncated file")
+
+    with pytest.raises(OSError, match="truncated file"):
+        list(overlapped(source(), lambda x: x))
+
+
+def test_prepare_then_complete_equals_process(predictor, detector, frame: np.ndarray) -> None:
+    one = FramePipeline(predictor, detector)
+    two = FramePipeline(predictor, detector)
+    for _ in range(3):
+        a = one.process(frame)
+        b = two.complete(two.prepare(frame))
+        assert [f.track_id for f in a.faces] == [f.track_id for f in b.faces]
+        for fa, fb in zip(a.faces, b.faces, strict=True):
+            np.testing.assert_allclose(fa.box, fb.box)
+            for task in fa.tasks:
+                np.testing.assert_allclose(
+                    fa.tasks[task].probabilities, fb.tasks[task].probabilities, atol=1e-6
+                )

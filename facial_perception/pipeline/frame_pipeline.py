@@ -18,11 +18,13 @@ Enrolment ("the next N frames of this face") is an :class:`EnrolmentCollector` f
 from __future__ import annotations
 
 import colorsys
+import dataclasses
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -41,11 +43,15 @@ __all__ = [
     "FaceResult",
     "FramePipeline",
     "FrameResult",
+    "PreparedFrame",
     "TaskResult",
     "draw_annotations",
+    "overlapped",
 ]
 
 IDENTITY_TASK = "identity"
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
 STANDARD_TASKS = ("identity", "age", "gender", "emotion")
 
@@ -95,6 +101,21 @@ class FrameResult:
     stamp: float | None = None
     width: int = 0
     height: int = 0
+
+
+@dataclass
+class PreparedFrame:
+    """A frame after :meth:`FramePipeline.prepare`: what :meth:`FramePipeline.complete` needs."""
+
+    frame: np.ndarray
+    tracks: list[Track]
+    removed_ids: list[int]
+    crops: list[np.ndarray]
+    batch: Any  # (N, 1, S, S) tensor, None without faces
+    input_size: int
+    timings: dict[str, float]
+    stamp: float | None
+    started: float  # perf_counter() when prepare began
 
 
 @dataclass
@@ -222,31 +243,63 @@ class FramePipeline:
         self, rgb: np.ndarray, stamp: float | None = None, decode_ms: float | None = None
     ) -> FrameResult:
         """Run the whole pipeline on an RGB ``uint8`` frame; ``decode_ms`` is recorded when given."""
+        return self.complete(self.prepare(rgb, stamp, decode_ms))
+
+    def prepare(
+        self, rgb: np.ndarray, stamp: float | None = None, decode_ms: float | None = None
+    ) -> PreparedFrame:
+        """First stage: detect, track, crop and preprocess (no model).
+
+        Split from :meth:`complete` so that the next frame can be detected while the model runs on
+        this one (:func:`overlapped`, the node's ``overlap_stages``): on CPU, detection and the lite
+        model cost about the same.  Call it for frames in order, from one thread (the tracker).
+        """
         t_start = time.perf_counter()
         frame = _check_frame(rgb)
-        height, width = frame.shape[:2]
         timings: dict[str, float] = {}
         if decode_ms is not None:
             timings["decode"] = float(decode_ms)
         with self._lock:
-            predictor, input_size = self._predictor, self.input_size
+            input_size = self.input_size
 
         t = time.perf_counter()
         detections = self.detector.detect(frame)
         detections = sorted(detections, key=lambda d: d.area, reverse=True)[: self.max_faces]
         t = _timed(timings, "detect", t)
 
-        tracks = self.tracker.update(detections)
-        self.smoother.drop(self.tracker.removed_ids)
+        # Snapshots: the tracker updates its Track objects in place on the next frame, which may be
+        # prepared while this one is still in the model stage.
+        tracks = [
+            dataclasses.replace(
+                track,
+                box=np.array(track.box, dtype=np.float32),
+                keypoints=None if track.keypoints is None else np.array(track.keypoints),
+                velocity=np.array(track.velocity),
+            )
+            for track in self.tracker.update(detections)
+        ]
+        removed = list(self.tracker.removed_ids)
         t = _timed(timings, "track", t)
 
+        crops = [self.crop(frame, track.box) for track in tracks]
+        batch = preprocess_batch(crops, input_size) if crops else None
+        _timed(timings, "preprocess", t)
+        return PreparedFrame(frame, tracks, removed, crops, batch, input_size, timings, stamp, t_start)
+
+    def complete(self, prepared: PreparedFrame) -> FrameResult:
+        """Second stage: one model batch, smoothing, identification, enrolment; frames in order."""
+        frame, tracks, crops, timings = prepared.frame, prepared.tracks, prepared.crops, prepared.timings
+        height, width = frame.shape[:2]
+        with self._lock:
+            predictor, input_size = self._predictor, self.input_size
+        self.smoother.drop(prepared.removed_ids)
         faces: list[FaceResult] = []
         raw_embeddings: list[np.ndarray | None] = []
-        crops: list[np.ndarray] = []
+        t = time.perf_counter()
         if tracks:
-            crops = [self.crop(frame, track.box) for track in tracks]
-            batch = preprocess_batch(crops, input_size)
-            t = _timed(timings, "preprocess", t)
+            batch = prepared.batch
+            if batch is None or input_size != prepared.input_size:  # the model was swapped meanwhile
+                batch = preprocess_batch(crops, input_size)
             predictions = predictor.predict(batch)
             if len(predictions) != len(tracks):
                 got, want = len(predictions), len(tracks)
@@ -260,8 +313,8 @@ class FramePipeline:
             self._identify(faces)
             t = _timed(timings, "identify", t)
         self._feed_collectors(tracks, raw_embeddings, crops)
-        timings["total"] = (time.perf_counter() - t_start) * 1000.0 + timings.get("decode", 0.0)
-        return FrameResult(faces=faces, timings=timings, stamp=stamp, width=width, height=height)
+        timings["total"] = (time.perf_counter() - prepared.started) * 1000.0 + timings.get("decode", 0.0)
+        return FrameResult(faces=faces, timings=timings, stamp=prepared.stamp, width=width, height=height)
 
     def _smooth_face(
         self, track: Track, prediction: Any, width: int, height: int
@@ -488,3 +541,61 @@ def _pad_for_detection(image: np.ndarray) -> np.ndarray:
     """Half the size again on every side, replicated: a tight face crop becomes a detectable face."""
     height, width = image.shape[:2]
     return cv2.copyMakeBorder(image, height // 2, height // 2, width // 2, width // 2, cv2.BORDER_REPLICATE)
+
+
+# ------------------------------------------------------------------------------------ overlapped stages
+_END = object()
+
+
+def overlapped(
+    items: Iterable[_T], first_stage: Callable[[_T], _U], depth: int = 1
+) -> Iterator[tuple[_T, _U]]:
+    """Yield ``(item, first_stage(item))`` in order, computing the next ones in a background thread.
+
+    With ``first_stage`` = decode + :meth:`FramePipeline.prepare` and the caller running
+    :meth:`FramePipeline.complete`, detection of frame t+1 overlaps the model on frame t (native
+    code in both releases the GIL).  At most ``depth`` prepared items wait, so memory stays bounded.
+    An exception of ``first_stage`` is raised here, at its item's turn; stopping early (``break``,
+    an exception in the caller) stops the thread.
+    """
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(depth)))
+    stop = threading.Event()
+
+    def put(entry: Any) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                try:
+                    entry: Any = (item, first_stage(item), None)
+                except Exception as exc:  # handed to the consumer, raised at this item's turn
+                    entry = (item, None, exc)
+                if not put(entry) or entry[2] is not None:
+                    return
+        except Exception as exc:  # the iterator itself failed (e.g. a corrupt file)
+            put((None, None, exc))
+            return
+        finally:
+            put(_END)
+
+    worker = threading.Thread(target=produce, name="pipeline-first-stage", daemon=True)
+    worker.start()
+    try:
+        while True:
+            entry = handoff.get()
+            if entry is _END:
+                return
+            item, value, error = entry
+            if error is not None:
+                raise error
+            yield item, value
+    finally:
+        stop.set()
+        worker.join(timeout=5.0)
