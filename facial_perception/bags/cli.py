@@ -117,7 +117,7 @@ def add_subcommands(subparsers: Any) -> None:
         "--cpu-threads",
         type=int,
         default=1,
-        help="torch threads on CPU (0 = torch default); the node's default",
+        help="torch threads on CPU (0 = torch default)",
     )
     live = ev.add_argument_group("live")
     live.add_argument("--rate", type=float, default=1.0, help="replay speed factor (2 = twice as fast)")
