@@ -309,7 +309,8 @@ def test_malformed_images_never_stop_the_node(harness, tmp_path):
 
 
 def test_compressed_input_and_garbage_compressed(harness, tmp_path):
-    node = NodeUnderTest(harness, tmp_path, input_type="compressed")
+    # also the one-thread path (overlap_stages false); the other tests run the default two stages
+    node = NodeUnderTest(harness, tmp_path, input_type="compressed", overlap_stages=False)
     try:
         node.up()
         harness.wait_for_subscriber(harness.compressed_pub)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
 import sys
 import threading
 import time
@@ -120,6 +121,12 @@ PARAMETERS: tuple[_Param, ...] = (
     ),
     _Param("device", "auto", "Inference device: auto, cpu, cuda or cuda:N"),
     _Param("half", "auto", "fp16 inference: auto (on CUDA), true or false"),
+    _Param(
+        "overlap_stages",
+        True,
+        "Detect the next frame while the model runs on this one (two worker threads); false: one after "
+        "the other",
+    ),
     _Param(
         "cpu_threads",
         1,
@@ -337,6 +344,10 @@ class PerceptionNode(LifecycleNode):
         self._frames = LatestFrame()
         self._stats = _Stats()
         self._worker: threading.Thread | None = None
+        # overlap_stages: the worker prepares (decode, detect, track, crop) and hands over to the
+        # model worker (model, smooth, identify, publish) through a one-slot queue
+        self._model_worker: threading.Thread | None = None
+        self._handoff: queue.Queue[Any] | None = None
         self._stop = threading.Event()
         self._subscription: Any = None
         self._entities: list[Any] = []  # services, action server, timers: destroyed on cleanup
@@ -518,6 +529,12 @@ class PerceptionNode(LifecycleNode):
         else:
             self._subscription = self.create_subscription(Image, topic, self._frames.put, qos)
         self._stop.clear()
+        if bool(self._p("overlap_stages")):
+            self._handoff = queue.Queue(maxsize=1)
+            self._model_worker = threading.Thread(
+                target=self._model_work, name="perception-model-worker", daemon=True
+            )
+            self._model_worker.start()
         self._worker = threading.Thread(target=self._work, name="perception-worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
@@ -553,9 +570,10 @@ class PerceptionNode(LifecycleNode):
     def _stop_worker(self) -> None:
         self._stop.set()
         self._frames.clear()
-        if self._worker is not None:
-            self._worker.join(timeout=10.0)
-            self._worker = None
+        for worker in (self._worker, self._model_worker):
+            if worker is not None:
+                worker.join(timeout=10.0)
+        self._worker = self._model_worker = self._handoff = None
         if self._subscription is not None:
             self.destroy_subscription(self._subscription)
             self._subscription = None
@@ -598,7 +616,7 @@ class PerceptionNode(LifecycleNode):
 
     # ---------------------------------------------------------------------------------- frames
     def _work(self) -> None:
-        """Worker thread: process the newest frame, publish, repeat until deactivated."""
+        """Worker thread: take the newest frame, prepare it, and complete it here or hand it over."""
         while not self._stop.is_set():
             msg = self._frames.take(timeout=0.1)
             if msg is None:
@@ -610,29 +628,66 @@ class PerceptionNode(LifecycleNode):
                     break
             self._last_process = time.monotonic()
             try:
-                self._process(msg)
+                prepared = self._prepare(msg)
+                if prepared is None:
+                    continue
+                handoff = self._handoff
+                if handoff is None:
+                    self._complete(*prepared)
+                    continue
+                while not self._stop.is_set():  # the model worker takes it when done with the last one
+                    try:
+                        handoff.put(prepared, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
             except Exception as exc:  # whatever happens to one frame, the node keeps running
-                self._stats.errors += 1
-                self.get_logger().error(
-                    f"frame processing failed: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0
-                )
+                self._frame_failed(exc)
 
-    def _process(self, msg: Image | CompressedImage) -> None:
+    def _model_work(self) -> None:
+        """Model worker (overlap_stages): complete and publish the prepared frames, in order."""
+        while not self._stop.is_set():
+            handoff = self._handoff
+            if handoff is None:
+                return
+            try:
+                prepared = handoff.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                self._complete(*prepared)
+            except Exception as exc:
+                self._frame_failed(exc)
+
+    def _frame_failed(self, exc: Exception) -> None:
+        if isinstance(exc, FacePipelineError):
+            self._stats.bad_frames += 1
+            self.get_logger().warning(f"skipping frame: {exc}", throttle_duration_sec=5.0)
+            return
+        self._stats.errors += 1
+        self.get_logger().error(
+            f"frame processing failed: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0
+        )
+
+    def _prepare(self, msg: Image | CompressedImage) -> tuple[Any, ...] | None:
+        """First stage: decode, detect, track, crop; None for a bad frame (counted and logged)."""
         t0 = time.perf_counter()
         try:
             rgb = compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage) else image_msg_to_rgb(msg)
         except ImageDecodeError as exc:
             self._stats.bad_frames += 1
             self.get_logger().warning(f"skipping bad frame: {exc}", throttle_duration_sec=5.0)
-            return
+            return None
         decode_ms = (time.perf_counter() - t0) * 1000.0
         stamp_ns = stamp_to_ns(msg.header.stamp)
-        try:
-            result = self.pipeline.process(rgb, stamp=stamp_ns / 1e9, decode_ms=decode_ms)
-        except FacePipelineError as exc:
-            self._stats.bad_frames += 1
-            self.get_logger().warning(f"skipping frame: {exc}", throttle_duration_sec=5.0)
-            return
+        prepared = self.pipeline.prepare(rgb, stamp=stamp_ns / 1e9, decode_ms=decode_ms)
+        return msg, rgb, prepared, stamp_ns, t0
+
+    def _complete(
+        self, msg: Image | CompressedImage, rgb: np.ndarray, prepared: Any, stamp_ns: int, t0: float
+    ) -> None:
+        """Second stage: model, smoothing, identity; publish the FaceArray (and the debug image)."""
+        result = self.pipeline.complete(prepared)
         self._frame_seq += 1
         now_ns = self.get_clock().now().nanoseconds
         # An unstamped camera (stamp 0) would give a meaningless latency: fall back to processing time.
