@@ -260,3 +260,28 @@ def test_train_encoder_rejects_wrong_image_size(tmp_path):
         train_encoder(
             "lite", np.zeros((4, 32, 32), np.uint8), tmp_path, steps=1, progress=False, device="cpu"
         )
+
+
+def test_group_balance_weights_equalise_cells_and_train(task_data, tmp_path):
+    from facial_perception.core.training import group_balance_weights
+
+    train, val = task_data
+    n = len(train.labels)
+    groups = ["a" if i % 4 == 0 else "b" for i in range(n)]  # group "a" is 3x rarer
+    train = replace(train, attributes={"race": groups})
+    w = group_balance_weights(train, ["race"])
+    assert w.shape == (n,) and float(w.mean()) == pytest.approx(1.0, abs=1e-5)
+    cells: dict[tuple[str, int], float] = {}
+    for i in range(n):
+        key = (groups[i], int(train.labels[i]))
+        cells[key] = cells.get(key, 0.0) + float(w[i])
+    assert max(cells.values()) == pytest.approx(min(cells.values()), rel=1e-4)  # every cell weighs the same
+    assert float(w[0]) > float(w[1])  # a face of the rare group counts more
+    with pytest.raises(TrainingError, match="cannot balance by"):
+        group_balance_weights(train, ["age"])
+
+    model = fresh_model()
+    result = train_column(
+        model, TaskSpec("inversion", LABELS), train, val, tmp_path, epochs=2, balance_by=["race"], **FAST
+    )
+    assert result.best_val_acc > 0.5

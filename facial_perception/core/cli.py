@@ -340,6 +340,7 @@ def cmd_train_task(args: argparse.Namespace) -> int:
             use_feature_cache=not args.no_feature_cache,
             augment=not args.no_augment,
             soft_targets=args.soft_labels,
+            balance_by=args.balance_by,
             device=args.device,
             seed=args.seed,
             resume=not args.no_resume,
@@ -629,6 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--holdout-people", type=_fraction, default=0.0, help="identity: leave this share of people out"
     )
     p.add_argument("--soft-labels", action="store_true", help="train on FER+ vote distributions")
+    p.add_argument(
+        "--balance-by",
+        type=lambda text: [a for a in text.split(",") if a],
+        default=[],
+        metavar="ATTR[,ATTR]",
+        help="weight the loss so every (attribute, label) cell counts the same, e.g. race (UTKFace)",
+    )
     p.add_argument("--train-encoder", action="store_true", help="re-train the encoder with the column")
     p.add_argument("--loader-workers", action="store_true", help="also use --workers for the batch loader")
     _add_column_training(p)

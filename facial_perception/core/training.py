@@ -21,6 +21,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -468,6 +469,24 @@ def predict_logits(
     return torch.cat(outs), torch.cat(labels)
 
 
+def group_balance_weights(data: Any, attributes: Sequence[str]) -> torch.Tensor:
+    """Per-sample loss weights so that every (attribute values, label) cell counts the same.
+
+    Why: UTKFace has 3x more White than Indian or Other faces, and the gender column's accuracy
+    differed by up to 9 points between race groups; re-weighting the loss by inverse cell frequency
+    is the simplest fairness baseline (weights average to 1 over the training set).
+    """
+    missing = [a for a in attributes if a not in data.attributes]
+    if missing:
+        known = ", ".join(sorted(data.attributes)) or "none"
+        raise TrainingError(f"cannot balance by {missing}: the training data has attributes {known}")
+    labels = [int(v) for v in data.labels.tolist()]
+    cells = [(*(str(data.attributes[a][i]) for a in attributes), labels[i]) for i in range(len(labels))]
+    counts = Counter(cells)
+    weights = torch.tensor([len(cells) / (len(counts) * counts[c]) for c in cells], dtype=torch.float32)
+    return weights
+
+
 def train_column(
     model: nn.Module,
     spec: Any,
@@ -487,6 +506,7 @@ def train_column(
     cache_dir: PathLike | None = None,
     augment: bool = True,
     soft_targets: bool = False,
+    balance_by: Sequence[str] = (),
     weight_decay: float = 0.0,
     device: str | torch.device = "auto",
     seed: int = 0,
@@ -541,6 +561,7 @@ def train_column(
             raise TrainingError(f"{name} labels must be in 0..{len(spec.labels) - 1} for task {task!r}")
     if soft_targets and (train.soft_labels is None or train.soft_labels.shape[1] != len(spec.labels)):
         raise TrainingError(f"soft targets need label distributions with {len(spec.labels)} columns")
+    sample_weights = group_balance_weights(train, balance_by) if balance_by else None
 
     seed_everything(seed)
     prepare_column(model, spec, train_encoder, allow_existing=saved is not None)
@@ -623,7 +644,12 @@ def train_column(
                 break
             x, y, soft = train_in.batch(idx, generator, train=True)
             logits = ddp_view(x, train_in.from_features)
-            loss = F.cross_entropy(logits, soft if soft is not None else y)
+            if sample_weights is None:
+                loss = F.cross_entropy(logits, soft if soft is not None else y)
+            else:  # each (group, label) cell weighs the same in expectation
+                w = sample_weights[idx].to(logits.device)
+                per_sample = F.cross_entropy(logits, soft if soft is not None else y, reduction="none")
+                loss = (per_sample * w).sum() / w.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -717,7 +743,8 @@ def train_column(
         _finish_column(model, spec, view, val_in, val, out, result, target, plots, eval_batch_size, {
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience_lr": patience_lr,
             "early_stopping": early_stopping, "train_encoder": bool(train_encoder), "augment": bool(augment),
-            "soft_targets": bool(soft_targets), "seed": seed, "world_size": ctx.world_size,
+            "soft_targets": bool(soft_targets), "balance_by": list(balance_by), "seed": seed,
+            "world_size": ctx.world_size,
             "train_samples": len(train), "val_samples": len(val),
         })  # fmt: skip
     ctx.barrier()
