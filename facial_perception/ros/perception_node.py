@@ -23,6 +23,7 @@ from it.  No queue can grow, and a slow model means skipped frames, never growin
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import queue
@@ -417,6 +418,10 @@ class PerceptionNode(LifecycleNode):
         grey = np.full((size, size), 127, np.uint8)
         for faces in (1, 4):
             self.pipeline.predictor.predict(preprocess_batch([grey] * faces, size))
+        # The model, detector and ROS objects live as long as the node: move them out of the cyclic
+        # collector's reach, so that its full collections stay short while frames are processed.
+        gc.collect()
+        gc.freeze()
 
     def _build_pipeline(self) -> None:
         log = self.get_logger()
