@@ -39,7 +39,7 @@ model.remove_column("identity")
 save_model(sys.argv[2], model, meta.get("training", {}))
 PY
   "${FP[@]}" train-task --checkpoint "$FEWSHOT_MODEL.base.safetensors" --task identity \
-    --data "$RUNS/splits/lfw_identity/train" --holdout-people 0.2 --laterals gender emotion --epochs 80 --lr 1e-3 --lr-patience 3 --patience 12 \
+    --data "$RUNS/splits/lfw_identity/train" --holdout-people 0.2 --epochs 80 --lr 1e-3 --lr-patience 3 --patience 12 \
     --out "$FEWSHOT_MODEL" --work-dir "$RUNS/default/fewshot_identity" --seed 1 "${COMMON[@]}" -q
 fi
 "${FP[@]}" fewshot --checkpoint "$FEWSHOT_MODEL" --data "$RUNS/splits/lfw_identity/train" --holdout-fraction 0.2 \
