@@ -945,9 +945,9 @@ FASTDDS_TRANSPORTS = "LARGE_DATA"
 def prefer_large_data_transport(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
     """Ask Fast DDS for its large-data transports unless the user already chose; returns what was set.
 
-    Why: on the default transports, 0.9 MB raw frames arrived late and in bursts (19 fps, p99 289 ms
-    for a 30 Hz camera); with ``LARGE_DATA`` (shared memory + TCP, multicast discovery unchanged) the
-    same benchmark ran at 29 fps, p99 83 ms (docs/BENCHMARK_ROS.md).  Only this process changes; it
+    Why: raw frames are ~0.9 MB; with ``LARGE_DATA`` (shared memory + TCP, multicast discovery
+    unchanged) the node's tail latency was lower in both orders of a same-run comparison with the
+    default transports (docs/BENCHMARK_ROS.md).  Only this process changes; it
     still talks to participants on the default transports.  It must run before ``rclpy.init``, and
     it does nothing for other RMWs, when ``FASTDDS_BUILTIN_TRANSPORTS`` is set (``DEFAULT`` opts
     out) or when a Fast DDS XML profile is in use.
