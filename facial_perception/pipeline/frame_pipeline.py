@@ -192,7 +192,7 @@ class FramePipeline:
         crop_margin: float = 0.1,
         max_faces: int = 5,
         crop_offset_y: float = -0.08,
-        known_identity_threshold: float = 0.9,
+        known_identity_threshold: float = 1.01,
     ) -> None:
         if max_faces < 1:
             raise FacePipelineError(f"max_faces must be >= 1, got {max_faces}")

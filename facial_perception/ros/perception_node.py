@@ -163,7 +163,7 @@ PARAMETERS: tuple[_Param, ...] = (
     ),
     _Param(
         "known_identity_threshold",
-        0.9,
+        1.01,
         "Confidence above which a face the gallery does not know is named after the identity column's "
         "trained people (> 1 never)",
         (0.0, 1.01),
