@@ -266,6 +266,67 @@ def _one_line_error(capsys) -> str:
     return err[0]
 
 
+def test_columns_renames_and_drops_and_a_wider_column_reuses_the_encoder(
+    data, gender_model, capsys, tmp_path
+):
+    renamed = tmp_path / "renamed.safetensors"
+    assert (
+        main(["columns", "--checkpoint", str(gender_model), "--rename", "gender=sex", "--out", str(renamed)])
+        == 0
+    )
+    assert "sex (laterals: none)" in capsys.readouterr().out
+    old, _ = load_model(gender_model)
+    new, meta = load_model(renamed)
+    assert new.task_names == ["sex"] and set(meta["training"]) == {"sex"}
+    x = torch.randn(2, 1, old.config.input_size, old.config.input_size)
+    torch.testing.assert_close(new(x)["sex"].logits, old(x)["gender"].logits)
+    dropped = tmp_path / "encoder_only.safetensors"
+    assert main(["columns", "--checkpoint", str(renamed), "--drop", "sex", "--out", str(dropped), "-q"]) == 0
+    assert load_model(dropped)[0].task_names == []
+    bad = [
+        "columns",
+        "--checkpoint",
+        str(renamed),
+        "--rename",
+        "sex",
+        "--out",
+        str(tmp_path / "x.safetensors"),
+    ]
+    assert main(bad) == 2
+    assert "OLD=NEW" in _one_line_error(capsys)
+    assert main(["columns", "--checkpoint", str(renamed), "--drop", "age", "--out", str(tmp_path / "y")]) == 2
+    assert "no column named 'age'" in _one_line_error(capsys)
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y").exists()
+
+    wide = old.config.to_dict()
+    wide["name"] = "wide-columns"
+    wide["column"]["fc_dim"] = 2 * wide["column"]["fc_dim"]
+    config_file = tmp_path / "wide.json"
+    config_file.write_text(json.dumps(wide))
+    out = tmp_path / "wide.safetensors"
+    args = ["train-task", "--config", str(config_file), "--encoder-from", str(renamed), "--task", "gender"]
+    args += [
+        "--data",
+        str(data["utkface"]),
+        "--epochs",
+        "1",
+        "--val-fraction",
+        "0.3",
+        "--out",
+        str(out),
+        *TINY,
+    ]
+    assert main(args) == 0
+    model, _ = load_model(out)
+    assert model.config.column.fc_dim == wide["column"]["fc_dim"]
+    for key, value in old.encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[key], value)  # frozen, copied encoder
+    wide["encoder"]["latent_dim"] += 1
+    config_file.write_text(json.dumps(wide))
+    assert main([*args[: -len(TINY) - 2], "--out", str(tmp_path / "z.safetensors"), *TINY]) == 2
+    assert "encoder config differs" in _one_line_error(capsys)
+
+
 def test_user_mistakes_exit_2_with_one_line(data, gender_model, capsys, tmp_path):
     missing = str(tmp_path / "nowhere")
     assert main(["evaluate", "--checkpoint", str(gender_model), "--task", "gender", "--data", missing]) == 2

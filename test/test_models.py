@@ -171,6 +171,27 @@ def test_add_column_validation_and_remove_rules() -> None:
     assert net.task_names == []
 
 
+def test_rename_column_keeps_order_outputs_freezing_and_lateral_users() -> None:
+    torch.manual_seed(3)
+    net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"])]).eval()
+    x = torch.randn(3, 1, 16, 16)
+    before = net(x)
+    net.rename_column("a", "first")
+    assert net.task_names == ["first", "b"] and net.specs["b"].laterals == ["first"]
+    assert net.specs["first"].name == "first" and net.is_frozen("first")
+    after = net(x)
+    torch.testing.assert_close(after["first"].logits, before["a"].logits)
+    torch.testing.assert_close(after["b"].logits, before["b"].logits)
+    assert all(key.startswith(("encoder.", "columns.first.", "columns.b.")) for key in net.state_dict())
+    with pytest.raises(ModelError, match="already exists"):
+        net.rename_column("b", "first")
+    with pytest.raises(ModelError, match="no column named"):
+        net.rename_column("a", "c")
+    with pytest.raises(ModelError, match="must start with a letter"):
+        net.rename_column("b", "9b")
+    assert net.task_names == ["first", "b"]  # failed renames change nothing
+
+
 def test_task_subsets_run_their_lateral_sources_and_cached_features_match() -> None:
     torch.manual_seed(1)
     net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"])]).eval()

@@ -175,11 +175,27 @@ def _load_base(args: argparse.Namespace) -> Any:
     from facial_perception.core.progressive import ProgressiveNet
 
     if getattr(args, "checkpoint", None):
+        if getattr(args, "encoder_from", None):
+            raise CLIError("--encoder-from goes with --config (a --checkpoint already holds its encoder)")
         return load_model_or_encoder(args.checkpoint)
     import torch
 
     torch.manual_seed(getattr(args, "seed", 0))  # the same random encoder on every torchrun rank
-    return ProgressiveNet(get_config(args.config or "lite"))
+    model = ProgressiveNet(get_config(args.config or "lite"))
+    if getattr(args, "encoder_from", None):
+        from facial_perception.core.progressive import ModelError
+
+        source = load_model_or_encoder(args.encoder_from)
+        if source.config.encoder != model.config.encoder:
+            raise CLIError(
+                f"--encoder-from {args.encoder_from}: its encoder config differs from --config's "
+                f"({source.config.encoder} vs {model.config.encoder})"
+            )
+        try:
+            model.init_encoder_from(source.encoder)
+        except ModelError as exc:
+            raise CLIError(f"--encoder-from {args.encoder_from}: {exc}") from exc
+    return model
 
 
 def load_model_or_encoder(path: str | os.PathLike[str]) -> Any:
@@ -504,6 +520,35 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_columns(args: argparse.Namespace) -> int:
+    """Drop or rename task columns of a model checkpoint (e.g. to swap in a re-trained column)."""
+    from facial_perception.core.progressive import ModelError
+    from facial_perception.core.training import save_model_checkpoint
+
+    model = load_model_or_encoder(args.checkpoint)
+    meta = dict(getattr(model, "training_meta", {}) or {})
+    try:
+        for name in args.drop or []:
+            model.remove_column(name)
+            meta.pop(name, None)
+        for pair in args.rename or []:
+            old, sep, new = pair.partition("=")
+            if not sep or not old or not new:
+                raise CLIError(f"--rename takes OLD=NEW, got {pair!r}")
+            model.rename_column(old, new)
+            if old in meta:
+                meta[new] = meta.pop(old)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from exc
+    model.training_meta = {}
+    save_model_checkpoint(model, args.out, meta)
+    columns = ", ".join(
+        f"{name} (laterals: {', '.join(model.specs[name].laterals) or 'none'})" for name in model.task_names
+    )
+    _say(args, f"{args.out}: {columns or 'no columns'}")
+    return 0
+
+
 def cmd_split(args: argparse.Namespace) -> int:
     """Deterministic train/validation folders (symlinks) so that every split-based figure is reproducible."""
     from facial_perception.core.datasets import FaceSample, open_dataset, split_per_person, stratified_split
@@ -609,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train-task", help="train one task column (optionally with laterals) and save the model"
     )
     _add_model_source(p)
+    p.add_argument(
+        "--encoder-from",
+        metavar="FILE",
+        help="with --config: copy the encoder of this model/BEGAN checkpoint (e.g. other column widths)",
+    )
     p.add_argument("--task", required=True, help="task (column) name, e.g. emotion, age, gender, identity")
     p.add_argument("--data", required=True, metavar="PATH", help="dataset folder")
     p.add_argument(
@@ -711,6 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", metavar="FILE")
     _add_runtime(p)
     p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("columns", help="drop or rename task columns of a checkpoint, written to a new file")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model checkpoint to edit")
+    p.add_argument("--drop", nargs="+", metavar="TASK", help="columns to remove (not lateral sources)")
+    p.add_argument("--rename", nargs="+", metavar="OLD=NEW", help="columns to rename (after --drop)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the edited model (written atomically)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_columns)
 
     p = sub.add_parser(
         "split", help="deterministic train/validation folders (symlinks), for reproducible figures"

@@ -319,6 +319,29 @@ class ProgressiveNet(nn.Module):
         del self.specs[name]
         self._frozen.discard(name)
 
+    def rename_column(self, old: str, new: str) -> None:
+        """Give column ``old`` the name ``new``, keeping its place, weights, freezing and lateral users.
+
+        Laterals are keyed by layer and source order, not by name, so only the specs change.
+        """
+        if old not in self.columns:
+            raise ModelError(f"no column named {old!r} (columns: {self.task_names})")
+        if new in self.columns:
+            raise ModelError(f"a column named {new!r} already exists (columns: {self.task_names})")
+        spec = self.specs[old]
+        renamed = TaskSpec(new, spec.labels, spec.laterals, spec.kind)  # validates the new name
+        columns = [(new if name == old else name, module) for name, module in self.columns.items()]
+        self.columns = nn.ModuleDict(columns)
+        self.columns[new].name = new
+        self.specs = {(new if name == old else name): s for name, s in self.specs.items()}
+        self.specs[new] = renamed
+        for name, other in self.specs.items():
+            other.laterals = [new if source == old else source for source in other.laterals]
+            self.columns[name].sources = list(other.laterals)
+        if old in self._frozen:
+            self._frozen.discard(old)
+            self._frozen.add(new)
+
     def _module(self, name: str) -> nn.Module:
         if name == ENCODER:
             return self.encoder
