@@ -460,3 +460,27 @@ def test_overlapped_stages_give_the_same_results_as_sequential(tmp_path, people_
         assert a["labels"] == b["labels"]
     assert runs[True].summary["detection"] == runs[False].summary["detection"]
     assert runs[True].summary["tracking"] == runs[False].summary["tracking"]
+
+
+def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_bags):
+    """The benchmark's figures are measured, so only their consistency is checked, never a speed."""
+    import json
+
+    from facial_perception.bags.cli import main as bag_main
+
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "BENCH.md"
+    args = ["benchmark", "--bag", str(small_bags["sqlite3"]), "--json-out", str(out_json)]
+    args += ["--markdown", str(out_md), "--compare-detectors", "haar", "--no-progress"]
+    assert bag_main(args) == 0
+    r = json.loads(out_json.read_text())
+    assert r["frames"] == 6 and sum(r["faces_per_frame"].values()) == 6
+    assert r["offline_fps"] > 0 and r["model_only_fps"] > 0 and r["sequential_fps"] > 0
+    assert r["ratio"] == pytest.approx(r["offline_fps"] / r["model_only_fps"])
+    assert r["cpu_work_ms_per_frame"] == pytest.approx(1000.0 / r["sequential_fps"])
+    assert r["bound_fps"] == pytest.approx(r["cores"] * r["sequential_fps"])
+    assert r["bound_ratio"] == pytest.approx(r["bound_fps"] / r["model_only_fps"])
+    assert set(r["sequential_stage_ms_mean"]) >= {"detect", "model"}
+    assert set(r["other_detectors"]) == {"haar"}
+    text = out_md.read_text()
+    assert f"{r['offline_fps']:.1f} frames/s" in text and "upper bound of any schedule" in text
+    assert "| haar |" in text and "| blazeface_full (default) |" in text

@@ -1028,8 +1028,9 @@ def benchmark_offline(
     2. ``FacePredictor.predict`` alone on preprocessed real face crops, with the same sequence of
        batch sizes (faces per frame), with torch's default threads (all cores), ``model_repeats``
        times: the median pass is the model-only throughput;
-    3. the same evaluation with one stage after the other (no overlap, torch default threads), for
-       comparison.
+    3. the same evaluation with one stage after the other on one thread (no overlap, torch
+       ``cpu_threads``): its time per frame is the CPU work per frame, so ``cores / work`` bounds
+       what any schedule of the stages could reach on this machine (``bound_fps``, ``bound_ratio``).
     The ratio (1) / (2) is the pipeline's efficiency (1.0 = no overhead beyond the model).
     """
     import dataclasses
@@ -1073,9 +1074,11 @@ def benchmark_offline(
     model_s = float(np.median(model_passes))
     model_fps = frames / model_s if model_s > 0 else float("inf")
 
-    sequential = dataclasses.replace(settings, overlap=False, cpu_threads=0)
+    sequential = dataclasses.replace(settings, overlap=False)
     seq_eval = evaluate_offline(bag, pipeline, settings=sequential, progress=progress)
     sequential_fps = seq_eval.summary["throughput_fps"] or 0.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    bound_fps = cores * sequential_fps
     return {
         "bag": str(bag),
         "frames": frames,
@@ -1093,6 +1096,11 @@ def benchmark_offline(
         "ratio": offline_fps / model_fps,
         "sequential_fps": sequential_fps,
         "sequential_ratio": sequential_fps / model_fps,
+        "sequential_stage_ms_mean": seq_eval.summary["stage_ms_mean"],
+        "cpu_work_ms_per_frame": 1000.0 / sequential_fps if sequential_fps else None,
+        "cores": cores,
+        "bound_fps": bound_fps,
+        "bound_ratio": bound_fps / model_fps,
         "target_ratio": 0.7,
         "stage_ms_mean": s["stage_ms_mean"],
         "latency_ms": s["latency_ms"],
