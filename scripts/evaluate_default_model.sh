@@ -31,13 +31,7 @@ mkdir -p "$OUT"
 # few-shot: an identity column trained on 80 % of the 62 people, then 5 photos of each unseen person
 # enrolled and the rest of their photos identified (nearest enrolled mean, cosine)
 if [ ! -f "$FEWSHOT_MODEL" ]; then
-  python - "$MODEL" "$FEWSHOT_MODEL.base.safetensors" <<'PY'
-import sys
-from facial_perception.core.checkpoint import load_model, save_model
-model, meta = load_model(sys.argv[1])
-model.remove_column("identity")
-save_model(sys.argv[2], model, meta.get("training", {}))
-PY
+  "${FP[@]}" columns --checkpoint "$MODEL" --drop identity --out "$FEWSHOT_MODEL.base.safetensors" -q
   "${FP[@]}" train-task --checkpoint "$FEWSHOT_MODEL.base.safetensors" --task identity \
     --data "$RUNS/splits/lfw_identity/train" --holdout-people 0.2 --epochs 80 --lr 1e-3 --lr-patience 3 --patience 12 \
     --out "$FEWSHOT_MODEL" --work-dir "$RUNS/default/fewshot_identity" --seed 1 "${COMMON[@]}" -q
