@@ -298,7 +298,9 @@ def test_columns_renames_and_drops_and_a_wider_column_reuses_the_encoder(
     assert "no column named 'age'" in _one_line_error(capsys)
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y").exists()
 
-    wide = old.config.to_dict()
+    assert main(["info", "--checkpoint", str(gender_model), "--print-config"]) == 0
+    wide = json.loads(capsys.readouterr().out)
+    assert wide == old.config.to_dict()
     wide["name"] = "wide-columns"
     wide["column"]["fc_dim"] = 2 * wide["column"]["fc_dim"]
     config_file = tmp_path / "wide.json"

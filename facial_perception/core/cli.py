@@ -235,10 +235,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if args.checkpoint:
         model = load_model_or_encoder(args.checkpoint)
-        specs = list(model.specs.values()) or None
+        config, specs = model.config, list(model.specs.values()) or None
         info = model_info(model.config, specs)
     else:
-        info = model_info(args.config or "lite")
+        from facial_perception.core.config import get_config
+
+        config = get_config(args.config or "lite")
+        info = model_info(config)
+    if args.print_config:  # a starting point for a custom config file (e.g. other column widths)
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -620,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--checkpoint", metavar="FILE", help="a model or BEGAN checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--print-config", action="store_true", help="print the model config JSON and exit")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train-encoder", help="unsupervised BEGAN training of the facial encoder")
