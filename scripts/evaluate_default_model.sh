@@ -34,7 +34,7 @@ if [ ! -f "$FEWSHOT_MODEL" ]; then
   "${FP[@]}" columns --checkpoint "$MODEL" --drop identity --out "$FEWSHOT_MODEL.base.safetensors" -q
   "${FP[@]}" train-task --checkpoint "$FEWSHOT_MODEL.base.safetensors" --task identity \
     --data "$RUNS/splits/lfw_identity/train" --holdout-people 0.2 --epochs 80 --lr 1e-3 --lr-patience 3 --patience 12 \
-    --out "$FEWSHOT_MODEL" --work-dir "$RUNS/default/fewshot_identity" --seed 1 "${COMMON[@]}" -q
+    --out "$FEWSHOT_MODEL" --work-dir "$RUNS/default/fewshot_identity" --seed "${COLUMN_SEED:-2}" "${COMMON[@]}" -q
 fi
 "${FP[@]}" fewshot --checkpoint "$FEWSHOT_MODEL" --data "$RUNS/splits/lfw_identity/train" --holdout-fraction 0.2 \
   --shots 5 --trials 10 --out-json "$OUT/fewshot.json" "${COMMON[@]}" -q | tee "$OUT/fewshot.md"
