@@ -133,3 +133,12 @@ def test_plots_write_real_pngs(tmp_path):
     with Image.open(paths[-1]) as grid:
         assert grid.size == (3 * 10 + 2, 2 * 10 + 2)
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_subgroup_rows_follow_the_numbers_in_group_names():
+    """Age groups read 0-2, 4-6, 8-12, 15-20, ..., 60+ in tables, not in string order."""
+    groups = ["60+", "15-20", "0-2", "8-12", "4-6"]
+    table = subgroup_table([0] * 5, [0] * 5, {"age8": groups}, "age8")
+    assert [r.group[0] for r in table.rows] == ["0-2", "4-6", "8-12", "15-20", "60+"]
+    lines = [line for line in table.to_markdown().splitlines() if line.startswith("| ") and "%" in line]
+    assert [line.split(" | ")[0][2:] for line in lines] == ["0-2", "4-6", "8-12", "15-20", "60+"]

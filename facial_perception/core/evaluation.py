@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -194,11 +195,13 @@ class SubgroupTable:
         return "\n".join(lines)
 
 
-def _natural_key(value: str) -> tuple[int, float | str]:
+def _natural_key(value: str) -> tuple[tuple[int, float | str], ...]:
+    """Numbers inside group names compare as numbers: '0-2' < '4-6' < '15-20' < '60+', 'a2' < 'a10'."""
     try:
-        return (0, float(value))
+        return ((0, float(value)),)
     except ValueError:
-        return (1, value)
+        parts = re.split(r"(\d+(?:\.\d+)?)", str(value))
+        return tuple((0, float(p)) if i % 2 else (1, p) for i, p in enumerate(parts) if p or i % 2)
 
 
 def subgroup_table(
