@@ -21,6 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--batch-size", "4", "--device", "cpu", "--workers", "1", "-q"]
 
 
+def _one_epoch_into(out: Path) -> list[str]:
+    """The train-task options of the quick runs: one epoch, 30 % validation, tiny batches, to ``out``."""
+    return ["--epochs", "1", "--val-fraction", "0.3", "--out", str(out), *TINY]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("cli")
@@ -123,13 +128,7 @@ def test_train_task_then_a_lateral_column(data, gender_model):
             "age8",
             "--laterals",
             "gender",
-            "--epochs",
-            "1",
-            "--val-fraction",
-            "0.3",
-            "--out",
-            str(out),
-            *TINY,
+            *_one_epoch_into(out),
         ]
     )
     assert code == 0
@@ -307,17 +306,7 @@ def test_columns_renames_and_drops_and_a_wider_column_reuses_the_encoder(
     config_file.write_text(json.dumps(wide))
     out = tmp_path / "wide.safetensors"
     args = ["train-task", "--config", str(config_file), "--encoder-from", str(renamed), "--task", "gender"]
-    args += [
-        "--data",
-        str(data["utkface"]),
-        "--epochs",
-        "1",
-        "--val-fraction",
-        "0.3",
-        "--out",
-        str(out),
-        *TINY,
-    ]
+    args += ["--data", str(data["utkface"]), *_one_epoch_into(out)]
     assert main(args) == 0
     model, _ = load_model(out)
     assert model.config.column.fc_dim == wide["column"]["fc_dim"]
@@ -325,7 +314,8 @@ def test_columns_renames_and_drops_and_a_wider_column_reuses_the_encoder(
         torch.testing.assert_close(model.encoder.state_dict()[key], value)  # frozen, copied encoder
     wide["encoder"]["latent_dim"] += 1
     config_file.write_text(json.dumps(wide))
-    assert main([*args[: -len(TINY) - 2], "--out", str(tmp_path / "z.safetensors"), *TINY]) == 2
+    args[args.index("--out") + 1] = str(tmp_path / "z.safetensors")
+    assert main(args) == 2
     assert "encoder config differs" in _one_line_error(capsys)
 
 

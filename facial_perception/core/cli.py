@@ -231,20 +231,19 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from facial_perception.core.config import get_config
     from facial_perception.core.flops import format_model_info, model_info
 
+    specs = None
     if args.checkpoint:
         model = load_model_or_encoder(args.checkpoint)
         config, specs = model.config, list(model.specs.values()) or None
-        info = model_info(model.config, specs)
     else:
-        from facial_perception.core.config import get_config
-
         config = get_config(args.config or "lite")
-        info = model_info(config)
     if args.print_config:  # a starting point for a custom config file (e.g. other column widths)
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    info = model_info(config, specs)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -528,8 +527,8 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 def cmd_columns(args: argparse.Namespace) -> int:
     """Drop or rename task columns of a model checkpoint (e.g. to swap in a re-trained column)."""
+    from facial_perception.core.checkpoint import save_model
     from facial_perception.core.progressive import ModelError
-    from facial_perception.core.training import save_model_checkpoint
 
     model = load_model_or_encoder(args.checkpoint)
     meta = dict(getattr(model, "training_meta", {}) or {})
@@ -546,8 +545,7 @@ def cmd_columns(args: argparse.Namespace) -> int:
                 meta[new] = meta.pop(old)
     except ModelError as exc:
         raise CLIError(str(exc)) from exc
-    model.training_meta = {}
-    save_model_checkpoint(model, args.out, meta)
+    save_model(args.out, model, meta)
     columns = ", ".join(
         f"{name} (laterals: {', '.join(model.specs[name].laterals) or 'none'})" for name in model.task_names
     )
