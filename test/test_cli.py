@@ -13,7 +13,7 @@ import torch
 from data_fixtures import make_identity_folders, make_unlabeled, make_utkface
 
 from facial_perception.core.checkpoint import load_model
-from facial_perception.core.cli import main
+from facial_perception.core.cli import load_model_or_encoder, main
 from facial_perception.core.datasets import read_identity_folders, split_people
 
 torch.set_num_threads(1)
@@ -317,6 +317,71 @@ def test_columns_renames_and_drops_and_a_wider_column_reuses_the_encoder(
     args[args.index("--out") + 1] = str(tmp_path / "z.safetensors")
     assert main(args) == 2
     assert "encoder config differs" in _one_line_error(capsys)
+
+
+def test_train_joint_retrains_the_encoder_with_every_task_and_resumes(
+    data, encoder, gender_model, tmp_path, capsys
+):
+    out = tmp_path / "joint.safetensors"
+    work = tmp_path / "joint_work"
+    utk = str(data["utkface"])
+    args = ["train-joint", "--checkpoint", str(encoder), "--data", f"gender={utk}:gender", f"age={utk}:age8"]
+    args += [f"identity={data['identities']}", "--weight", "identity=0.5", "--val-fraction", "0.3"]
+    args += ["--steps-per-epoch", "3", "--epochs", "2", "--out", str(out), "--work-dir", str(work), *TINY]
+    assert main(args) == 0
+    model, meta = load_model(out)
+    assert model.task_names == ["gender", "age", "identity"]
+    assert all(model.specs[t].laterals == [] for t in model.task_names)
+    assert model.specs["identity"].kind == "identity" and len(model.specs["identity"].labels) == 4
+    assert meta["training"]["identity"]["loss_weight"] == 0.5 and meta["training"]["age"]["train_encoder"]
+    start = load_model_or_encoder(encoder)
+    changed = [
+        k
+        for k, v in start.encoder.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, model.encoder.state_dict()[k])
+    ]
+    assert changed  # the encoder itself was trained
+    with open(work / "joint_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for task in ("gender", "age", "identity"):
+        assert 0.0 <= float(rows[-1][f"{task}_val_acc"]) <= 1.0 and (work / f"{task}_confusion.png").is_file()
+    mean = sum(float(rows[-1][f"{t}_val_acc"]) for t in ("gender", "age", "identity")) / 3
+    assert float(rows[-1]["val_acc"]) == pytest.approx(mean, abs=1e-5)
+    assert (work / "joint_curves.png").is_file()
+
+    args[args.index("--epochs") + 1] = "3"  # resumes from the saved state: one more epoch
+    assert main(args) == 0
+    with open(work / "joint_log.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+    bad = tmp_path / "bad.safetensors"
+    on_columns = [
+        "train-joint",
+        "--checkpoint",
+        str(gender_model),
+        "--data",
+        f"age={utk}:age8",
+        "--out",
+        str(bad),
+    ]
+    assert main([*on_columns, *TINY]) == 2
+    assert "already has columns ['gender']" in _one_line_error(capsys)
+    unknown = [
+        "train-joint",
+        "--checkpoint",
+        str(encoder),
+        "--data",
+        f"age={utk}:age8",
+        "--weight",
+        "gender=2",
+    ]
+    assert main([*unknown, "--out", str(bad), *TINY]) == 2
+    assert "--weight names tasks that are not in --data: gender" in _one_line_error(capsys)
+    malformed = ["train-joint", "--checkpoint", str(encoder), "--data", f"age={utk}:age8", "--weight", "age"]
+    assert main([*malformed, "--out", str(bad), *TINY]) == 2
+    assert "NAME=VALUE" in _one_line_error(capsys)
+    assert not bad.exists()
 
 
 def test_user_mistakes_exit_2_with_one_line(data, gender_model, capsys, tmp_path):

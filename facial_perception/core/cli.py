@@ -121,7 +121,7 @@ def _add_model_source(p: argparse.ArgumentParser, required: bool = False) -> Non
     )
 
 
-def _add_column_training(p: argparse.ArgumentParser) -> None:
+def _add_column_training(p: argparse.ArgumentParser, feature_cache: bool = True) -> None:
     p.add_argument("--epochs", type=_positive_int, default=35, help="maximum epochs (paper: 35)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="per process (paper: 32)")
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
@@ -145,9 +145,12 @@ def _add_column_training(p: argparse.ArgumentParser) -> None:
         "--max-images", type=_positive_int, help="use a stratified subset of this many training images"
     )
     p.add_argument("--no-augment", action="store_true", help="no flips / affine / brightness augmentation")
-    p.add_argument(
-        "--no-feature-cache", action="store_true", help="run the frozen encoder every step (no feature cache)"
-    )
+    if feature_cache:
+        p.add_argument(
+            "--no-feature-cache",
+            action="store_true",
+            help="run the frozen encoder every step (no feature cache)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,6 +379,100 @@ def cmd_train_task(args: argparse.Namespace) -> int:
         f"{args.task}: best validation accuracy {100 * result.best_val_acc:.2f}% "
         f"at epoch {result.best_epoch} "
         f"({result.epochs_run} epochs run{', stopped early' if result.stopped_early else ''}); "
+        f"checkpoint {out}; logs and plots in {work}",
+    )
+    return 0
+
+
+def _named_values(items: Sequence[str] | None, what: str, convert: Any = str) -> dict[str, Any]:
+    """``NAME=VALUE`` items -> {name: convert(value)} with a one-line error on a bad item."""
+    values: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise CLIError(f"{what} expects NAME=VALUE, got {item!r}")
+        try:
+            values[name] = convert(value)
+        except ValueError as exc:
+            raise CLIError(f"{what} {item!r}: {exc}") from None
+    return values
+
+
+def cmd_train_joint(args: argparse.Namespace) -> int:
+    from facial_perception.core.joint import JointTask, train_jointly
+    from facial_perception.core.progressive import TaskSpec
+    from facial_perception.core.training import load_task_split
+
+    parsed = _parse_task_data(args.data)
+    names = [name for name, _path, _target in parsed]
+    val_paths = _named_values(args.val_data, "--val-data")
+    weights = _named_values(args.weight, "--weight", float)
+    for option, keys in (
+        ("--val-data", val_paths),
+        ("--weight", weights),
+        ("--soft-labels", args.soft_labels or []),
+    ):
+        unknown = sorted(set(keys) - set(names))
+        if unknown:
+            raise CLIError(f"{option} names tasks that are not in --data: {', '.join(unknown)}")
+    for path in val_paths.values():
+        _check_exists(path)
+    model = _load_base(args)
+    tasks = []
+    for name, path, target in parsed:
+        train, val = load_task_split(
+            path,
+            name,
+            model.config.input_size,
+            target=target,
+            val_path=val_paths.get(name),
+            val_fraction=args.val_fraction,
+            split_seed=args.split_seed,
+            max_images=args.max_images,
+            workers=args.workers,
+            image_cache=args.image_cache,
+            progress=not args.quiet,
+        )
+        kind = "identity" if name.startswith("identity") else "classification"
+        tasks.append(
+            JointTask(
+                TaskSpec(name, train.label_names or [], [], kind),
+                train,
+                val,
+                soft_targets=name in (args.soft_labels or []),
+                weight=weights.get(name, 1.0),
+            )
+        )
+        _say(
+            args,
+            f"{name}: {len(train)} training / {len(val)} validation images, "
+            f"{len(train.label_names or [])} classes",
+        )
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}_joint_work"
+    result = train_jointly(
+        model,
+        tasks,
+        work,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience_lr=args.lr_patience,
+        early_stopping=args.patience or None,
+        augment=not args.no_augment,
+        device=args.device,
+        seed=args.seed,
+        resume=not args.no_resume,
+        checkpoint_path=out,
+        progress=not args.quiet,
+    )
+    per_task = ", ".join(f"{n} {100 * a:.2f}%" for n, a in result.best_val_acc.items())
+    early = ", stopped early" if result.stopped_early else ""
+    _say(
+        args,
+        f"joint: best validation accuracy {per_task} (mean {100 * result.best_score:.2f}%) at epoch "
+        f"{result.best_epoch} ({result.epochs_run} epochs run{early}); "
         f"checkpoint {out}; logs and plots in {work}",
     )
     return 0
@@ -700,6 +797,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if a state file exists")
     _add_runtime(p)
     p.set_defaults(func=cmd_train_task)
+
+    p = sub.add_parser(
+        "train-joint", help="re-train the encoder with one new column per task, all tasks at once"
+    )
+    _add_model_source(p)
+    p.add_argument(
+        "--encoder-from",
+        metavar="FILE",
+        help="with --config: copy the encoder of this model/BEGAN checkpoint",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="NAME=PATH[:TARGET]",
+        help="one training dataset per task, e.g. emotion=FER2013Train gender=utk/train:gender",
+    )
+    p.add_argument(
+        "--val-data", nargs="+", metavar="NAME=PATH", help="validation datasets (else --val-fraction)"
+    )
+    p.add_argument(
+        "--soft-labels", nargs="+", metavar="NAME", help="tasks trained on FER+ vote distributions"
+    )
+    p.add_argument("--weight", nargs="+", metavar="NAME=W", help="loss weights (default 1 each)")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        help="optimizer steps per epoch, each one batch of every task (default: the largest set once)",
+    )
+    _add_column_training(p, feature_cache=False)
+    p.add_argument("--out", required=True, metavar="CKPT", help="output model checkpoint (.safetensors)")
+    p.add_argument("--work-dir", metavar="DIR", help="logs, plots, resume state (default: beside --out)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a state file exists")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_train_joint)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class recall, macro-F1, subgroups, calibration")
     p.add_argument("--checkpoint", required=True, metavar="FILE")
