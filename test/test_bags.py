@@ -462,32 +462,6 @@ def test_overlapped_stages_give_the_same_results_as_sequential(tmp_path, people_
     assert runs[True].summary["tracking"] == runs[False].summary["tracking"]
 
 
-def test_first_stage_in_a_process_gives_the_same_results_as_in_a_thread(tmp_path, people_dataset):
-    """Only the place of detection changes (a spawned process): every match, label and stamp must not."""
-    from facial_perception.bags.evaluate_bag import PipelineSettings
-
-    bag = tmp_path / "bag"
-    make_bag(people_dataset, bag, ["identity"], _opts("mcap", "compressed", frames=10), progress=False)
-    runs = {}
-    for process in (True, False):
-        settings = PipelineSettings(first_stage_process=process)  # the shipped model, built from settings
-        out = tmp_path / f"faces_{process}.mcap"
-        runs[process] = evaluate_offline(bag, settings=settings, output_bag=out, progress=False)
-    assert runs[True].matches == runs[False].matches and len(runs[True].matches) > 0
-    assert runs[True].summary["detection"] == runs[False].summary["detection"]
-    written = {}
-    for process in (True, False):
-        with BagReader(tmp_path / f"faces_{process}.mcap") as reader:
-            arrays = [
-                get_typestore().deserialize_cdr(raw, FACE_ARRAY_TYPE)
-                for *_, raw in reader.raw_messages([FACES_TOPIC])
-            ]
-        written[process] = [(stamp_to_ns(a.header.stamp), [f.track_id for f in a.faces]) for a in arrays]
-    assert written[True] == written[False] and len(written[True]) == 10
-    with pytest.raises(BagError, match="builds its pipeline from the settings"):
-        evaluate_offline(bag, object(), settings=PipelineSettings(first_stage_process=True), progress=False)
-
-
 def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_bags):
     """The benchmark's figures are measured, so only their consistency is checked, never a speed."""
     import json

@@ -113,3 +113,53 @@ def test_auto_prefers_blazeface() -> None:
     det = make_detector("auto")
     assert isinstance(det, BlazeFaceDetector)
     det.close()
+
+
+def _scenes(real_faces: list[np.ndarray]) -> list[np.ndarray]:
+    """Frames of several shapes with 1-3 real faces at several sizes (letterbox both ways)."""
+    from data_fixtures import real_face_files
+
+    lfw = [cv2.imread(str(p))[..., ::-1] for p in real_face_files("lfw", 6)]
+    rng = np.random.default_rng(0)
+    scenes = [*real_faces, cv2.resize(real_faces[1], (200, 330))]
+    for shape, faces in (((480, 640), 3), ((720, 400), 2), ((300, 300), 1), ((480, 640), 2)):
+        frame = np.full((*shape, 3), 90, np.uint8)
+        for k in range(faces):
+            face = lfw[(len(scenes) + k) % len(lfw)]
+            side = int(rng.integers(70, min(shape) // 2))
+            y, x = int(rng.integers(0, shape[0] - side)), (k * shape[1] // faces) + 5
+            x = min(x, shape[1] - side)
+            frame[y : y + side, x : x + side] = cv2.resize(face, (side, side))
+        scenes.append(frame)
+    return scenes
+
+
+@pytest.mark.parametrize("model", ["full", "short"])
+def test_litert_backend_finds_what_the_mediapipe_graph_finds(
+    model: str, real_faces: list[np.ndarray]
+) -> None:
+    """Same weights, same pre- and post-processing: the same boxes, scores and keypoints."""
+    # the short-range graph ignores min_detection_confidence and keeps its own 0.5
+    fast = BlazeFaceDetector(
+        model=model, backend="litert", min_face_size=0, min_score=0.5 if model == "short" else 0.6
+    )
+    graph = BlazeFaceDetector(model=model, backend="mediapipe", min_face_size=0)
+    assert (fast.backend, graph.backend) == ("litert", "mediapipe")
+    compared = 0
+    for scene in _scenes(real_faces):
+        mine = fast.detect(scene)
+        # the short-range graph lets through some faces below min_detection_confidence; ours does not
+        theirs = [d for d in graph.detect(scene) if d.score >= fast.min_score]
+        assert len(mine) == len(theirs), (scene.shape, [d.box for d in mine], [d.box for d in theirs])
+        for a, b in zip(mine, theirs, strict=True):
+            assert iou_matrix(a.box, b.box)[0, 0] > 0.995
+            assert abs(a.score - b.score) < 1e-3
+            assert np.abs(a.keypoints - b.keypoints).max() < 0.5
+            compared += 1
+    assert compared >= 8
+    fast.close()
+    with pytest.raises(DetectorError, match="closed"):
+        fast.detect(real_faces[0])
+    with pytest.raises(DetectorError, match="backend must be one of"):
+        BlazeFaceDetector(backend="tensorrt")
+    assert make_detector("blazeface_full").backend == "litert"  # the default when installed

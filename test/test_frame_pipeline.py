@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import stage_helpers
 import torch
 from data_fixtures import real_face_files
 from PIL import Image
@@ -23,7 +22,6 @@ from facial_perception.pipeline.detection import make_detector
 from facial_perception.pipeline.frame_pipeline import (
     FacePipelineError,
     FramePipeline,
-    ProcessStage,
     draw_annotations,
     overlapped,
 )
@@ -301,34 +299,6 @@ def test_overlapped_passes_on_a_failing_source() -> None:
 
     with pytest.raises(OSError, match="truncated file"):
         list(overlapped(source(), lambda x: x))
-
-
-def test_process_stage_keeps_order_and_passes_errors_on() -> None:
-    assert list(ProcessStage(stage_helpers.squares, (20,))) == [i * i for i in range(20)]
-    got = []
-    with pytest.raises(ValueError, match="bad frame 3"):
-        for value in ProcessStage(stage_helpers.squares, (10, 3)):
-            got.append(value)
-    assert got == [0, 1, 4]
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        ProcessStage(stage_helpers.missing_file, ("/nowhere/x.db3",)).wait_ready()
-
-
-def test_process_stage_reports_a_child_that_dies() -> None:
-    got = []
-    with pytest.raises(FacePipelineError, match="exit code 3"):
-        for value in ProcessStage(stage_helpers.squares, (10, None, 2)):
-            got.append(value)
-    assert got == [0, 1][: len(got)]  # a crash may lose items still in the queue's feeder thread
-
-
-def test_process_stage_stops_its_child_when_closed() -> None:
-    stage = ProcessStage(stage_helpers.squares, (None,), depth=2)  # endless
-    assert list(itertools.islice(stage, 5)) == [0, 1, 4, 9, 16]
-    stage.close()
-    assert not stage._child.is_alive()
-    with pytest.raises(StopIteration):
-        next(stage)
 
 
 def test_prepare_then_complete_equals_process(predictor, detector, frame: np.ndarray) -> None:

@@ -114,13 +114,6 @@ def add_subcommands(subparsers: Any) -> None:
         "--no-overlap", action="store_true", help="detect the next frame only after the model ran on this one"
     )
     off.add_argument(
-        "--first-stage",
-        choices=("thread", "process"),
-        default="thread",
-        help="where the next frame is decoded, detected, tracked and cropped: a thread (as in the node) "
-        "or a separate process (no shared GIL)",
-    )
-    off.add_argument(
         "--cpu-threads",
         type=int,
         default=1,
@@ -238,7 +231,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             gallery=args.gallery,
             overlap=not args.no_overlap,
-            first_stage_process=args.first_stage == "process",
             cpu_threads=max(0, args.cpu_threads),
         )
         evaluation = evaluate_offline(

@@ -17,8 +17,6 @@ together with ``/clock``, and matches the node's ``FaceArray`` results to frames
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import importlib
 import itertools
 import math
@@ -506,8 +504,6 @@ class PipelineSettings:
     gallery: str | None = None  # an identity gallery (SQLite) for identity labels
     # detect (and decode, track, crop) frame t+1 in a second thread while the model runs on frame t
     overlap: bool = True
-    # offline only: that first stage in a separate process instead of a thread (no shared GIL)
-    first_stage_process: bool = False
     cpu_threads: int = 1  # torch threads while evaluating on CPU (0 = torch's default); the node's default
 
 
@@ -615,48 +611,6 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-#: What the first stage hands to the second: stamp (ns), log time (ns), frame id, prepared frame.
-_Prepared = tuple[int, int, str, Any]
-
-
-def _first_stage(pipeline: Any, image: BagImage) -> _Prepared:
-    """Decode, detect, track, crop and preprocess one bag image."""
-    t0 = time.perf_counter()
-    rgb = decode_bag_image(image)
-    decode_ms = (time.perf_counter() - t0) * 1000.0
-    prepared = pipeline.prepare(rgb, stamp=image.stamp_ns / 1e9, decode_ms=decode_ms)
-    return image.stamp_ns, image.log_time_ns, getattr(image.message.header, "frame_id", ""), prepared
-
-
-@dataclass(frozen=True)
-class _InputSizeOnly:
-    """The first-stage process needs the model's input size, not the model."""
-
-    input_size: int
-
-    def predict(self, batch: Any) -> list[Any]:
-        raise BagError("the first-stage process has no model")
-
-
-def _first_stage_frames(
-    bag: str, storage: str, topic: str, max_frames: int | None, settings: PipelineSettings, input_size: int
-) -> Iterator[_Prepared]:
-    """Set-up of the ``first_stage_process`` child: its own reader, detector and tracker, one thread."""
-    import torch
-
-    torch.set_num_threads(1)
-    pipeline = build_pipeline(dataclasses.replace(settings, gallery=None), _InputSizeOnly(input_size))
-    reader = BagReader(bag, storage)
-
-    def frames() -> Iterator[_Prepared]:
-        with reader:
-            for image in itertools.islice(reader.images(topic), max_frames):
-                stamp_ns, log_time_ns, frame_id, prepared = _first_stage(pipeline, image)
-                yield stamp_ns, log_time_ns, frame_id, prepared.for_handoff()
-
-    return frames()
-
-
 def evaluate_offline(
     bag: str | os.PathLike[str],
     pipeline: Any = None,
@@ -682,7 +636,7 @@ def evaluate_offline(
     """
     from tqdm import tqdm
 
-    from facial_perception.pipeline.frame_pipeline import ProcessStage, overlapped
+    from facial_perception.pipeline.frame_pipeline import overlapped
 
     with BagReader(bag, storage) as reader:
         image_topic = reader.image_topic(topic)
@@ -697,10 +651,6 @@ def evaluate_offline(
         if pipeline is None:
             predictor, model_source = load_predictor(settings)
             pipeline = build_pipeline(settings, predictor)
-        elif overlap and settings.first_stage_process:
-            raise BagError(
-                "a first stage in its own process builds its pipeline from the settings: pass none"
-            )
         pipeline.reset()
         writer = (
             BagWriter(output_bag, "mcap" if str(output_bag).endswith(".mcap") else reader.storage)
@@ -723,31 +673,32 @@ def evaluate_offline(
             if writer:
                 writer.__enter__()
                 writer.add_topic(FACES_TOPIC, FACE_ARRAY_TYPE)
-            if overlap and settings.first_stage_process:
-                args = (str(bag), reader.storage, image_topic, max_frames, settings, pipeline.input_size)
-                stages: Iterator[_Prepared] = ProcessStage(_first_stage_frames, args)
-                stages.wait_ready()  # its imports and detector are set-up time, like the model's loading
-                start = time.perf_counter()
-            else:
-                images = itertools.islice(reader.images(image_topic), max_frames)
-                first = functools.partial(_first_stage, pipeline)
-                stages = (p for _im, p in overlapped(images, first)) if overlap else map(first, images)
+            images = itertools.islice(reader.images(image_topic), max_frames)
+
+            def prepare(image: BagImage) -> Any:  # first stage: decode, detect, track, crop
+                t0 = time.perf_counter()
+                rgb = decode_bag_image(image)
+                decode_ms = (time.perf_counter() - t0) * 1000.0
+                return pipeline.prepare(rgb, stamp=image.stamp_ns / 1e9, decode_ms=decode_ms)
+
+            stages = overlapped(images, prepare) if overlap else ((im, prepare(im)) for im in images)
             with _torch_threads(threads), contextlib.closing(stages):
-                for index, (stamp_ns, log_time_ns, frame_id, prepared) in enumerate(stages):
-                    result = pipeline.complete(prepared.after_handoff())  # model, smoothing, identity
+                for index, (image, prepared) in enumerate(stages):
+                    result = pipeline.complete(prepared)  # second stage: model, smoothing, identity
                     latency = result.timings.get("total", 0.0)
                     evaluator.add(
-                        stamp_ns,
-                        ground_truth.get(stamp_ns),
+                        image.stamp_ns,
+                        ground_truth.get(image.stamp_ns),
                         faces_from_frame_result(result),
                         latency,
                         result.timings,
                     )
                     if writer:
+                        frame_id = getattr(image.message.header, "frame_id", "")
                         writer.write(
                             FACES_TOPIC,
-                            log_time_ns + int(latency * 1e6),
-                            face_array_msg(result, stamp_ns, frame_id, latency, index + 1),
+                            image.log_time_ns + int(latency * 1e6),
+                            face_array_msg(result, image.stamp_ns, frame_id, latency, index + 1),
                         )
                     if on_frame:
                         on_frame(index, result)
@@ -1082,6 +1033,7 @@ def benchmark_offline(
        what any schedule of the stages could reach on this machine (``bound_fps``, ``bound_ratio``).
     The ratio (1) / (2) is the pipeline's efficiency (1.0 = no overhead beyond the model).
     """
+    import dataclasses
 
     import torch
 

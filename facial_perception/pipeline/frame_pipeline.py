@@ -18,7 +18,6 @@ Enrolment ("the next N frames of this face") is an :class:`EnrolmentCollector` f
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import dataclasses
 import queue
 import threading
@@ -45,7 +44,6 @@ __all__ = [
     "FramePipeline",
     "FrameResult",
     "PreparedFrame",
-    "ProcessStage",
     "TaskResult",
     "draw_annotations",
     "overlapped",
@@ -118,25 +116,6 @@ class PreparedFrame:
     timings: dict[str, float]
     stamp: float | None
     started: float  # perf_counter() when prepare began
-
-    def for_handoff(self) -> PreparedFrame:
-        """A copy that pickles small, for another process: no pixels, the batch as numpy.
-
-        :meth:`FramePipeline.complete` reads only the frame's height and width, so the frame
-        becomes a zero-channel array of the same size (a 640x480 frame is 900 KB, its faces' batch
-        a few KB); ``perf_counter`` is system-wide on Linux, so ``started`` stays comparable.
-        """
-        height, width = self.frame.shape[:2]
-        batch = self.batch.numpy() if hasattr(self.batch, "numpy") else self.batch
-        return dataclasses.replace(self, frame=np.empty((height, width, 0), np.uint8), batch=batch)
-
-    def after_handoff(self) -> PreparedFrame:
-        """Undo :meth:`for_handoff`'s numpy batch (the model takes tensors)."""
-        if isinstance(self.batch, np.ndarray):
-            import torch
-
-            return dataclasses.replace(self, batch=torch.from_numpy(self.batch))
-        return self
 
 
 @dataclass
@@ -620,130 +599,3 @@ def overlapped(
     finally:
         stop.set()
         worker.join(timeout=5.0)
-
-
-def _produce_in_child(handoff: Any, stop: Any, setup: Callable[..., Iterable[Any]], args: tuple) -> None:
-    """Child of :class:`ProcessStage`: set up, say ready, send every item, then the end or an error."""
-    import pickle
-
-    def put(entry: Any) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    try:
-        items = iter(setup(*args))
-        if not put(("ready", None)):
-            return
-        for item in items:
-            if not put(("item", item)):
-                return
-    except BaseException as exc:  # handed to the parent, raised there
-        try:
-            pickle.dumps(exc)
-        except Exception:
-            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-        put(("error", exc))
-        return
-    put(("end", None))
-
-
-class ProcessStage(Iterator[_T]):
-    """The items of ``setup(*args)``, computed in a separate (spawned) process, in order.
-
-    Why: :func:`overlapped` runs the first stage in a thread, and both stages then share one GIL;
-    the lite model spends much of its time in Python between small ops, so the detector's Python
-    parts and the model's queue behind each other.  A process has its own interpreter.
-
-    ``setup`` must be a module-level function and ``args`` picklable (the child re-imports the
-    module); it does the slow setup (imports, detector, opening files) and returns the iterator of
-    items.  :meth:`wait_ready` blocks until that setup is done (so a caller can time only the work).
-    At most ``depth`` items wait.  An exception in the child is raised here; a child that dies
-    without a word raises :class:`FacePipelineError`; :meth:`close` (or leaving a ``with``) stops it.
-    """
-
-    def __init__(
-        self, setup: Callable[..., Iterable[_T]], args: tuple = (), depth: int = 4, timeout: float = 120.0
-    ) -> None:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # no fork of a process with torch/DDS threads
-        self._queue = context.Queue(maxsize=max(1, int(depth)))
-        self._stop = context.Event()
-        self._timeout = float(timeout)
-        self._ready = self._done = False
-        self._child = context.Process(
-            target=_produce_in_child,
-            args=(self._queue, self._stop, setup, args),
-            name="pipeline-first-stage",
-            daemon=True,
-        )
-        self._child.start()
-
-    def _receive(self) -> tuple[str, Any]:
-        waited = 0.0
-        while True:
-            try:
-                return self._queue.get(timeout=0.5)
-            except queue.Empty:
-                waited += 0.5
-                if not self._child.is_alive():
-                    code = self._child.exitcode
-                    raise FacePipelineError(
-                        f"the first-stage process ended without a result (exit code {code})"
-                    ) from None
-                if waited > self._timeout:
-                    raise FacePipelineError(
-                        f"the first-stage process sent nothing for {self._timeout:.0f} s"
-                    ) from None
-
-    def _next_message(self) -> tuple[str, Any]:
-        kind, value = self._receive()
-        if kind == "error":
-            self.close()
-            raise value
-        return kind, value
-
-    def wait_ready(self) -> None:
-        """Block until the child has finished its setup."""
-        if not self._ready and not self._done:
-            kind, _ = self._next_message()
-            if kind != "ready":
-                raise FacePipelineError(f"the first-stage process sent {kind!r} before it was ready")
-            self._ready = True
-
-    def __next__(self) -> _T:
-        if self._done:
-            raise StopIteration
-        self.wait_ready()
-        kind, value = self._next_message()
-        if kind == "end":
-            self.close()
-            raise StopIteration
-        return value
-
-    def close(self) -> None:
-        """Stop the child (it may be waiting on a full queue) and release the queue."""
-        if self._done:
-            return
-        self._done = True
-        self._stop.set()
-        with contextlib.suppress(Exception):
-            while True:
-                self._queue.get_nowait()
-        self._child.join(timeout=5.0)
-        if self._child.is_alive():
-            self._child.terminate()
-            self._child.join(timeout=5.0)
-        self._queue.close()
-        self._queue.cancel_join_thread()
-
-    def __enter__(self) -> ProcessStage[_T]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
