@@ -50,7 +50,8 @@ setup(
     ],
     extras_require={
         # the offline BlazeFace detector (the Haar detector needs only OpenCV); see docs/INSTALL.md
-        "blazeface": ["mediapipe>=0.10.14"],
+        # (mediapipe ships the weights; ai-edge-litert runs them ~1 ms faster per frame than its graph)
+        "blazeface": ["mediapipe>=0.10.14", "ai-edge-litert>=2.0"],
         "bags": ["rosbags>=0.10"],
         "test": ["pytest>=8", "scikit-image>=0.22"],
     },

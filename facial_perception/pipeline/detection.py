@@ -280,7 +280,7 @@ class BlazeFaceDetector:
         if backend in ("auto", "litert"):
             try:
                 self._litert = _LiteRTBlazeFace(model, self.min_score)
-            except ImportError as exc:
+            except Exception as exc:  # not installed, or built for another numpy: use the graph
                 if backend == "litert":
                     raise DetectorError(
                         f"ai-edge-litert is not usable ({exc}); use backend 'mediapipe'"
