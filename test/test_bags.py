@@ -481,6 +481,7 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     assert r["bound_ratio"] == pytest.approx(r["bound_fps"] / r["model_only_fps"])
     assert set(r["sequential_stage_ms_mean"]) >= {"detect", "model"}
     assert set(r["other_detectors"]) == {"haar"}
+    assert (r["detector"], r["detector_backend"]) == ("blazeface_full", "litert")
     text = out_md.read_text()
     assert f"{r['offline_fps']:.1f} frames/s" in text and "upper bound of any schedule" in text
     assert "| haar |" in text and "| blazeface_full (default) |" in text

@@ -375,16 +375,16 @@ def _benchmark_markdown(r: dict[str, Any], json_path: str) -> str:
     return f"""# Bag evaluation benchmark
 
 Offline bag evaluation (`facial-perception-bag evaluate --mode offline`) runs the node's whole
-pipeline per frame: read + decode the image, detect (BlazeFace), track, crop, one model batch,
-smooth, score against the ground truth.  Two stages overlap, as in the node (`overlap_stages`): a
-second thread reads, decodes, detects, tracks and crops frame t+1 while the model (torch, 1 thread)
-runs on frame t.  Its throughput is compared with the model alone (`FacePredictor.predict` on
-preprocessed real face crops, torch's default threads, back to back) called with **the same
-sequence of batch sizes** (faces per frame): the ratio is the pipeline's efficiency, `1 - ratio`
-its overhead.  All passes run in the same process, one after the other: the evaluation,
-{len(r["model_only_passes_s"])} model-only passes (median taken), then the evaluation with one stage
-after the other on one thread, whose time per frame is the **CPU work per frame**: no schedule of
-the stages can beat `cores / work` frames/s on this machine (the bound below).
+pipeline per frame: read + decode the image, detect (BlazeFace; docs/PIPELINE.md), track, crop, one
+model batch, smooth, score against the ground truth. Two stages overlap, as in the node
+(`overlap_stages`): a second thread reads, decodes, detects, tracks and crops frame t+1 while the
+model (torch, 1 thread) runs on frame t. Its throughput is compared with the model alone
+(`FacePredictor.predict` on preprocessed real face crops, torch's default threads, back to back)
+called with **the same sequence of batch sizes** (faces per frame): the ratio is the pipeline's
+efficiency, `1 - ratio` its overhead. All passes run in the same process, one after the other: the
+evaluation, {len(r["model_only_passes_s"])} model-only passes (median taken), then the evaluation
+with one stage after the other on one thread, whose time per frame is the **CPU work per frame**: no
+schedule of the stages can beat `cores / work` frames/s on this machine (the bound below).
 
 Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}` and this file).
 
@@ -393,6 +393,7 @@ Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}
 | bag | {r["bag_description"]} |
 | frames | {r["frames"]} (faces per frame: {r["faces_per_frame"]}) |
 | model | {r["model"]} |
+| detector | {r.get("detector", "?")} ({r.get("detector_backend", "?")} back-end) |
 | device | {r["device"]}; torch threads: {threads} |
 | machine | {r["machine"]} |
 | offline evaluation (overlapped stages) | **{r["offline_fps"]:.1f} frames/s** |

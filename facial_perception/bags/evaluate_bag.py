@@ -1087,6 +1087,8 @@ def benchmark_offline(
         "model": source,
         "device": settings.device,
         "overlap": settings.overlap,
+        "detector": settings.detector,
+        "detector_backend": getattr(pipeline.detector, "backend", type(pipeline.detector).__name__),
         "pipeline_torch_threads": settings.cpu_threads or torch.get_num_threads(),
         "model_only_torch_threads": torch.get_num_threads(),
         "faces_per_frame": {str(k): batch_sizes.count(k) for k in sorted(set(batch_sizes))},
