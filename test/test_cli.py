@@ -327,12 +327,17 @@ def test_train_joint_retrains_the_encoder_with_every_task_and_resumes(
     utk = str(data["utkface"])
     args = ["train-joint", "--checkpoint", str(encoder), "--data", f"gender={utk}:gender", f"age={utk}:age8"]
     args += [f"identity={data['identities']}", "--weight", "identity=0.5", "--val-fraction", "0.3"]
+    args += ["--holdout-people", "identity=0.25"]  # one of the 4 people stays unseen (for fewshot)
+    args += ["--val-data", f"identity={data['identities']}"]  # its photos leave validation too
     args += ["--steps-per-epoch", "3", "--epochs", "2", "--out", str(out), "--work-dir", str(work), *TINY]
     assert main(args) == 0
     model, meta = load_model(out)
     assert model.task_names == ["gender", "age", "identity"]
     assert all(model.specs[t].laterals == [] for t in model.task_names)
-    assert model.specs["identity"].kind == "identity" and len(model.specs["identity"].labels) == 4
+    _known, held = split_people(read_identity_folders(data["identities"]), 0.25, seed=0)
+    unseen = {held.label_names[int(i)] for i in held.labels()}
+    assert len(unseen) == 1 and model.specs["identity"].kind == "identity"
+    assert len(model.specs["identity"].labels) == 3 and not unseen & set(model.specs["identity"].labels)
     assert meta["training"]["identity"]["loss_weight"] == 0.5 and meta["training"]["age"]["train_encoder"]
     start = load_model_or_encoder(encoder)
     changed = [

@@ -384,6 +384,14 @@ def cmd_train_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _holdout_fraction(text: str) -> float:
+    """A fraction in [0, 1) as a ValueError (``_named_values`` turns it into a one-line error)."""
+    try:
+        return _fraction(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _named_values(items: Sequence[str] | None, what: str, convert: Any = str) -> dict[str, Any]:
     """``NAME=VALUE`` items -> {name: convert(value)} with a one-line error on a bad item."""
     values: dict[str, Any] = {}
@@ -407,10 +415,12 @@ def cmd_train_joint(args: argparse.Namespace) -> int:
     names = [name for name, _path, _target in parsed]
     val_paths = _named_values(args.val_data, "--val-data")
     weights = _named_values(args.weight, "--weight", float)
+    holdout = _named_values(args.holdout_people, "--holdout-people", _holdout_fraction)
     for option, keys in (
         ("--val-data", val_paths),
         ("--weight", weights),
         ("--soft-labels", args.soft_labels or []),
+        ("--holdout-people", holdout),
     ):
         unknown = sorted(set(keys) - set(names))
         if unknown:
@@ -429,6 +439,7 @@ def cmd_train_joint(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             split_seed=args.split_seed,
             max_images=args.max_images,
+            holdout_people=holdout.get(name, 0.0),
             workers=args.workers,
             image_cache=args.image_cache,
             progress=not args.quiet,
@@ -821,6 +832,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--soft-labels", nargs="+", metavar="NAME", help="tasks trained on FER+ vote distributions"
     )
     p.add_argument("--weight", nargs="+", metavar="NAME=W", help="loss weights (default 1 each)")
+    p.add_argument(
+        "--holdout-people",
+        nargs="+",
+        metavar="NAME=F",
+        help="identity tasks: leave this share of the people out (kept unseen for `fewshot`)",
+    )
     p.add_argument(
         "--steps-per-epoch",
         type=_positive_int,

@@ -220,7 +220,17 @@ def load_task_split(
     names = list(dataset.label_names)
     if val_path is not None:
         train_set = dataset
-        val_set = open_task_dataset(val_path, task, layout, target, size, names)
+        if holdout_people > 0:  # the held-out people stay unseen in validation too
+            val_all = open_task_dataset(val_path, task, layout, target, size)
+            known = set(names)
+            keep = [
+                i
+                for i, s in enumerate(val_all.samples)
+                if s.label is not None and val_all.label_names[s.label] in known
+            ]
+            val_set = val_all.subset(keep).remap_labels(names)
+        else:
+            val_set = open_task_dataset(val_path, task, layout, target, size, names)
     else:
         if not 0.0 < val_fraction < 1.0:
             raise TrainingError(f"--val-fraction must be in (0, 1), got {val_fraction}")
