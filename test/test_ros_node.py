@@ -22,6 +22,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("facial_perception.msg", reason="interfaces not built: run scripts/setup.sh")
 
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from facial_perception.action import AddTaskColumn  # noqa: E402
 from facial_perception.msg import FaceArray  # noqa: E402
 from facial_perception.srv import EnrolIdentity, ForgetIdentity, ListIdentities, ListTasks  # noqa: E402
@@ -53,6 +54,8 @@ class Harness:
         self._cond = threading.Condition()
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.node.create_subscription(FaceArray, "/facial_perception/faces", self._on_faces, qos)
+        self.diagnostics: list[DiagnosticStatus] = []
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, qos)
         self.raw_pub = self.node.create_publisher(Image, TOPIC, 10)
         self.compressed_pub = self.node.create_publisher(CompressedImage, TOPIC + "/compressed", 10)
         self.lifecycle = LifecycleClient(self.node)
@@ -62,6 +65,11 @@ class Harness:
     def _on_faces(self, msg: FaceArray) -> None:
         with self._cond:
             self.faces.append(msg)
+            self._cond.notify_all()
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        with self._cond:
+            self.diagnostics += [s for s in msg.status if "face perception" in s.name]
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -224,6 +232,18 @@ def test_image_in_faces_out_with_header_and_lifecycle(harness, tmp_path):
         tasks = harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
         # the columns of the model the node loaded, in column order
         assert [t.name for t in tasks] == _expected_task_order()
+
+        # /diagnostics: what runs, and how it goes (ros4hri/hri_face_detect-style key/values)
+        def processed() -> dict[str, str] | None:
+            with harness._cond:
+                found = [{kv.key: kv.value for kv in s.values} for s in harness.diagnostics]
+            return next((v for v in reversed(found) if int(v.get("frames_processed", "0")) > 0), None)
+
+        harness.wait_until(lambda: processed() is not None, 30.0, "diagnostics after processed frames")
+        values = processed()
+        assert values["detector"] == "blazeface_full (litert)" and values["weights"] == "trained"
+        assert values["tasks"].split(",") == _expected_task_order() and values["image_topic"] == TOPIC
+        assert float(values["fps"]) >= 0.0 and float(values["latency_p50_ms"]) > 0.0
 
         # deactivate: the node stops publishing results
         harness.lifecycle.change(Transition.TRANSITION_DEACTIVATE)

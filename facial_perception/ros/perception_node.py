@@ -611,6 +611,13 @@ class PerceptionNode(LifecycleNode):
 
             torch.cuda.empty_cache()
 
+    def _detector_name(self) -> str:
+        """``blazeface_full (litert)``: the detector parameter and the back-end that runs it."""
+        detector = self.pipeline.detector if self.pipeline is not None else None
+        backend = getattr(detector, "backend", None)
+        name = str(self._p("detector"))
+        return f"{name} ({backend})" if backend else name
+
     def _device_name(self) -> str:
         predictor = self.pipeline.predictor if self.pipeline is not None else None
         return str(getattr(predictor, "device", "none"))
@@ -752,6 +759,7 @@ class PerceptionNode(LifecycleNode):
             "model_config": str(getattr(getattr(self.model, "config", None), "name", "")),
             "weights": "untrained" if self.model_source and self.model_source.untrained else "trained",
             "device": self._device_name(),
+            "detector": self._detector_name(),
             "tasks": ",".join(self.model.task_names) if self.model is not None else "",
             "image_topic": str(self._p("image_topic")),
             "training": self.trainer.status.state if self.trainer else "",
