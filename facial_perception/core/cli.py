@@ -345,32 +345,20 @@ def cmd_train_task(args: argparse.Namespace) -> int:
         spec = TaskSpec(
             args.task, train.label_names or [], list(args.laterals or []), kind or "classification"
         )
-        _say(
-            args,
-            f"{args.task}: {len(train)} training / {len(val)} validation images, {len(spec.labels)} classes",
-        )
+        _say_sizes(args, args.task, train, val)
         result = train_column(
             model,
             spec,
             train,
             val,
             work,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            patience_lr=args.lr_patience,
-            early_stopping=args.patience or None,
             train_encoder=args.train_encoder,
             use_feature_cache=not args.no_feature_cache,
-            augment=not args.no_augment,
             soft_targets=args.soft_labels,
             balance_by=args.balance_by,
-            device=args.device,
-            seed=args.seed,
-            resume=not args.no_resume,
             workers=args.workers if args.loader_workers else 0,
             checkpoint_path=out,
-            progress=not args.quiet,
+            **_schedule(args),
         )
     finally:
         shutdown(ctx)
@@ -382,6 +370,27 @@ def cmd_train_task(args: argparse.Namespace) -> int:
         f"checkpoint {out}; logs and plots in {work}",
     )
     return 0
+
+
+def _schedule(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options shared by train-task and train-joint (``_add_column_training``, runtime)."""
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "patience_lr": args.lr_patience,
+        "early_stopping": args.patience or None,
+        "augment": not args.no_augment,
+        "device": args.device,
+        "seed": args.seed,
+        "resume": not args.no_resume,
+        "progress": not args.quiet,
+    }
+
+
+def _say_sizes(args: argparse.Namespace, task: str, train: Any, val: Any) -> None:
+    classes = len(train.label_names or [])
+    _say(args, f"{task}: {len(train)} training / {len(val)} validation images, {classes} classes")
 
 
 def _holdout_fraction(text: str) -> float:
@@ -454,29 +463,11 @@ def cmd_train_joint(args: argparse.Namespace) -> int:
                 weight=weights.get(name, 1.0),
             )
         )
-        _say(
-            args,
-            f"{name}: {len(train)} training / {len(val)} validation images, "
-            f"{len(train.label_names or [])} classes",
-        )
+        _say_sizes(args, name, train, val)
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}_joint_work"
     result = train_jointly(
-        model,
-        tasks,
-        work,
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience_lr=args.lr_patience,
-        early_stopping=args.patience or None,
-        augment=not args.no_augment,
-        device=args.device,
-        seed=args.seed,
-        resume=not args.no_resume,
-        checkpoint_path=out,
-        progress=not args.quiet,
+        model, tasks, work, steps_per_epoch=args.steps_per_epoch, checkpoint_path=out, **_schedule(args)
     )
     per_task = ", ".join(f"{n} {100 * a:.2f}%" for n, a in result.best_val_acc.items())
     early = ", stopped early" if result.stopped_early else ""
