@@ -109,7 +109,19 @@ def _add_runtime(p: argparse.ArgumentParser, workers_default: int = 2) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
-def _add_model_source(p: argparse.ArgumentParser, required: bool = False) -> None:
+def _add_model_outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="CKPT", help="output model checkpoint (.safetensors)")
+    p.add_argument("--work-dir", metavar="DIR", help="logs, plots, resume state (default: beside --out)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a state file exists")
+
+
+def _add_model_source(p: argparse.ArgumentParser, required: bool = False, encoder_from: bool = False) -> None:
+    if encoder_from:
+        p.add_argument(
+            "--encoder-from",
+            metavar="FILE",
+            help="with --config: copy the encoder of this model/BEGAN checkpoint (e.g. other column widths)",
+        )
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument(
         "--checkpoint", metavar="FILE", help="model (.safetensors) or BEGAN encoder checkpoint to start from"
@@ -757,12 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train-task", help="train one task column (optionally with laterals) and save the model"
     )
-    _add_model_source(p)
-    p.add_argument(
-        "--encoder-from",
-        metavar="FILE",
-        help="with --config: copy the encoder of this model/BEGAN checkpoint (e.g. other column widths)",
-    )
+    _add_model_source(p, encoder_from=True)
     p.add_argument("--task", required=True, help="task (column) name, e.g. emotion, age, gender, identity")
     p.add_argument("--data", required=True, metavar="PATH", help="dataset folder")
     p.add_argument(
@@ -794,21 +801,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-encoder", action="store_true", help="re-train the encoder with the column")
     p.add_argument("--loader-workers", action="store_true", help="also use --workers for the batch loader")
     _add_column_training(p)
-    p.add_argument("--out", required=True, metavar="CKPT", help="output model checkpoint (.safetensors)")
-    p.add_argument("--work-dir", metavar="DIR", help="logs, plots, resume state (default: beside --out)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if a state file exists")
+    _add_model_outputs(p)
     _add_runtime(p)
     p.set_defaults(func=cmd_train_task)
 
     p = sub.add_parser(
         "train-joint", help="re-train the encoder with one new column per task, all tasks at once"
     )
-    _add_model_source(p)
-    p.add_argument(
-        "--encoder-from",
-        metavar="FILE",
-        help="with --config: copy the encoder of this model/BEGAN checkpoint",
-    )
+    _add_model_source(p, encoder_from=True)
     p.add_argument(
         "--data",
         nargs="+",
@@ -835,9 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps per epoch, each one batch of every task (default: the largest set once)",
     )
     _add_column_training(p, feature_cache=False)
-    p.add_argument("--out", required=True, metavar="CKPT", help="output model checkpoint (.safetensors)")
-    p.add_argument("--work-dir", metavar="DIR", help="logs, plots, resume state (default: beside --out)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if a state file exists")
+    _add_model_outputs(p)
     _add_runtime(p)
     p.set_defaults(func=cmd_train_joint)
 
