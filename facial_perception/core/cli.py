@@ -384,9 +384,9 @@ def cmd_train_task(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schedule(args: argparse.Namespace) -> dict[str, Any]:
-    """The training options shared by train-task and train-joint (``_add_column_training``, runtime)."""
-    return {
+def _schedule(args: argparse.Namespace, one_run: bool = True) -> dict[str, Any]:
+    """Training options from ``_add_column_training`` and runtime flags; ``one_run`` adds seed, resume."""
+    options: dict[str, Any] = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -394,10 +394,11 @@ def _schedule(args: argparse.Namespace) -> dict[str, Any]:
         "early_stopping": args.patience or None,
         "augment": not args.no_augment,
         "device": args.device,
-        "seed": args.seed,
-        "resume": not args.no_resume,
         "progress": not args.quiet,
     }
+    if one_run:
+        options.update(seed=args.seed, resume=not args.no_resume)
+    return options
 
 
 def _say_sizes(args: argparse.Namespace, task: str, train: Any, val: Any) -> None:
@@ -562,17 +563,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         tasks.append(ablation.task_data_from_split(name, train, val))
-    kwargs: dict[str, Any] = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "patience_lr": args.lr_patience,
-        "early_stopping": args.patience or None,
-        "augment": not args.no_augment,
-        "use_feature_cache": not args.no_feature_cache,
-        "device": args.device,
-        "progress": not args.quiet,
-    }
+    kwargs = {**_schedule(args, one_run=False), "use_feature_cache": not args.no_feature_cache}
     if args.experiment == "encoder":
         result = ablation.frozen_vs_retrained(model, tasks, args.out, args.runs, args.seed, **kwargs)
     elif args.experiment == "laterals":
