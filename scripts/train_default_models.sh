@@ -16,7 +16,7 @@ BEGAN_STEPS=${BEGAN_STEPS:-3000}
 EMOTION_EPOCHS=${EMOTION_EPOCHS:-50}
 EMOTION_PATIENCE=${EMOTION_PATIENCE:-8}
 EMOTION2_EPOCHS=${EMOTION2_EPOCHS:-25}
-JOINT_EPOCHS=${JOINT_EPOCHS:-14}
+JOINT_EPOCHS=${JOINT_EPOCHS:-18}
 TASK_EPOCHS=${TASK_EPOCHS:-80}
 # the frozen-encoder columns train on cached features in seconds per epoch: a 10x larger step than the
 # paper's 1e-4, halved on plateaus, converged in ~30 epochs where 1e-4 was still rising (docs/MODEL_CARD.md)

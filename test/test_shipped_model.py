@@ -38,16 +38,15 @@ def test_shipped_checkpoint_is_small_and_complete() -> None:
 
 
 def test_sensible_labels_on_real_photos(predictor, real_faces: list[np.ndarray]) -> None:
-    """The demo photos: astronaut Eileen Collins (smiling) and Grace Hopper, both adults.
+    """The demo photos: astronaut Eileen Collins (smiling) and Grace Hopper, both adult women.
 
-    The astronaut's gender is deliberately not asserted: the shipped model calls her male (short
-    hair, uniform), a known error recorded in docs/MODEL_CARD.md.
+    (v3 called the astronaut male: short hair, uniform; v4 gets her right.)
     """
     pipeline = FramePipeline(predictor, make_detector("blazeface_full"))
     astronaut, hopper = [pipeline.process(photo).faces for photo in real_faces]
     assert len(astronaut) == 1 and len(hopper) == 1
     assert astronaut[0].tasks["emotion"].label == "happiness"
-    assert hopper[0].tasks["gender"].label == "female"
+    assert hopper[0].tasks["gender"].label == "female" and astronaut[0].tasks["gender"].label == "female"
     for face in (astronaut[0], hopper[0]):
         assert face.tasks["age"].label not in AGE8_GROUPS[:3]  # not a child
         assert face.embedding is not None and abs(np.linalg.norm(face.embedding) - 1.0) < 1e-5
