@@ -155,6 +155,7 @@ def test_litert_backend_finds_what_the_mediapipe_graph_finds(
             assert iou_matrix(a.box, b.box)[0, 0] > 0.995
             assert abs(a.score - b.score) < 1e-3
             assert np.abs(a.keypoints - b.keypoints).max() < 0.5
+            assert a.keypoints.dtype == b.keypoints.dtype == np.float32 and a.box.dtype == np.float32
             compared += 1
     assert compared >= 8
     fast.close()

@@ -191,9 +191,7 @@ def train_jointly(
                 model.add_column(task.spec, train_encoder=True)
             except ValueError as exc:
                 raise TrainingError(str(exc)) from None
-    for name in model.task_names:
-        model.freeze(name)
-    for name in [*names, "encoder"]:
+    for name in [*names, "encoder"]:  # add_column froze the earlier ones; there are no others
         model.unfreeze(name)
     model.to(dev)
 

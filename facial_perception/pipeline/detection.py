@@ -215,7 +215,7 @@ class _LiteRTBlazeFace:
         detections = []
         for box, pts, score in _weighted_nms(boxes, points, scores, _NMS_IOU):
             corners = ((box.reshape(2, 2) - offset) / content * pixels).reshape(4)
-            keypoints = (pts - offset) / content * pixels
+            keypoints = ((pts - offset) / content * pixels).astype(np.float32)  # as the graph's
             detections.append(Detection(box=corners.astype(np.float32), score=score, keypoints=keypoints))
         return detections
 
