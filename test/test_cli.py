@@ -295,7 +295,21 @@ def test_columns_renames_and_drops_and_a_wider_column_reuses_the_encoder(
     assert "OLD=NEW" in _one_line_error(capsys)
     assert main(["columns", "--checkpoint", str(renamed), "--drop", "age", "--out", str(tmp_path / "y")]) == 2
     assert "no column named 'age'" in _one_line_error(capsys)
-    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y").exists()
+    bad = ["columns", "--checkpoint", str(renamed), "--mirror-average", "age", "--out", str(tmp_path / "w")]
+    assert main(bad) == 2
+    assert "no column named 'age'" in _one_line_error(capsys)
+    assert not any((tmp_path / name).exists() for name in ("x.safetensors", "y", "w"))
+    mirrored = tmp_path / "mirrored.safetensors"
+    edit = ["columns", "--checkpoint", str(renamed), "--out", str(mirrored)]
+    assert main([*edit, "--mirror-average", "sex"]) == 0
+    assert "sex (laterals: none; mirror averaging)" in capsys.readouterr().out
+    assert load_model(mirrored)[0].specs["sex"].mirror_average and not new.specs["sex"].mirror_average
+    assert main(["info", "--checkpoint", str(mirrored)]) == 0
+    assert "inference with mirror averaging (sex)" in capsys.readouterr().out
+    edit[2] = str(mirrored)
+    assert main([*edit, "--no-mirror-average", "sex"]) == 0
+    assert "sex (laterals: none)" in capsys.readouterr().out
+    assert not load_model(mirrored)[0].specs["sex"].mirror_average
 
     assert main(["info", "--checkpoint", str(gender_model), "--print-config"]) == 0
     wide = json.loads(capsys.readouterr().out)

@@ -192,6 +192,32 @@ def test_rename_column_keeps_order_outputs_freezing_and_lateral_users() -> None:
     assert net.task_names == ["first", "b"]  # failed renames change nothing
 
 
+def test_mirror_average_averages_face_and_mirror_probabilities_only_where_asked() -> None:
+    torch.manual_seed(5)
+    specs = [TaskSpec("a", ["x", "y"], mirror_average=True)]
+    specs.append(TaskSpec("b", ["p", "q", "r"], ["a"], kind="identity"))
+    net = ProgressiveNet(TINY, specs).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.inference_mode():
+        out = net.predict(x)
+        plain, mirrored = net(x), net(x.flip(-1))
+    soft = lambda o, name: torch.softmax(o[name].logits, dim=1)  # noqa: E731
+    torch.testing.assert_close(out["a"].probabilities, (soft(plain, "a") + soft(mirrored, "a")) / 2)
+    assert not torch.allclose(out["a"].probabilities, soft(plain, "a"))  # the mirror pass changed it
+    torch.testing.assert_close(out["b"].probabilities, soft(plain, "b"))  # not asked: the face only
+    torch.testing.assert_close(out["b"].embedding, plain["b"].embedding)  # embeddings never mirrored
+    net.rename_column("a", "c")
+    assert net.specs["c"].mirror_average  # a renamed column keeps its inference setting
+    only_b = net.predict(x, ["b"])  # its lateral source is mirror-averaged, b is not: one plain pass
+    torch.testing.assert_close(only_b["b"].probabilities, soft(plain, "b"))
+    round_trip = TaskSpec.from_dict(net.specs["c"].to_dict())
+    assert round_trip.mirror_average and round_trip == net.specs["c"]
+    legacy = {"name": "g", "labels": ["m", "f"], "laterals": [], "kind": "classification"}
+    assert TaskSpec.from_dict(legacy).mirror_average is False  # checkpoints written before the option
+    with pytest.raises(ModelError, match="mirror_average must be true or false"):
+        TaskSpec.from_dict(legacy | {"mirror_average": "yes"})
+
+
 def test_task_subsets_run_their_lateral_sources_and_cached_features_match() -> None:
     torch.manual_seed(1)
     net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"])]).eval()

@@ -645,11 +645,18 @@ def cmd_columns(args: argparse.Namespace) -> int:
             model.rename_column(old, new)
             if old in meta:
                 meta[new] = meta.pop(old)
+        for names, on in ((args.mirror_average or [], True), (args.no_mirror_average or [], False)):
+            for name in names:
+                if name not in model.specs:
+                    raise ModelError(f"no column named {name!r} (columns: {model.task_names})")
+                model.specs[name].mirror_average = on
     except ModelError as exc:
         raise CLIError(str(exc)) from exc
     save_model(args.out, model, meta)
     columns = ", ".join(
-        f"{name} (laterals: {', '.join(model.specs[name].laterals) or 'none'})" for name in model.task_names
+        f"{name} (laterals: {', '.join(model.specs[name].laterals) or 'none'}"
+        f"{'; mirror averaging' if model.specs[name].mirror_average else ''})"
+        for name in model.task_names
     )
     _say(args, f"{args.out}: {columns or 'no columns'}")
     return 0
@@ -896,10 +903,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_fewshot)
 
-    p = sub.add_parser("columns", help="drop or rename task columns of a checkpoint, written to a new file")
+    p = sub.add_parser(
+        "columns", help="drop, rename or set mirror averaging of task columns; written to a new file"
+    )
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model checkpoint to edit")
     p.add_argument("--drop", nargs="+", metavar="TASK", help="columns to remove (not lateral sources)")
     p.add_argument("--rename", nargs="+", metavar="OLD=NEW", help="columns to rename (after --drop)")
+    p.add_argument(
+        "--mirror-average", nargs="+", metavar="TASK",
+        help="at inference, average these columns' probabilities over the face and its mirror image",
+    )  # fmt: skip
+    p.add_argument("--no-mirror-average", nargs="+", metavar="TASK", help="turn mirror averaging off")
     p.add_argument("--out", required=True, metavar="FILE", help="the edited model (written atomically)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_columns)

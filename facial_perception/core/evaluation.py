@@ -465,7 +465,8 @@ def predict_probabilities(
     batch_size: int = 128,
     progress: bool = False,
 ) -> np.ndarray:
-    """Soft-max probabilities (N, C) of ``task`` for uint8 grey faces (N, S, S), in batches."""
+    """Probabilities (N, C) of ``task`` for uint8 grey faces (N, S, S), in batches, exactly as the
+    node computes them (:meth:`ProgressiveNet.predict`: with the column's mirror averaging)."""
     import torch
 
     from facial_perception.core.preprocess import normalise_tensor
@@ -478,8 +479,8 @@ def predict_probabilities(
         for start in tqdm(range(0, len(images), batch_size), desc=f"evaluating {task}", disable=not progress,
                           leave=False, unit="batch"):  # fmt: skip
             x = normalise_tensor(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])))
-            logits = model(x.unsqueeze(1).to(device), [task])[task].logits
-            out[start : start + len(x)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            probs = model.predict(x.unsqueeze(1).to(device), [task])[task].probabilities
+            out[start : start + len(x)] = probs.cpu().numpy()
     return out
 
 

@@ -113,6 +113,8 @@ def model_info(config: ModelConfig | str, specs: Sequence[TaskSpec] | None = Non
             "columns": {name: gflop(m) for name, m in column_macs.items()},
             "shared_total": gflop(shared_macs),
             "independent_total": gflop(independent_macs),
+            # columns with mirror averaging run the whole network a second time on the mirror image
+            "inference": gflop(shared_macs) * (2 if any(s.mirror_average for s in specs) else 1),
         },
     }
 
@@ -155,13 +157,16 @@ def format_model_info(info: dict[str, Any]) -> str:
             gflop["independent_total"],
         )
     )
+    mirrored = [t["name"] for t in info["tasks"] if t.get("mirror_average")]
+    if mirrored:
+        rows.append((f"inference with mirror averaging ({', '.join(mirrored)})", "", gflop["inference"]))
     width = max(len(r[0]) for r in rows)
     lines = [
         f"config {info['config']}: input {info['input']}, shared feature map {info['feature_map']}",
         f"{'part':<{width}}  {'params':>12}  {'GFLOP/face':>10}",
         f"{'-' * width}  {'-' * 12}  {'-' * 10}",
     ]
-    lines += [f"{name:<{width}}  {n:>12,}  {g:>10.4f}" for name, n, g in rows]
+    lines += [f"{name:<{width}}  {(f'{n:,}' if n != '' else ''):>12}  {g:>10.4f}" for name, n, g in rows]
     lines.append(
         f"BEGAN training only: encoder FC {params['encoder_fc']:,}, decoder {params['decoder']:,}, "
         f"generator {params['generator']:,} parameters"

@@ -154,8 +154,8 @@ class FacePredictor:
             x = batch.to(self.device, dtype=dtype, non_blocking=True)
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            outputs = model(x, tasks)
-            probabilities = {n: F.softmax(o.logits.float(), dim=1).cpu().numpy() for n, o in outputs.items()}
+            outputs = model.predict(x, tasks)
+            probabilities = {n: o.probabilities.cpu().numpy() for n, o in outputs.items()}
             identity = next((n for n in outputs if model.specs[n].kind == "identity"), None)
             embeddings = (
                 F.normalize(outputs[identity].embedding.float(), dim=1).cpu().numpy() if identity else None
