@@ -470,12 +470,17 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
 
     out_json, out_md = tmp_path / "bench.json", tmp_path / "BENCH.md"
     args = ["benchmark", "--bag", str(small_bags["sqlite3"]), "--json-out", str(out_json)]
-    args += ["--markdown", str(out_md), "--compare-detectors", "haar", "--no-progress"]
+    args += ["--markdown", str(out_md), "--compare-detectors", "haar", "--no-progress", "--repeats", "2"]
     assert bag_main(args) == 0
     r = json.loads(out_json.read_text())
     assert r["frames"] == 6 and sum(r["faces_per_frame"].values()) == 6
     assert r["offline_fps"] > 0 and r["model_only_fps"] > 0 and r["sequential_fps"] > 0
-    assert r["ratio"] == pytest.approx(r["offline_fps"] / r["model_only_fps"])
+    assert r["repeats"] == 2 and len(r["offline_runs_fps"]) == len(r["model_only_passes_s"]) == 2
+    pairs = zip(r["offline_runs_fps"], r["model_only_passes_s"], r["paired_ratios"], strict=True)
+    for fps, seconds, ratio in pairs:
+        assert ratio == pytest.approx(fps / (r["frames"] / seconds))  # each pair: evaluation / model only
+    assert r["ratio"] == pytest.approx(float(np.median(r["paired_ratios"])))
+    assert r["offline_fps"] == pytest.approx(float(np.median(r["offline_runs_fps"])))
     assert r["cpu_work_ms_per_frame"] == pytest.approx(1000.0 / r["sequential_fps"])
     assert r["bound_fps"] == pytest.approx(r["cores"] * r["sequential_fps"])
     assert r["bound_ratio"] == pytest.approx(r["bound_fps"] / r["model_only_fps"])
@@ -485,3 +490,7 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     text = out_md.read_text()
     assert f"{r['offline_fps']:.1f} frames/s" in text and "upper bound of any schedule" in text
     assert "| haar |" in text and "| blazeface_full (default) |" in text
+    # the shipped model averages over mirror images: the same run also measures it without
+    plain = r["without_mirror"]
+    assert plain["mirror_tasks"] == ["emotion", "gender", "age"] and plain["ratio"] > 0
+    assert f"| mirror averaging off | {plain['offline_fps']:.1f} |" in text

@@ -1014,24 +1014,34 @@ def _clock_msg(cls: Any, stamp_ns: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def _count_faces_into(counts: list[int]) -> Callable[[int, Any], None]:
+    """An ``on_frame`` callback that appends each frame's number of faces to ``counts``."""
+    return lambda _index, result: counts.append(len(result.faces))
+
+
 def benchmark_offline(
     bag: str | os.PathLike[str],
     settings: PipelineSettings | None = None,
     *,
     progress: bool = True,
-    model_repeats: int = 3,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """Offline evaluation throughput vs model-only throughput at the same batch sizes, in one run.
+
+    ``repeats`` times, one right after the other (so that a change of the machine's speed during
+    the run hits both alike; shared virtual machines drift by tens of percent within minutes):
 
     1. :func:`evaluate_offline` on the bag as configured (default: overlapped stages, torch
        ``cpu_threads`` = 1): read, decode, detect, track, crop, batch, model, smooth, score;
     2. ``FacePredictor.predict`` alone on preprocessed real face crops, with the same sequence of
-       batch sizes (faces per frame), with torch's default threads (all cores), ``model_repeats``
-       times: the median pass is the model-only throughput;
+       batch sizes (faces per frame), with torch's default threads (all cores).
+
+    The ratio is the median of the paired ratios (1) / (2): the pipeline's efficiency (1.0 = no
+    overhead beyond the model); the throughputs are the medians of each. Then once:
+
     3. the same evaluation with one stage after the other on one thread (no overlap, torch
        ``cpu_threads``): its time per frame is the CPU work per frame, so ``cores / work`` bounds
        what any schedule of the stages could reach on this machine (``bound_fps``, ``bound_ratio``).
-    The ratio (1) / (2) is the pipeline's efficiency (1.0 = no overhead beyond the model).
     """
     import dataclasses
 
@@ -1054,23 +1064,24 @@ def benchmark_offline(
     pool = preprocess_batch([crops[i % len(crops)] for i in range(settings.max_faces)], pipeline.input_size)
     for b in range(1, 4):  # warm up every common batch shape once, for both measurements
         predictor.predict(pool[:b])
-    batch_sizes: list[int] = []
 
-    def on_frame(_: int, result: Any) -> None:
-        batch_sizes.append(len(result.faces))
-
-    evaluation = evaluate_offline(bag, pipeline, settings=settings, progress=progress, on_frame=on_frame)
-    s = evaluation.summary
-    frames = len(batch_sizes)
-    offline_fps = frames / s["elapsed_s"]
-
-    model_passes: list[float] = []  # seconds per pass over the batch-size sequence
-    for _ in range(max(1, model_repeats)):
+    offline_runs: list[float] = []  # frames/s of each evaluation
+    model_passes: list[float] = []  # seconds per model-only pass over the batch-size sequence
+    for _ in range(max(1, repeats)):
+        batch_sizes: list[int] = []
+        evaluation = evaluate_offline(
+            bag, pipeline, settings=settings, progress=progress, on_frame=_count_faces_into(batch_sizes)
+        )
+        offline_runs.append(len(batch_sizes) / evaluation.summary["elapsed_s"])
         start = time.perf_counter()
         for b in batch_sizes:
             if b:
                 predictor.predict(pool[:b])
         model_passes.append(time.perf_counter() - start)
+    s = evaluation.summary
+    frames = len(batch_sizes)
+    ratios = [fps * t / frames for fps, t in zip(offline_runs, model_passes, strict=True)]
+    offline_fps = float(np.median(offline_runs))
     model_s = float(np.median(model_passes))
     model_fps = frames / model_s if model_s > 0 else float("inf")
 
@@ -1092,10 +1103,13 @@ def benchmark_offline(
         "pipeline_torch_threads": settings.cpu_threads or torch.get_num_threads(),
         "model_only_torch_threads": torch.get_num_threads(),
         "faces_per_frame": {str(k): batch_sizes.count(k) for k in sorted(set(batch_sizes))},
+        "repeats": len(offline_runs),
         "offline_fps": offline_fps,
+        "offline_runs_fps": offline_runs,
         "model_only_fps": model_fps,
         "model_only_passes_s": model_passes,
-        "ratio": offline_fps / model_fps,
+        "paired_ratios": ratios,
+        "ratio": float(np.median(ratios)),
         "sequential_fps": sequential_fps,
         "sequential_ratio": sequential_fps / model_fps,
         "sequential_stage_ms_mean": seq_eval.summary["stage_ms_mean"],
