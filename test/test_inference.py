@@ -114,6 +114,20 @@ def test_from_checkpoint_matches_the_in_memory_model(tmp_path: Path) -> None:
         FacePredictor.from_checkpoint(tmp_path / "missing.safetensors", device="cpu")
 
 
+def test_mirror_averaging_from_a_checkpoint_and_switched_off(tmp_path: Path) -> None:
+    net = _net(7)
+    net.specs["emotion"].mirror_average = True  # a lateral target: its source gender stays faces-only
+    path = tmp_path / "m.safetensors"
+    save_model(path, net)
+    batch = torch.rand(3, 1, 16, 16) * 2 - 1
+    plain, mirrored = _reference(net, batch), _reference(net, batch.flip(-1))
+    expected = dict(plain, emotion=(plain["emotion"] + mirrored["emotion"]) / 2)
+    _check(FacePredictor.from_checkpoint(path, device="cpu").predict(batch), expected)
+    assert not np.allclose(expected["emotion"], plain["emotion"], atol=1e-4)
+    faces_only = FacePredictor.from_checkpoint(path, device="cpu", mirror_average=False)
+    _check(faces_only.predict(batch), plain)  # the node's mirror_average:=false
+
+
 def test_set_model_hot_swaps_while_other_threads_predict() -> None:
     old, new = _net(5), _net(6)
     predictor = FacePredictor(old, device="cpu")

@@ -43,6 +43,7 @@ PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "image_reliability": (Parameter.Type.STRING, {"best_effort", "reliable"}),
     "device": (Parameter.Type.STRING, {"auto", "cpu", "cuda"}),
     "half": (Parameter.Type.STRING, {"auto", "true", "false"}),
+    "mirror_average": (Parameter.Type.BOOL, None),
     "cpu_threads": (Parameter.Type.INTEGER, None),
     "overlap_stages": (Parameter.Type.BOOL, None),
     "model_path": (Parameter.Type.STRING, None),

@@ -115,6 +115,11 @@ def add_subcommands(subparsers: Any) -> None:
         "--no-overlap", action="store_true", help="detect the next frame only after the model ran on this one"
     )
     off.add_argument(
+        "--no-mirror-average",
+        action="store_true",
+        help="faces only: ignore the columns' mirror averaging (the node's mirror_average false)",
+    )
+    off.add_argument(
         "--cpu-threads",
         type=int,
         default=1,
@@ -246,6 +251,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             gallery=args.gallery,
             overlap=not args.no_overlap,
             cpu_threads=max(0, args.cpu_threads),
+            mirror_average=not args.no_mirror_average,
         )
         evaluation = evaluate_offline(
             args.bag,
@@ -332,10 +338,9 @@ def _benchmark(args: argparse.Namespace) -> int:
             result["other_detectors"][detector] = {k: other[k] for k in _COMPARED}
         result["without_mirror"] = None
         if not args.no_compare_mirror:
-            plain = _without_mirror_averaging(result["model"], Path(tmp) / "no_mirror.safetensors")
-            if plain is not None:  # the model averages some columns over mirror images
-                path, tasks = plain
-                other = measure(PipelineSettings(checkpoint=str(path)))
+            tasks = _mirror_averaged_columns(result["model"])
+            if tasks:  # the model averages some columns over mirror images: measure it without, too
+                other = measure(PipelineSettings(checkpoint=args.checkpoint, mirror_average=False))
                 result["without_mirror"] = {k: other[k] for k in _COMPARED} | {"mirror_tasks": tasks}
     result["bag_description"] = made or f"`{args.bag}`"
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -359,21 +364,14 @@ _COMPARED = (
 )
 
 
-def _without_mirror_averaging(model_path: str, out: Path) -> tuple[Path, list[str]] | None:
-    """The benchmarked model with mirror averaging off, saved to ``out``, and the columns that had it
-    (None if none had it)."""
-    from facial_perception.core.checkpoint import load_model, save_model
+def _mirror_averaged_columns(model_path: str) -> list[str]:
+    """Columns of the checkpoint at ``model_path`` with mirror averaging ([] for an untrained stand-in)."""
+    from facial_perception.core.checkpoint import load_model
 
-    if not Path(model_path).is_file():  # an untrained stand-in model: nothing to compare
-        return None
-    model, meta = load_model(model_path)
-    mirrored = [spec for spec in model.specs.values() if spec.mirror_average]
-    if not mirrored:
-        return None
-    for spec in mirrored:
-        spec.mirror_average = False
-    save_model(out, model, meta.get("training") or {})
-    return out, [spec.name for spec in mirrored]
+    if not Path(model_path).is_file():
+        return []
+    model, _ = load_model(model_path)
+    return [name for name in model.task_names if model.specs[name].mirror_average]
 
 
 def _mirror_table(r: dict[str, Any]) -> str:

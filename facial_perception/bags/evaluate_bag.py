@@ -505,6 +505,7 @@ class PipelineSettings:
     # detect (and decode, track, crop) frame t+1 in a second thread while the model runs on frame t
     overlap: bool = True
     cpu_threads: int = 1  # torch threads while evaluating on CPU (0 = torch's default); the node's default
+    mirror_average: bool = True  # the columns' mirror averaging (the node's parameter of the same name)
 
 
 #: The trained default model shipped inside the package (the node uses the same file).
@@ -528,7 +529,10 @@ def load_predictor(settings: PipelineSettings | None = None) -> tuple[Any, str]:
         if path is not None:
             if not path.is_file():
                 raise BagError(f"checkpoint not found: {path}")
-            return FacePredictor.from_checkpoint(path, device=settings.device), str(path)
+            predictor = FacePredictor.from_checkpoint(
+                path, device=settings.device, mirror_average=settings.mirror_average
+            )
+            return predictor, str(path)
         from facial_perception.core.config import get_config
         from facial_perception.core.progressive import ProgressiveNet, default_task_specs
 

@@ -60,8 +60,11 @@ class FacePredictor:
         half: bool | None = None,
         tasks: Iterable[str] | None = None,
         max_batch: int = 64,
+        mirror_average: bool = True,
     ) -> None:
         self.device = resolve_device(device)
+        # False: ignore the columns' mirror averaging (each face once through the network: faster)
+        self.mirror_average = bool(mirror_average)
         self.half = self.device.type == "cuda" if half is None else bool(half)
         if self.half and self.device.type != "cuda":
             raise InferenceError("half precision inference needs a CUDA device; use half=False on CPU")
@@ -81,12 +84,15 @@ class FacePredictor:
         half: bool | None = None,
         tasks: Iterable[str] | None = None,
         max_batch: int = 64,
+        mirror_average: bool = True,
     ) -> FacePredictor:
         """Load a ``.safetensors`` model (raises ``CheckpointError`` on a bad file)."""
         from facial_perception.core.checkpoint import load_model
 
         model, meta = load_model(path)
-        predictor = cls(model, device=device, half=half, tasks=tasks, max_batch=max_batch)
+        predictor = cls(
+            model, device=device, half=half, tasks=tasks, max_batch=max_batch, mirror_average=mirror_average
+        )
         predictor.metadata = {k: v for k, v in meta.items() if k != "extra_tensors"}
         return predictor
 
@@ -154,7 +160,7 @@ class FacePredictor:
             x = batch.to(self.device, dtype=dtype, non_blocking=True)
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            outputs = model.predict(x, tasks)
+            outputs = model.predict(x, tasks, mirror=self.mirror_average)
             probabilities = {n: o.probabilities.cpu().numpy() for n, o in outputs.items()}
             identity = next((n for n in outputs if model.specs[n].kind == "identity"), None)
             embeddings = (

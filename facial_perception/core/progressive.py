@@ -459,15 +459,18 @@ class ProgressiveNet(nn.Module):
         """Encoder once, then the columns in order (laterals come from the same input)."""
         return self.forward_features(self.encoder.forward_features(x), tasks)
 
-    def predict(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, TaskProbabilities]:
+    def predict(
+        self, x: torch.Tensor, tasks: Iterable[str] | None = None, mirror: bool = True
+    ) -> dict[str, TaskProbabilities]:
         """Inference: class probabilities (float32) and embeddings of ``tasks`` for a batch ``x``.
 
         Columns whose spec asks for ``mirror_average`` get the mean of the probabilities of the
-        faces and of their mirror images (one forward pass over both); embeddings always come
-        from the faces as given. Call under ``torch.inference_mode()`` in eval mode.
+        faces and of their mirror images (one forward pass over both) unless ``mirror`` is False
+        (faster: faces only); embeddings always come from the faces as given. Call under
+        ``torch.inference_mode()`` in eval mode.
         """
         _, keep = self._resolve(tasks)
-        mirrored = any(self.specs[name].mirror_average for name in keep)
+        mirrored = mirror and any(self.specs[name].mirror_average for name in keep)
         n = x.shape[0]
         if mirrored:
             both = torch.cat([x, x.flip(-1)])

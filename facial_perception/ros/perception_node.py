@@ -123,6 +123,12 @@ PARAMETERS: tuple[_Param, ...] = (
     _Param("device", "auto", "Inference device: auto, cpu, cuda or cuda:N"),
     _Param("half", "auto", "fp16 inference: auto (on CUDA), true or false"),
     _Param(
+        "mirror_average",
+        True,
+        "Average a column's probabilities over the face and its mirror image where the model asks for it "
+        "(shipped model: emotion, gender, age; about twice the model's time per face); false: faces only",
+    ),
+    _Param(
         "overlap_stages",
         True,
         "Detect the next frame while the model runs on this one (two worker threads); false: one after "
@@ -243,7 +249,9 @@ def select_model(model_path: str, columns_dir: str) -> ModelSource:
     return ModelSource(None, "untrained lite model (no trained checkpoint found)")
 
 
-def _load_predictor(source: ModelSource, device: str, half: bool | None) -> tuple[Any, Any]:
+def _load_predictor(
+    source: ModelSource, device: str, half: bool | None, mirror_average: bool = True
+) -> tuple[Any, Any]:
     """``(FacePredictor, ProgressiveNet)`` for ``source``; imports torch lazily (slow first import)."""
     from facial_perception.core.inference import FacePredictor
 
@@ -252,9 +260,11 @@ def _load_predictor(source: ModelSource, device: str, half: bool | None) -> tupl
         from facial_perception.core.progressive import ProgressiveNet, default_task_specs
 
         model = ProgressiveNet(get_config("lite"), default_task_specs()).eval()
-        predictor = FacePredictor(model, device=device, half=half)
+        predictor = FacePredictor(model, device=device, half=half, mirror_average=mirror_average)
     else:
-        predictor = FacePredictor.from_checkpoint(source.path, device=device, half=half)
+        predictor = FacePredictor.from_checkpoint(
+            source.path, device=device, half=half, mirror_average=mirror_average
+        )
     return predictor, predictor.model
 
 
@@ -435,7 +445,9 @@ class PerceptionNode(LifecycleNode):
         threads = int(self._p("cpu_threads"))
         if threads > 0:  # process-wide; measured: 1 thread gave more fps and less CPU (docs/BENCHMARK_ROS.md)
             torch.set_num_threads(threads)
-        predictor, self.model = _load_predictor(self.model_source, str(self._p("device")), half)
+        predictor, self.model = _load_predictor(
+            self.model_source, str(self._p("device")), half, bool(self._p("mirror_average"))
+        )
         self._half = half
         # Per-column training records (val accuracy, trained_at); kept on the model so that the next
         # save of an added column carries the earlier columns' records too.
@@ -935,7 +947,8 @@ class PerceptionNode(LifecycleNode):
         """Hot swap: a predictor over the trained model replaces the live one between two frames."""
         from facial_perception.core.inference import FacePredictor
 
-        predictor = FacePredictor(model, device=str(self._p("device")), half=self._half)
+        device, mirror = str(self._p("device")), bool(self._p("mirror_average"))
+        predictor = FacePredictor(model, device=device, half=self._half, mirror_average=mirror)
         self.pipeline.set_predictor(predictor)
         self.model = predictor.model
         self._column_meta = dict(getattr(model, "training_meta", {}) or {})
