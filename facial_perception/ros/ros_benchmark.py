@@ -253,11 +253,14 @@ def _expect(reports: Any, kind: str, timeout: float, camera: Any) -> Any:
     return payload
 
 
-def run_benchmark(args: argparse.Namespace, node_transports: str = "") -> BenchmarkResult:
+def run_benchmark(
+    args: argparse.Namespace, node_transports: str = "", mirror_average: bool = True
+) -> BenchmarkResult:
     """Start the node, publish for warmup + duration seconds, collect results and resource samples.
 
     ``node_transports`` sets ``FASTDDS_BUILTIN_TRANSPORTS`` for the node process only ("" = the node's
     own choice); the publisher, like a camera driver, keeps the environment's transports.
+    ``mirror_average`` is the node's parameter of that name.
     """
     from facial_perception.ros.perception_node import select_model
 
@@ -269,6 +272,7 @@ def run_benchmark(args: argparse.Namespace, node_transports: str = "") -> Benchm
         "gallery_path": str(workdir / "gallery.db"),
         "columns_dir": args.columns_dir or str(workdir / "columns"),
         "publish_debug_image": False,
+        "mirror_average": mirror_average,
     }
     if args.model_path:
         params["model_path"] = args.model_path
@@ -284,6 +288,7 @@ def run_benchmark(args: argparse.Namespace, node_transports: str = "") -> Benchm
         "image_reliability": args.reliability,
         "device": args.device,
         "detector": args.detector or "node default",
+        "mirror_average": mirror_average,
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
@@ -438,7 +443,27 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
     for row in result.timeline():
         cells = [f"{row['t_s']:.0f}", _fmt(row["fps"]), _fmt(row["latency_p95_ms"]), _fmt(row["cpu_percent"])]
         lines.append("| " + " | ".join([*cells, _fmt(row["rss_mb"])]) + " |")
-    if result.comparisons:
+    transports = [c for c in result.comparisons if c.get("kind", "transports") == "transports"]
+    mirror = [c for c in result.comparisons if c.get("kind") == "mirror_average"]
+    if mirror:
+        lines += [
+            "",
+            "## Mirror averaging (node parameter `mirror_average`; same run, one after the other)",
+            "",
+            "With `true` (the default) the columns that ask for it (shipped model: emotion, gender, age) "
+            "average their probabilities over the face and its mirror image: twice the model's work per "
+            "face (docs/MODEL_CARD.md#mirror-averaging).",
+            "",
+            "| mirror_average | processed fps | latency p50 / p95 / p99 (ms) | node CPU % |",
+            "|---|---|---|---|",
+        ]
+        for c in [{"settings": st, "summary": s}, *mirror]:
+            summ = c["summary"]
+            lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
+            on = str(c["settings"].get("mirror_average", True)).lower()
+            cpu = _fmt(summ["cpu_percent_mean"])
+            lines.append(f"| {on} | {_fmt(summ['processed_fps'])} | {lat} | {cpu} |")
+    if transports:
         lines += [
             "",
             "## Fast DDS transports of the node (same run, one after the other)",
@@ -450,7 +475,7 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
             "|---|---|---|---|---|",
         ]
         runs = [(st["node_fastdds_transports"], s)] + [
-            (c["settings"]["node_fastdds_transports"], c["summary"]) for c in result.comparisons
+            (c["settings"]["node_fastdds_transports"], c["summary"]) for c in transports
         ]
         for name, summ in runs:
             lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
@@ -501,6 +526,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also run the benchmark with these node transports, for comparison (default: DEFAULT)",
     )
+    parser.add_argument(
+        "--no-compare-mirror",
+        action="store_true",
+        help="skip the second run with the node's mirror_average false",
+    )
     return parser
 
 
@@ -516,7 +546,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for transports in args.compare_transports:
             print(f"benchmark: again with the node on FASTDDS_BUILTIN_TRANSPORTS={transports}", flush=True)
             other = run_benchmark(args, transports)
-            result.comparisons.append({"settings": other.settings, "summary": other.summary()})
+            result.comparisons.append(
+                {"kind": "transports", "settings": other.settings, "summary": other.summary()}
+            )
+        if not args.no_compare_mirror:
+            print("benchmark: again with the node's mirror_average false", flush=True)
+            other = run_benchmark(args, args.node_transports, mirror_average=False)
+            result.comparisons.append(
+                {"kind": "mirror_average", "settings": other.settings, "summary": other.summary()}
+            )
     except DemoError as exc:
         print(f"ros_benchmark: error: {exc}", file=sys.stderr)
         return 1
