@@ -117,6 +117,7 @@ def test_from_checkpoint_matches_the_in_memory_model(tmp_path: Path) -> None:
 def test_mirror_averaging_from_a_checkpoint_and_switched_off(tmp_path: Path) -> None:
     net = _net(7)
     net.specs["emotion"].mirror_average = True  # a lateral target: its source gender stays faces-only
+    assert not SPECS[1].mirror_average  # the network edits its own copy of the spec
     path = tmp_path / "m.safetensors"
     save_model(path, net)
     batch = torch.rand(3, 1, 16, 16) * 2 - 1

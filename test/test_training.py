@@ -211,10 +211,12 @@ def test_soft_targets_and_cancel(task_data, tmp_path):
     soft[np.arange(len(train)), train.labels] = 0.9
     soft_train = ColumnData(train.images, train.labels, soft, label_names=LABELS)
     result = train_column(
-        fresh_model(), TaskSpec("inverted", LABELS), soft_train, val, tmp_path / "soft", epochs=2,
+        fresh_model(), TaskSpec("inverted", LABELS), soft_train, val, tmp_path / "soft", epochs=10,
         soft_targets=True, plots=False, **FAST,
     )  # fmt: skip
-    assert result.epochs_run == 2 and result.history[1]["train_loss"] < result.history[0]["train_loss"]
+    # (the first epochs hover at chance on some CPUs; 8 epochs sufficed on AVX2 and AVX-512 hosts)
+    losses = [h["train_loss"] for h in result.history]
+    assert result.epochs_run == 10 and losses[-1] < losses[0] and result.best_val_acc >= 0.8
     stop = threading.Event()
     stop.set()
     cancelled = train_column(
@@ -282,6 +284,6 @@ def test_group_balance_weights_equalise_cells_and_train(task_data, tmp_path):
 
     model = fresh_model()
     result = train_column(
-        model, TaskSpec("inversion", LABELS), train, val, tmp_path, epochs=2, balance_by=["race"], **FAST
+        model, TaskSpec("inversion", LABELS), train, val, tmp_path, epochs=10, balance_by=["race"], **FAST
     )
-    assert result.best_val_acc > 0.5
+    assert result.best_val_acc >= 0.8

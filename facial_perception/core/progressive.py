@@ -305,6 +305,7 @@ class ProgressiveNet(nn.Module):
         """Append a column; freeze the encoder (unless ``train_encoder``) and every earlier column."""
         if not isinstance(spec, TaskSpec):
             raise ModelError(f"add_column expects a TaskSpec, got {type(spec).__name__}")
+        spec = dataclasses.replace(spec)  # the network's own copy: editing it never changes the caller's
         if spec.name in self.columns:
             raise ModelError(f"a column named {spec.name!r} already exists (columns: {self.task_names})")
         unknown = [s for s in spec.laterals if s not in self.columns]
