@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -303,11 +302,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    import platform
     import tempfile
 
     from facial_perception.bags.evaluate_bag import PipelineSettings, benchmark_offline
     from facial_perception.bags.make_bag import MakeBagOptions, make_bag
+    from facial_perception.core.benchmark import machine_summary
     from facial_perception.core.fileio import atomic_write_text
 
     progress = not args.no_progress
@@ -343,7 +342,7 @@ def _benchmark(args: argparse.Namespace) -> int:
                 other = measure(PipelineSettings(checkpoint=args.checkpoint, mirror_average=False))
                 result["without_mirror"] = {k: other[k] for k in _COMPARED} | {"mirror_tasks": tasks}
     result["bag_description"] = made or f"`{args.bag}`"
-    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    result["machine"] = machine_summary()
     atomic_write_text(Path(args.json_out), json.dumps(result, indent=2) + "\n")
     atomic_write_text(Path(args.markdown), _benchmark_markdown(result, args.json_out))
     print(

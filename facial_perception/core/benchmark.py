@@ -71,6 +71,17 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def machine_summary() -> str:
+    """One line for benchmark reports: CPU, its SIMD flags (shared VMs move between hosts, and an
+    AVX2 host runs this model about half as fast as an AVX-512 one), cores, torch, Python."""
+    m = machine_info(torch.device("cpu"))
+    simd = ", ".join(m["simd"]) or "SIMD flags unknown"
+    return (
+        f"{m['cpu']} ({simd}), {m['usable_cores']} usable cores, torch {m['torch']}, Python {m['python']}, "
+        f"{platform.machine()}"
+    )
+
+
 def _load() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]

@@ -262,6 +262,7 @@ def run_benchmark(
     own choice); the publisher, like a camera driver, keeps the environment's transports.
     ``mirror_average`` is the node's parameter of that name.
     """
+    from facial_perception.core.benchmark import machine_summary
     from facial_perception.ros.perception_node import select_model
 
     workdir = Path(tempfile.mkdtemp(prefix="fp_benchmark_"))
@@ -291,7 +292,7 @@ def run_benchmark(
         "mirror_average": mirror_average,
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
-        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        "machine": f"{platform.system()}, {machine_summary()}",
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "resource_sampler": "psutil" if _has_psutil() else "/proc",
         "load_average_1min_at_start": round(os.getloadavg()[0], 2),
