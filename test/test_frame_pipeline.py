@@ -314,3 +314,41 @@ def test_prepare_then_complete_equals_process(predictor, detector, frame: np.nda
                 np.testing.assert_allclose(
                     fa.tasks[task].probabilities, fb.tasks[task].probabilities, atol=1e-6
                 )
+
+
+class CountingDetector:
+    """The real detector, counting the frames it is run on."""
+
+    def __init__(self, detector) -> None:
+        self.detector, self.calls = detector, 0
+
+    def detect(self, rgb: np.ndarray):
+        self.calls += 1
+        return self.detector.detect(rgb)
+
+
+def test_detect_every_runs_the_detector_on_every_nth_frame_and_tracks_between(
+    predictor, detector, frame: np.ndarray
+) -> None:
+    counting = CountingDetector(detector)
+    pipeline = _pipeline(predictor, counting, detect_every=3)
+    moving = [np.roll(frame, 6 * i, axis=1) for i in range(7)]  # the faces move 6 px right per frame
+    results = [pipeline.process(f) for f in moving]
+    assert counting.calls == 3  # frames 0, 3 and 6
+    assert [[face.track_id for face in r.faces] for r in results] == [[1, 2]] * 7
+    x = [[float(face.box[0]) for face in r.faces] for r in results]
+    assert x[1] == x[0]  # no motion known yet after one detection
+    assert all(a < b for a, b in zip(x[3], x[4], strict=True))  # after two: the faces move on
+    for r in results:
+        assert all(face.tasks["emotion"].probabilities.sum() == pytest.approx(1.0) for face in r.faces)
+    # the same frames, detected every frame: same faces and ids on the detected frames
+    every = _pipeline(predictor, detector)
+    reference = [every.process(f) for f in moving]
+    for i in (0, 3, 6):
+        for a, b in zip(results[i].faces, reference[i].faces, strict=True):
+            assert a.track_id == b.track_id and np.allclose(a.box, b.box)
+    pipeline.reset()  # a new sequence starts with a detection
+    pipeline.process(frame)
+    assert counting.calls == 4
+    with pytest.raises(FacePipelineError, match="detect_every must be >= 1"):
+        _pipeline(predictor, detector, detect_every=0)

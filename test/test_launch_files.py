@@ -49,6 +49,7 @@ PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "model_path": (Parameter.Type.STRING, None),
     "detector": (Parameter.Type.STRING, {"blazeface", "blazeface_full", "haar", "auto"}),
     "detection_threshold": (Parameter.Type.DOUBLE, (0.0, 1.0)),
+    "detect_every": (Parameter.Type.INTEGER, (1, 30)),
     "max_faces": (Parameter.Type.INTEGER, (1, 64)),
     "min_face_size": (Parameter.Type.INTEGER, (8, 4096)),
     "tracker_iou": (Parameter.Type.DOUBLE, (0.0, 1.0)),

@@ -506,6 +506,7 @@ class PipelineSettings:
     overlap: bool = True
     cpu_threads: int = 1  # torch threads while evaluating on CPU (0 = torch's default); the node's default
     mirror_average: bool = True  # the columns' mirror averaging (the node's parameter of the same name)
+    detect_every: int = 1  # run the detector on every n-th frame, track in between (the node's parameter)
 
 
 #: The trained default model shipped inside the package (the node uses the same file).
@@ -560,6 +561,8 @@ def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = No
         predictor, _ = load_predictor(settings)
     if not 0.0 <= settings.smoothing < 1.0:
         raise BagError(f"smoothing must be in [0, 1), got {settings.smoothing}")
+    if settings.detect_every < 1:
+        raise BagError(f"detect_every must be >= 1, got {settings.detect_every}")
     try:
         detector = make_detector(
             settings.detector,
@@ -584,6 +587,7 @@ def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = No
         smoother=PredictionSmoother(alpha=1.0 - settings.smoothing),  # the node's mapping
         gallery=gallery,
         max_faces=settings.max_faces,
+        detect_every=settings.detect_every,
     )
 
 
@@ -1125,4 +1129,5 @@ def benchmark_offline(
         "stage_ms_mean": s["stage_ms_mean"],
         "latency_ms": s["latency_ms"],
         "detection_recall": s.get("detection", {}).get("recall"),
+        "detection_precision": s.get("detection", {}).get("precision"),
     }

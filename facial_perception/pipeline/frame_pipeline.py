@@ -193,9 +193,12 @@ class FramePipeline:
         max_faces: int = 5,
         crop_offset_y: float = -0.08,
         known_identity_threshold: float = 1.01,
+        detect_every: int = 1,
     ) -> None:
         if max_faces < 1:
             raise FacePipelineError(f"max_faces must be >= 1, got {max_faces}")
+        if detect_every < 1:
+            raise FacePipelineError(f"detect_every must be >= 1, got {detect_every}")
         if crop_margin < 0:
             raise FacePipelineError(f"crop_margin must be >= 0, got {crop_margin}")
         self.detector = detector
@@ -211,6 +214,11 @@ class FramePipeline:
         # trained on ("known identities"); only a confident classification counts (> 1 disables it).
         self.known_identity_threshold = float(known_identity_threshold)
         self.max_faces = int(max_faces)
+        # Run the detector on every n-th frame only; in between, the faces of the last frame move on
+        # along their tracks' constant-velocity prediction (saves detector CPU; a face that appears
+        # is found up to n - 1 frames late, one that leaves is reported as long).
+        self.detect_every = int(detect_every)
+        self._frames_since_detection = self.detect_every  # the first frame is always detected
         self._lock = threading.Lock()
         self._collectors: list[EnrolmentCollector] = []
         self._predictor = predictor
@@ -233,6 +241,30 @@ class FramePipeline:
         """Forget tracks and smoothing state (e.g. between bag sequences)."""
         self.tracker.reset()
         self.smoother.reset()
+        self._frames_since_detection = self.detect_every
+
+    def _detect_or_predict(self, frame: np.ndarray) -> tuple[list[Detection], bool]:
+        """(faces of this frame, whether the detector ran): the detector runs on every
+        ``detect_every``-th frame; in between, the faces of the previous frame move on along their
+        tracks' constant-velocity prediction (clipped to the frame)."""
+        if self._frames_since_detection + 1 < self.detect_every:
+            self._frames_since_detection += 1
+            height, width = frame.shape[:2]
+            limits = np.array([width, height, width, height], dtype=np.float32)
+            faces = []
+            for track in self.tracker.tracks:
+                if track.missed or track.hits < self.tracker.min_hits:
+                    continue  # only faces seen in the previous frame go on
+                box = np.minimum(np.maximum(track.predicted_box(), 0.0), limits).astype(np.float32)
+                if box[2] - box[0] < 2 or box[3] - box[1] < 2:  # moved out of the frame
+                    continue
+                shift = (box[:2] + box[2:]) / 2 - (track.box[:2] + track.box[2:]) / 2
+                points = None if track.keypoints is None else (track.keypoints + shift).astype(np.float32)
+                faces.append(Detection(box=box, score=track.score, keypoints=points))
+            return faces, False
+        self._frames_since_detection = 0
+        detections = self.detector.detect(frame)
+        return sorted(detections, key=lambda d: d.area, reverse=True)[: self.max_faces], True
 
     def crop(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
         """The face crop fed to the model, framed like the training images."""
@@ -263,8 +295,7 @@ class FramePipeline:
             input_size = self.input_size
 
         t = time.perf_counter()
-        detections = self.detector.detect(frame)
-        detections = sorted(detections, key=lambda d: d.area, reverse=True)[: self.max_faces]
+        detections, _ = self._detect_or_predict(frame)
         t = _timed(timings, "detect", t)
 
         # Snapshots: the tracker updates its Track objects in place on the next frame, which may be

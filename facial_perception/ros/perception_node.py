@@ -153,6 +153,13 @@ PARAMETERS: tuple[_Param, ...] = (
     ),
     _Param("detector", "blazeface_full", "Face detector: blazeface_full, blazeface (near), haar, auto"),
     _Param("detection_threshold", 0.6, "Minimum detector score", (0.0, 1.0)),
+    _Param(
+        "detect_every",
+        1,
+        "Run the detector on every n-th processed frame; in between, faces follow their tracks' "
+        "motion (less CPU; new faces found up to n-1 frames late)",
+        (1, 30),
+    ),
     _Param("max_faces", 10, "Most faces per frame (largest first)", (1, 64)),
     _Param("min_face_size", 24, "Smallest face side in pixels", (8, 4096)),
     _Param("tracker_iou", 0.3, "Minimum IoU to continue a track", (0.0, 1.0)),
@@ -476,6 +483,7 @@ class PerceptionNode(LifecycleNode):
             gallery=self.gallery if bool(self._p("identity_enabled")) else None,
             max_faces=int(self._p("max_faces")),
             known_identity_threshold=float(self._p("known_identity_threshold")),
+            detect_every=int(self._p("detect_every")),
         )
         self._warm_up()
         self.trainer = ColumnTrainer(
