@@ -416,50 +416,43 @@ def _mirror_table(r: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _detect_every_table(r: dict[str, Any]) -> str:
-    others = r.get("detect_every") or {}
-    if not others:
-        return ""
+def _detection_table(intro: str, column: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Same-run comparison rows: throughput, ratio, detection recall / precision, detector time."""
     rows = [
         "",
-        "The detector on every n-th frame only (node parameter `detect_every`; in between the faces follow "
-        "their tracks), same bag, same run; recall counts a face found late as missed in the frames before:",
+        intro,
         "",
-        "| detect_every | offline frames/s | model only frames/s | ratio | detection recall / precision "
+        f"| {column} | offline frames/s | model only frames/s | ratio | detection recall / precision "
         "| detect ms | CPU work ms/frame | bound ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, o in [("1 (default)", r), *others.items()]:
+    for name, o in runs:
         recall, precision = o["detection_recall"] or 0, o.get("detection_precision") or 0
-        found = f"{100 * recall:.1f}% / {100 * precision:.1f}%"
         rows.append(
             f"| {name} | {o['offline_fps']:.1f} | {o['model_only_fps']:.1f} | {100 * o['ratio']:.1f}% | "
-            f"{found} | {o['stage_ms_mean'].get('detect', 0):.1f} | "
+            f"{100 * recall:.1f}% / {100 * precision:.1f}% | {o['stage_ms_mean'].get('detect', 0):.1f} | "
             f"{o['cpu_work_ms_per_frame']:.2f} | {100 * o['bound_ratio']:.0f}% |"
         )
     return "\n".join(rows) + "\n"
+
+
+def _detect_every_table(r: dict[str, Any]) -> str:
+    others = r.get("detect_every") or {}
+    intro = (
+        "The detector on every n-th frame only (node parameter `detect_every`; in between the faces follow "
+        "their tracks), same bag, same run; recall counts a face found late as missed in the frames before:"
+    )
+    return _detection_table(intro, "detect_every", [("1 (default)", r), *others.items()]) if others else ""
 
 
 def _other_detectors_table(r: dict[str, Any]) -> str:
     others = r.get("other_detectors") or {}
-    if not others:
-        return ""
-    rows = [
-        "",
+    intro = (
         "Other detectors, same bag, same run (the node's default is `blazeface_full`, the full-range "
-        "model for faces up to ~5 m; `blazeface` is the short-range model, faces within ~2 m):",
-        "",
-        "| detector | offline frames/s | model only frames/s | ratio | detection recall | detect ms "
-        "| CPU work ms/frame | bound ratio |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, o in [("blazeface_full (default)", r), *others.items()]:
-        rows.append(
-            f"| {name} | {o['offline_fps']:.1f} | {o['model_only_fps']:.1f} | {100 * o['ratio']:.1f}% | "
-            f"{100 * (o['detection_recall'] or 0):.1f}% | {o['stage_ms_mean'].get('detect', 0):.1f} | "
-            f"{o['cpu_work_ms_per_frame']:.2f} | {100 * o['bound_ratio']:.0f}% |"
-        )
-    return "\n".join(rows) + "\n"
+        "model for faces up to ~5 m; `blazeface` is the short-range model, faces within ~2 m):"
+    )
+    runs = [("blazeface_full (default)", r), *others.items()]
+    return _detection_table(intro, "detector", runs) if others else ""
 
 
 def _verdict_paragraph(r: dict[str, Any]) -> str:
