@@ -243,10 +243,10 @@ class FramePipeline:
         self.smoother.reset()
         self._frames_since_detection = self.detect_every
 
-    def _detect_or_predict(self, frame: np.ndarray) -> tuple[list[Detection], bool]:
-        """(faces of this frame, whether the detector ran): the detector runs on every
-        ``detect_every``-th frame; in between, the faces of the previous frame move on along their
-        tracks' constant-velocity prediction (clipped to the frame)."""
+    def _detect_or_predict(self, frame: np.ndarray) -> list[Detection]:
+        """The faces of this frame: the detector runs on every ``detect_every``-th frame; in between,
+        the faces of the previous frame move on along their tracks' constant-velocity prediction
+        (clipped to the frame)."""
         if self._frames_since_detection + 1 < self.detect_every:
             self._frames_since_detection += 1
             height, width = frame.shape[:2]
@@ -261,10 +261,10 @@ class FramePipeline:
                 shift = (box[:2] + box[2:]) / 2 - (track.box[:2] + track.box[2:]) / 2
                 points = None if track.keypoints is None else (track.keypoints + shift).astype(np.float32)
                 faces.append(Detection(box=box, score=track.score, keypoints=points))
-            return faces, False
+            return faces
         self._frames_since_detection = 0
         detections = self.detector.detect(frame)
-        return sorted(detections, key=lambda d: d.area, reverse=True)[: self.max_faces], True
+        return sorted(detections, key=lambda d: d.area, reverse=True)[: self.max_faces]
 
     def crop(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
         """The face crop fed to the model, framed like the training images."""
@@ -295,7 +295,7 @@ class FramePipeline:
             input_size = self.input_size
 
         t = time.perf_counter()
-        detections, _ = self._detect_or_predict(frame)
+        detections = self._detect_or_predict(frame)
         t = _timed(timings, "detect", t)
 
         # Snapshots: the tracker updates its Track objects in place on the next frame, which may be
