@@ -441,6 +441,17 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert not report.exists()
 
 
+def test_bad_pipeline_options_are_one_line_errors_and_write_no_report(tmp_path, small_bags, capsys):
+    from facial_perception.bags.cli import main as bag_main
+
+    report = tmp_path / "report"
+    args = ["evaluate", str(small_bags["sqlite3"]), "--report", str(report), "--no-progress"]
+    assert bag_main([*args, "--detect-every", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "detect_every must be >= 1" in err[0]
+    assert not report.exists()
+
+
 def test_overlapped_stages_give_the_same_results_as_sequential(tmp_path, people_dataset, predictor):
     """Detecting frame t+1 while the model runs on frame t must not change a single result."""
     from facial_perception.bags.evaluate_bag import PipelineSettings
