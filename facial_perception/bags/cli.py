@@ -548,8 +548,9 @@ model ran faster, but reading and deserializing the bag then sat with the detect
 frames/s on a 400-frame bag); pre-resized frames for the detector (no saving); two torch threads
 in the overlapped run (slower); the model's batch split over two threads (faces and their mirror
 images at once, one torch thread each: 18.6 vs 16.9 ms per 2-face frame alone, 21.9 vs 17.9 ms beside
-the detector, AVX2 host); the detector on every 2nd frame only (`detect_every`, table above: the
-model stage, not the detector, sets the pace of the overlapped run).
+the detector, AVX2 host; an ad-hoc timing, not part of this command); the detector on every 2nd
+frame only (`detect_every`, table above: the model stage, not the detector, sets the pace of the
+overlapped run).
 """
 
 
