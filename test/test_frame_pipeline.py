@@ -316,6 +316,33 @@ def test_prepare_then_complete_equals_process(predictor, detector, frame: np.nda
                 )
 
 
+def test_encode_stage_between_prepare_and_complete_changes_nothing(predictor, detector, frame) -> None:
+    """prepare -> encode -> complete (three threads in the node) equals process; a model swapped after
+    the encoder ran is not mixed with the encoded features: complete runs the new model."""
+    one, three = FramePipeline(predictor, detector), FramePipeline(predictor, detector)
+    for _ in range(2):
+        a = one.process(frame)
+        prepared = three.encode(three.prepare(frame))
+        assert prepared.encoded is not None and "encode" in prepared.timings
+        b = three.complete(prepared)
+        assert [f.track_id for f in a.faces] == [f.track_id for f in b.faces] == [1, 2]
+        for fa, fb in zip(a.faces, b.faces, strict=True):
+            for task, answer in fa.tasks.items():
+                np.testing.assert_allclose(answer.probabilities, fb.tasks[task].probabilities, atol=1e-6)
+            np.testing.assert_allclose(fa.embedding, fb.embedding, atol=1e-6)
+    empty = three.encode(three.prepare(np.full((480, 640, 3), 90, np.uint8)))
+    assert empty.encoded is None and three.complete(empty).faces == []
+    other = inference.FacePredictor(_model([TaskSpec("glasses", ["no", "yes"], ["gender"])]), device="cpu")
+    prepared = three.encode(three.prepare(frame))
+    three.set_predictor(other)
+    result = three.complete(prepared)
+    assert set(result.faces[0].tasks) == TASKS | {"glasses"}
+    alone = other.predict(prepared.batch)[0]
+    np.testing.assert_allclose(
+        result.faces[0].tasks["gender"].probabilities, alone.tasks["gender"].probabilities, atol=1e-6
+    )
+
+
 class CountingDetector:
     """The real detector, counting the frames it is run on."""
 

@@ -167,3 +167,23 @@ def test_set_model_hot_swaps_while_other_threads_predict() -> None:
     assert not errors
     assert "mixed" not in seen and seen[0] == "old" and seen[-1] == "new"
     _check(predictor.predict(batch), ref_new)
+
+
+def test_encode_then_predict_encoded_equals_predict_and_keeps_its_model() -> None:
+    """The two halves a pipeline runs in two threads; a swap in between cannot mix two models."""
+    old, new = _net(8), _net(9)
+    old.specs["emotion"].mirror_average = True
+    predictor = FacePredictor(old, device="cpu", max_batch=2)  # 5 faces: three chunks
+    batch = torch.rand(5, 1, 16, 16) * 2 - 1
+    expected = predictor.predict(batch)
+    encoded = predictor.encode(batch)
+    assert encoded.count == 5 and len(encoded.chunks) == 3
+    predictor.set_model(new)
+    swapped = predictor.predict(batch)[0].tasks["emotion"].probabilities
+    assert not np.allclose(swapped, expected[0].tasks["emotion"].probabilities, atol=1e-4)
+    reference = {t: np.stack([f.tasks[t].probabilities for f in expected]) for t in expected[0].tasks}
+    reference["_embedding"] = np.stack([f.embedding for f in expected])
+    _check(predictor.predict_encoded(encoded), reference)  # the old model's answers, as encoded
+    assert predictor.predict_encoded(predictor.encode(torch.zeros(0, 1, 16, 16))) == []
+    with pytest.raises(InferenceError, match="expects \\(N, 1, 16, 16\\)"):
+        predictor.encode(torch.zeros(2, 1, 8, 8))

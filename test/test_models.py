@@ -203,6 +203,14 @@ def test_mirror_average_averages_face_and_mirror_probabilities_only_where_asked(
         plain, mirrored = net(x), net(x.flip(-1))
     soft = lambda o, name: torch.softmax(o[name].logits, dim=1)  # noqa: E731
     torch.testing.assert_close(out["a"].probabilities, (soft(plain, "a") + soft(mirrored, "a")) / 2)
+    encoded = net.encode(x)  # the same in two halves (a pipeline runs them in two threads)
+    assert encoded.count == 3 and encoded.mirrored and encoded.features.shape[0] == 6
+    with torch.inference_mode():
+        halves = net.predict_encoded(encoded)
+    for name in ("a", "b"):
+        torch.testing.assert_close(halves[name].probabilities, out[name].probabilities)
+        torch.testing.assert_close(halves[name].embedding, out[name].embedding)
+    assert not net.encode(x, mirror=False).mirrored and not net.encode(x, ["b"]).mirrored
     assert not torch.allclose(out["a"].probabilities, soft(plain, "a"))  # the mirror pass changed it
     torch.testing.assert_close(out["b"].probabilities, soft(plain, "b"))  # not asked: the face only
     torch.testing.assert_close(out["b"].embedding, plain["b"].embedding)  # embeddings never mirrored

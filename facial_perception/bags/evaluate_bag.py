@@ -504,6 +504,8 @@ class PipelineSettings:
     gallery: str | None = None  # an identity gallery (SQLite) for identity labels
     # detect (and decode, track, crop) frame t+1 in a second thread while the model runs on frame t
     overlap: bool = True
+    # with overlap: the model's encoder in a third thread, its columns in the caller's (the node's parameter)
+    encoder_stage: bool = True
     cpu_threads: int = 1  # torch threads while evaluating on CPU (0 = torch's default); the node's default
     mirror_average: bool = True  # the columns' mirror averaging (the node's parameter of the same name)
     detect_every: int = 1  # run the detector on every n-th frame, track in between (the node's parameter)
@@ -689,7 +691,17 @@ def evaluate_offline(
                 decode_ms = (time.perf_counter() - t0) * 1000.0
                 return pipeline.prepare(rgb, stamp=image.stamp_ns / 1e9, decode_ms=decode_ms)
 
-            stages = overlapped(images, prepare) if overlap else ((im, prepare(im)) for im in images)
+            if not overlap:
+                stages: Iterator[tuple[BagImage, Any]] = ((im, prepare(im)) for im in images)
+            elif settings.encoder_stage:  # third thread: the encoder of frame t+1 beside the columns of t
+                stages = (
+                    (image, encoded)
+                    for (image, _), encoded in overlapped(
+                        overlapped(images, prepare), lambda pair: pipeline.encode(pair[1])
+                    )
+                )
+            else:
+                stages = overlapped(images, prepare)
             with _torch_threads(threads), contextlib.closing(stages):
                 for index, (image, prepared) in enumerate(stages):
                     result = pipeline.complete(prepared)  # second stage: model, smoothing, identity

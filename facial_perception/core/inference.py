@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from facial_perception.core.devices import resolve_device
-from facial_perception.core.progressive import ProgressiveNet
+from facial_perception.core.progressive import EncodedFaces, ProgressiveNet
 
 
 class InferenceError(ValueError):
@@ -43,6 +43,19 @@ class FacePrediction:
 
     tasks: dict[str, TaskPrediction] = field(default_factory=dict)
     embedding: np.ndarray | None = None
+
+
+@dataclass
+class EncodedBatch:
+    """:meth:`FacePredictor.encode`'s result: encoder features per chunk and the model that made them."""
+
+    model: ProgressiveNet
+    chunks: list[EncodedFaces]
+
+    @property
+    def count(self) -> int:
+        """Number of faces (mirror images not counted)."""
+        return sum(chunk.count for chunk in self.chunks)
 
 
 class FacePredictor:
@@ -136,38 +149,52 @@ class FacePredictor:
 
     def predict(self, batch: torch.Tensor) -> list[FacePrediction]:
         """``batch``: float tensor (N, C, S, S) in [-1, 1] as made by ``preprocess_batch``."""
+        return self.predict_encoded(self.encode(batch))
+
+    def encode(self, batch: torch.Tensor) -> EncodedBatch:
+        """First half of :meth:`predict`: the encoder (on the faces and, where asked, their mirror images).
+
+        A pipeline runs it in one thread while :meth:`predict_encoded` runs the columns of the
+        previous batch in another; the result keeps the model it was made with, so a hot swap in
+        between cannot mix two models.
+        """
         model = self.model
         if not isinstance(batch, torch.Tensor):
             raise InferenceError(f"predict expects a torch.Tensor, got {type(batch).__name__}")
         if batch.ndim != 4:
             raise InferenceError(f"predict expects a (N, C, H, W) batch, got shape {tuple(batch.shape)}")
-        if batch.shape[0] == 0:
-            return []
         size, channels = model.config.input_size, model.config.in_channels
-        if tuple(batch.shape[1:]) != (channels, size, size):
+        if batch.shape[0] and tuple(batch.shape[1:]) != (channels, size, size):
             raise InferenceError(
                 f"batch has shape {tuple(batch.shape)}, the model expects (N, {channels}, {size}, {size})"
             )
+        dtype = torch.float16 if self.half else torch.float32
+        chunks: list[EncodedFaces] = []
+        with torch.inference_mode():
+            for start in range(0, batch.shape[0], self.max_batch):
+                x = batch[start : start + self.max_batch].to(self.device, dtype=dtype, non_blocking=True)
+                if self.device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                chunks.append(model.encode(x, self._tasks, mirror=self.mirror_average))
+        return EncodedBatch(model, chunks)
+
+    def predict_encoded(self, encoded: EncodedBatch) -> list[FacePrediction]:
+        """Second half of :meth:`predict`: the columns on :meth:`encode`'s features."""
         results: list[FacePrediction] = []
-        for start in range(0, batch.shape[0], self.max_batch):
-            results.extend(self._predict_chunk(model, batch[start : start + self.max_batch]))
+        for chunk in encoded.chunks:
+            results.extend(self._predict_chunk(encoded.model, chunk))
         return results
 
-    def _predict_chunk(self, model: ProgressiveNet, batch: torch.Tensor) -> list[FacePrediction]:
-        dtype = torch.float16 if self.half else torch.float32
-        tasks = self._tasks
+    def _predict_chunk(self, model: ProgressiveNet, encoded: EncodedFaces) -> list[FacePrediction]:
         with torch.inference_mode():
-            x = batch.to(self.device, dtype=dtype, non_blocking=True)
-            if self.device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            outputs = model.predict(x, tasks, mirror=self.mirror_average)
+            outputs = model.predict_encoded(encoded)
             probabilities = {n: o.probabilities.cpu().numpy() for n, o in outputs.items()}
             identity = next((n for n in outputs if model.specs[n].kind == "identity"), None)
             embeddings = (
                 F.normalize(outputs[identity].embedding.float(), dim=1).cpu().numpy() if identity else None
             )
         faces: list[FacePrediction] = []
-        for row in range(x.shape[0]):
+        for row in range(encoded.count):
             per_task: dict[str, TaskPrediction] = {}
             for name, probs in probabilities.items():
                 labels = model.specs[name].labels

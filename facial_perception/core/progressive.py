@@ -145,6 +145,19 @@ class TaskProbabilities(NamedTuple):
     embedding: torch.Tensor
 
 
+class EncodedFaces(NamedTuple):
+    """Encoder output of :meth:`ProgressiveNet.encode`, the input of :meth:`ProgressiveNet.predict_encoded`.
+
+    ``features`` holds ``count`` faces, followed by their mirror images when ``mirrored``;
+    ``tasks`` are the columns to report.
+    """
+
+    features: torch.Tensor
+    count: int
+    mirrored: bool
+    tasks: tuple[str, ...]
+
+
 class LateralAdapter(nn.Module):
     """Lateral input of one target layer from all its source columns.
 
@@ -460,6 +473,36 @@ class ProgressiveNet(nn.Module):
         """Encoder once, then the columns in order (laterals come from the same input)."""
         return self.forward_features(self.encoder.forward_features(x), tasks)
 
+    def encode(
+        self, x: torch.Tensor, tasks: Iterable[str] | None = None, mirror: bool = True
+    ) -> EncodedFaces:
+        """Inference, first half: the encoder's feature maps of a batch ``x`` (and of its mirror images
+        when a requested column averages over them; see :meth:`predict`).
+
+        Split from :meth:`predict_encoded` so that a pipeline can run the encoder of one batch in
+        one thread while the columns of the previous batch run in another.
+        """
+        _, keep = self._resolve(tasks)
+        count = x.shape[0]
+        mirrored = mirror and any(self.specs[name].mirror_average for name in keep)
+        if mirrored:
+            both = torch.cat([x, x.flip(-1)])
+            if x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4:
+                both = both.contiguous(memory_format=torch.channels_last)
+            x = both
+        return EncodedFaces(self.encoder.forward_features(x), count, mirrored, tuple(keep))
+
+    def predict_encoded(self, encoded: EncodedFaces) -> dict[str, TaskProbabilities]:
+        """Inference, second half: the columns on :meth:`encode`'s features -> probabilities, embeddings."""
+        n, mirrored = encoded.count, encoded.mirrored
+        result: dict[str, TaskProbabilities] = {}
+        for name, out in self.forward_features(encoded.features, encoded.tasks).items():
+            probs = torch.softmax(out.logits.float(), dim=1)
+            if mirrored:
+                probs = (probs[:n] + probs[n:]) / 2 if self.specs[name].mirror_average else probs[:n]
+            result[name] = TaskProbabilities(probs, out.embedding[:n])
+        return result
+
     def predict(
         self, x: torch.Tensor, tasks: Iterable[str] | None = None, mirror: bool = True
     ) -> dict[str, TaskProbabilities]:
@@ -470,20 +513,4 @@ class ProgressiveNet(nn.Module):
         (faster: faces only); embeddings always come from the faces as given. Call under
         ``torch.inference_mode()`` in eval mode.
         """
-        _, keep = self._resolve(tasks)
-        mirrored = mirror and any(self.specs[name].mirror_average for name in keep)
-        n = x.shape[0]
-        if mirrored:
-            both = torch.cat([x, x.flip(-1)])
-            if x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4:
-                both = both.contiguous(memory_format=torch.channels_last)
-            outputs = self(both, keep)
-        else:
-            outputs = self(x, keep)
-        result: dict[str, TaskProbabilities] = {}
-        for name, out in outputs.items():
-            probs = torch.softmax(out.logits.float(), dim=1)
-            if mirrored:
-                probs = (probs[:n] + probs[n:]) / 2 if self.specs[name].mirror_average else probs[:n]
-            result[name] = TaskProbabilities(probs, out.embedding[:n])
-        return result
+        return self.predict_encoded(self.encode(x, tasks, mirror))

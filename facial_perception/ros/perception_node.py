@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,12 @@ PARAMETERS: tuple[_Param, ...] = (
         True,
         "Detect the next frame while the model runs on this one (two worker threads); false: one after "
         "the other",
+    ),
+    _Param(
+        "encoder_stage",
+        True,
+        "With overlap_stages: the model's encoder in a third worker thread, its columns in the second, so "
+        "three frames are in flight (higher throughput on CPU); false: the whole model in one thread",
     ),
     _Param(
         "cpu_threads",
@@ -362,9 +368,10 @@ class PerceptionNode(LifecycleNode):
         self._frames = LatestFrame()
         self._stats = _Stats()
         self._worker: threading.Thread | None = None
-        # overlap_stages: the worker prepares (decode, detect, track, crop) and hands over to the
-        # model worker (model, smooth, identify, publish) through a one-slot queue
-        self._model_worker: threading.Thread | None = None
+        # overlap_stages: the worker prepares (decode, detect, track, crop) and hands over through
+        # one-slot queues to the later stages' threads: [encoder (encoder_stage),] model (columns,
+        # smooth, identify, publish)
+        self._stage_workers: list[threading.Thread] = []
         self._handoff: queue.Queue[Any] | None = None
         self._stop = threading.Event()
         self._subscription: Any = None
@@ -555,11 +562,21 @@ class PerceptionNode(LifecycleNode):
             self._subscription = self.create_subscription(Image, topic, self._frames.put, qos)
         self._stop.clear()
         if bool(self._p("overlap_stages")):
-            self._handoff = queue.Queue(maxsize=1)
-            self._model_worker = threading.Thread(
-                target=self._model_work, name="perception-model-worker", daemon=True
-            )
-            self._model_worker.start()
+            later: list[tuple[str, Callable[[Any], Any]]] = [("model", self._complete_stage)]
+            if bool(self._p("encoder_stage")):
+                later.insert(0, ("encoder", self._encode_stage))
+            inboxes: list[queue.Queue[Any]] = [queue.Queue(maxsize=1) for _ in later]
+            self._handoff = inboxes[0]
+            for i, (name, work) in enumerate(later):
+                outbox = inboxes[i + 1] if i + 1 < len(later) else None
+                worker = threading.Thread(
+                    target=self._stage_work,
+                    args=(inboxes[i], work, outbox),
+                    name=f"perception-{name}-worker",
+                    daemon=True,
+                )
+                worker.start()
+                self._stage_workers.append(worker)
         self._worker = threading.Thread(target=self._work, name="perception-worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
@@ -595,10 +612,10 @@ class PerceptionNode(LifecycleNode):
     def _stop_worker(self) -> None:
         self._stop.set()
         self._frames.clear()
-        for worker in (self._worker, self._model_worker):
+        for worker in (self._worker, *self._stage_workers):
             if worker is not None:
                 worker.join(timeout=10.0)
-        self._worker = self._model_worker = self._handoff = None
+        self._worker, self._stage_workers, self._handoff = None, [], None
         if self._subscription is not None:
             self.destroy_subscription(self._subscription)
             self._subscription = None
@@ -666,30 +683,44 @@ class PerceptionNode(LifecycleNode):
                 handoff = self._handoff
                 if handoff is None:
                     self._complete(*prepared)
-                    continue
-                while not self._stop.is_set():  # the model worker takes it when done with the last one
-                    try:
-                        handoff.put(prepared, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                else:
+                    self._hand_over(handoff, prepared)
             except Exception as exc:  # whatever happens to one frame, the node keeps running
                 self._frame_failed(exc)
 
-    def _model_work(self) -> None:
-        """Model worker (overlap_stages): complete and publish the prepared frames, in order."""
+    def _hand_over(self, outbox: queue.Queue[Any], item: Any) -> None:
+        """Put into the next stage's one-slot queue once it has taken the last item (or we stop)."""
         while not self._stop.is_set():
-            handoff = self._handoff
-            if handoff is None:
-                return
             try:
-                prepared = handoff.get(timeout=0.1)
+                outbox.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _stage_work(
+        self, inbox: queue.Queue[Any], work: Callable[[Any], Any], outbox: queue.Queue[Any] | None
+    ) -> None:
+        """A later stage's thread (overlap_stages): frames in order from ``inbox``, on to ``outbox``."""
+        while not self._stop.is_set():
+            try:
+                item = inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
             try:
-                self._complete(*prepared)
-            except Exception as exc:
+                result = work(item)
+            except Exception as exc:  # a failed frame is dropped; the stage goes on
                 self._frame_failed(exc)
+                continue
+            if outbox is not None:
+                self._hand_over(outbox, result)
+
+    def _encode_stage(self, prepared: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Encoder stage (encoder_stage): the model's encoder on the prepared frame's faces."""
+        self.pipeline.encode(prepared[2])
+        return prepared
+
+    def _complete_stage(self, prepared: tuple[Any, ...]) -> None:
+        self._complete(*prepared)
 
     def _frame_failed(self, exc: Exception) -> None:
         if isinstance(exc, FacePipelineError):
