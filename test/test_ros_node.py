@@ -263,7 +263,9 @@ def test_image_in_faces_out_with_header_and_lifecycle(harness, tmp_path):
 
 
 def test_malformed_images_never_stop_the_node(harness, tmp_path):
-    node = NodeUnderTest(harness, tmp_path)
+    # also the two-thread path (encoder_stage false: the whole model in one thread); bad frames fail
+    # in the first stage, before any hand-over, whatever the number of stages
+    node = NodeUnderTest(harness, tmp_path, encoder_stage=False)
     try:
         node.up()
         harness.wait_for_subscriber(harness.raw_pub)
@@ -329,7 +331,7 @@ def test_malformed_images_never_stop_the_node(harness, tmp_path):
 
 
 def test_compressed_input_and_garbage_compressed(harness, tmp_path):
-    # also the one-thread path (overlap_stages false); the other tests run the default two stages
+    # also the one-thread path (overlap_stages false); the other tests run the default three stages
     node = NodeUnderTest(harness, tmp_path, input_type="compressed", overlap_stages=False)
     try:
         node.up()

@@ -114,6 +114,11 @@ def add_subcommands(subparsers: Any) -> None:
         "--no-overlap", action="store_true", help="detect the next frame only after the model ran on this one"
     )
     off.add_argument(
+        "--no-encoder-stage",
+        action="store_true",
+        help="with overlapping stages, run the whole model in one thread (default: its encoder in a third)",
+    )
+    off.add_argument(
         "--detect-every",
         type=int,
         default=1,
@@ -263,6 +268,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             gallery=args.gallery,
             overlap=not args.no_overlap,
+            encoder_stage=not args.no_encoder_stage,
             cpu_threads=max(0, args.cpu_threads),
             mirror_average=not args.no_mirror_average,
             detect_every=args.detect_every,
