@@ -1051,7 +1051,7 @@ def benchmark_offline(
     ``repeats`` times, one right after the other (so that a change of the machine's speed during
     the run hits both alike; shared virtual machines drift by tens of percent within minutes):
 
-    1. :func:`evaluate_offline` on the bag as configured (default: overlapped stages, torch
+    1. :func:`evaluate_offline` on the bag as configured (default: three overlapped stages, torch
        ``cpu_threads`` = 1): read, decode, detect, track, crop, batch, model, smooth, score;
     2. ``FacePredictor.predict`` alone on preprocessed real face crops, with the same sequence of
        batch sizes (faces per frame), with torch's default threads (all cores).
@@ -1118,6 +1118,7 @@ def benchmark_offline(
         "model": source,
         "device": settings.device,
         "overlap": settings.overlap,
+        "encoder_stage": settings.overlap and settings.encoder_stage,
         "detector": settings.detector,
         "detector_backend": getattr(pipeline.detector, "backend", type(pipeline.detector).__name__),
         "pipeline_torch_threads": settings.cpu_threads or torch.get_num_threads(),
