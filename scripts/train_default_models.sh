@@ -5,7 +5,9 @@
 #
 #   nohup bash scripts/train_default_models.sh > runs/train_default.log 2>&1 &
 #
-# env: DATA (default ../shared/datasets), RUNS (default ./runs), BEGAN_STEPS, EMOTION_EPOCHS, EMOTION2_EPOCHS, JOINT_EPOCHS, EMOTION_PATIENCE,
+# env: DATA (default ../shared/datasets), RUNS (default ./runs), CONFIG (lite; mid = 1.5x the encoder's
+#      channels, results in $RUNS/default_mid), EMOTION_PASSES (1; 0 = the joint pass starts from the BEGAN
+#      encoder, skipping the two emotion-only passes of steps 2 and 2b), BEGAN_STEPS, EMOTION_EPOCHS, EMOTION2_EPOCHS, JOINT_EPOCHS, EMOTION_PATIENCE,
 #      TASK_EPOCHS, TASK_LR, TASK_LR_PATIENCE, TASK_PATIENCE, COLUMN_SEED (2), DEVICE (auto), WORKERS (2).
 #      Results, logs and plots: $RUNS/default/. Figures: docs/MODEL_CARD.md.
 set -euo pipefail
@@ -28,7 +30,11 @@ TASK_PATIENCE=${TASK_PATIENCE:-12}
 COLUMN_SEED=${COLUMN_SEED:-2}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-2}
+CONFIG=${CONFIG:-lite}
+EMOTION_PASSES=${EMOTION_PASSES:-1}
 OUT=$RUNS/default
+[ "$CONFIG" = lite ] || OUT=$RUNS/default_$CONFIG
+ENCODER=$RUNS/encoder_$CONFIG
 MODEL=$OUT/model.safetensors
 FP=(python -m facial_perception.core.cli)
 COMMON=(--device "$DEVICE" --workers "$WORKERS" --image-cache "$RUNS/cache")
@@ -49,13 +55,14 @@ step "splits"
 
 # 1. the facial encoder, unsupervised (BEGAN), on unlabeled faces of all three sources (training parts only)
 step "BEGAN encoder ($BEGAN_STEPS steps)"
-done_marker encoder || { "${FP[@]}" train-encoder --config lite --out "$RUNS/encoder_lite" --steps "$BEGAN_STEPS" \
+done_marker encoder || { "${FP[@]}" train-encoder --config "$CONFIG" --out "$ENCODER" --steps "$BEGAN_STEPS" \
   --data "$DATA/lfw_unlabeled" "$RUNS/splits/utkface/train" "$DATA/ferplus/FER2013Train" \
   --batch-size 32 --checkpoint-every 250 --sample-every 500 --seed 1 "${COMMON[@]}" && mark_done encoder; }
 
 # 2. emotion first, re-training the encoder with it (the paper's "re-trained encoder", Table IV); FER+ majority
 step "emotion column + encoder"
-done_marker emotion || { "${FP[@]}" train-task --checkpoint "$RUNS/encoder_lite/began.safetensors" --task emotion \
+[ "$EMOTION_PASSES" = 1 ] || { mark_done emotion; mark_done emotion2; }
+done_marker emotion || { "${FP[@]}" train-task --checkpoint "$ENCODER/began.safetensors" --task emotion \
   --data "$DATA/ferplus/FER2013Train" --val-data "$DATA/ferplus/FER2013Valid" --train-encoder \
   --epochs "$EMOTION_EPOCHS" --patience "$EMOTION_PATIENCE" --out "$MODEL" --work-dir "$OUT/emotion" --seed 1 "${COMMON[@]}" \
   && mark_done emotion; }
@@ -75,9 +82,11 @@ done_marker emotion2 || { { [ -f "$OUT/encoder_emotion.safetensors" ] \
 # encoder never sees them: the few-shot test enrols exactly those). Only the encoder is kept: all four
 # columns are trained again below on it, frozen (a fresh emotion column beat the joint one, 81.7 / 81.2 %).
 step "joint pass: emotion, gender, age, identity ($JOINT_EPOCHS epochs)"
-done_marker joint || { { [ -f "$OUT/encoder_emotion2.safetensors" ] \
-  || "${FP[@]}" columns --checkpoint "$MODEL" --drop emotion --out "$OUT/encoder_emotion2.safetensors" -q; } \
-  && "${FP[@]}" train-joint --checkpoint "$OUT/encoder_emotion2.safetensors" \
+JOINT_FROM=$OUT/encoder_emotion2.safetensors
+[ "$EMOTION_PASSES" = 1 ] || JOINT_FROM=$ENCODER/began.safetensors
+done_marker joint || { { [ -f "$JOINT_FROM" ] \
+  || "${FP[@]}" columns --checkpoint "$MODEL" --drop emotion --out "$JOINT_FROM" -q; } \
+  && "${FP[@]}" train-joint --checkpoint "$JOINT_FROM" \
   --data "emotion=$DATA/ferplus/FER2013Train" "gender=$RUNS/splits/utkface/train:gender" \
   "age=$RUNS/splits/utkface/train:age8" "identity=$RUNS/splits/lfw_identity/train" \
   --val-data "emotion=$DATA/ferplus/FER2013Valid" "gender=$RUNS/splits/utkface/val" \

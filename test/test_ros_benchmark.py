@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_short_benchmark_writes_json_and_markdown_with_the_mirror_comparison(tmp_path: Path) -> None:
+def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path: Path) -> None:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "BENCH.md"
     cmd = [sys.executable, "-m", "facial_perception.ros.ros_benchmark", "--duration", "3", "--warmup", "2"]
     cmd += ["--rate", "10", "--compare-transports", "--json", str(out_json), "--markdown", str(out_md)]
@@ -26,4 +26,7 @@ def test_short_benchmark_writes_json_and_markdown_with_the_mirror_comparison(tmp
     assert mirror["settings"]["mirror_average"] is False and mirror["summary"]["results_received"] > 0
     text = out_md.read_text()
     assert "## Mirror averaging" in text and "| false |" in text and "| true |" in text
+    (stages,) = [c for c in result["comparisons"] if c["kind"] == "encoder_stage"]
+    assert result["settings"]["encoder_stage"] is True and stages["settings"]["encoder_stage"] is False
+    assert stages["summary"]["results_received"] > 0 and "## Three worker threads or two" in text
     assert "Fast DDS transports" not in text  # --compare-transports with no names: no such run

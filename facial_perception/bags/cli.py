@@ -443,7 +443,7 @@ def _stages_table(r: dict[str, Any]) -> str:
     return _model_table(
         intro,
         "model stages",
-        [("encoder | columns, three threads (default)", r), ("whole model in one thread, two threads", two)],
+        [("encoder, then columns: three threads (default)", r), ("whole model in one thread", two)],
     )
 
 

@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", nargs="+", required=True, metavar="DIR", help="folders of face images (no labels)"
     )
     p.add_argument(
-        "--config", default="lite", metavar="NAME|FILE", help="lite | paper | config JSON (default lite)"
+        "--config", default="lite", metavar="NAME|FILE", help="lite, mid, paper or config JSON (default lite)"
     )
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (checkpoint, state, log, samples)"

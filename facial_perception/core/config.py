@@ -1,7 +1,9 @@
-"""Model configurations: frozen dataclasses with a JSON round trip and two named presets.
+"""Model configurations: frozen dataclasses with a JSON round trip and three named presets.
 
 ``paper`` follows the published Tables I-III (128x128 grey input); ``lite`` is a 64x64 design
-with more than 10x fewer FLOPs per face so that all four tasks run in real time on a small CPU.
+with more than 10x fewer FLOPs per face so that all four tasks run in real time on a small CPU;
+``mid`` is ``lite`` with 1.5x the encoder's channels (about 2.2x its FLOPs), the next step when the
+lite encoder caps the later tasks' accuracy.
 The reading of the published tables is documented in ``docs/MODELS.md``.
 """
 
@@ -218,7 +220,14 @@ LITE = ModelConfig(
     column=ColumnConfig(layers=((32, False), (64, True), (96, True)), fc_dim=128, dropout=0.3),
 )
 
-PRESETS: dict[str, ModelConfig] = {"paper": PAPER, "lite": LITE}
+MID = ModelConfig(
+    name="mid",
+    encoder=EncoderConfig(input_size=64, stages=((24, 1), (48, 1), (96, 2), (192, 2)), latent_dim=64),
+    decoder=DecoderConfig(channels=16, base_size=8, convs_per_block=2),
+    column=ColumnConfig(layers=((32, False), (64, True), (96, True)), fc_dim=128, dropout=0.3),
+)
+
+PRESETS: dict[str, ModelConfig] = {"paper": PAPER, "lite": LITE, "mid": MID}
 
 
 def get_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -254,13 +254,14 @@ def _expect(reports: Any, kind: str, timeout: float, camera: Any) -> Any:
 
 
 def run_benchmark(
-    args: argparse.Namespace, node_transports: str = "", mirror_average: bool = True
+    args: argparse.Namespace, node_transports: str = "", overrides: Mapping[str, Any] | None = None
 ) -> BenchmarkResult:
     """Start the node, publish for warmup + duration seconds, collect results and resource samples.
 
     ``node_transports`` sets ``FASTDDS_BUILTIN_TRANSPORTS`` for the node process only ("" = the node's
     own choice); the publisher, like a camera driver, keeps the environment's transports.
-    ``mirror_average`` is the node's parameter of that name.
+    ``overrides`` are node parameters set for this run (the comparisons: ``mirror_average``,
+    ``encoder_stage``).
     """
     from facial_perception.core.benchmark import machine_summary
     from facial_perception.ros.perception_node import select_model
@@ -273,7 +274,9 @@ def run_benchmark(
         "gallery_path": str(workdir / "gallery.db"),
         "columns_dir": args.columns_dir or str(workdir / "columns"),
         "publish_debug_image": False,
-        "mirror_average": mirror_average,
+        "mirror_average": True,
+        "encoder_stage": True,
+        **(overrides or {}),
     }
     if args.model_path:
         params["model_path"] = args.model_path
@@ -289,7 +292,8 @@ def run_benchmark(
         "image_reliability": args.reliability,
         "device": args.device,
         "detector": args.detector or "node default",
-        "mirror_average": mirror_average,
+        "mirror_average": params["mirror_average"],
+        "encoder_stage": params["encoder_stage"],
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()}, {machine_summary()}",
@@ -445,25 +449,25 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         cells = [f"{row['t_s']:.0f}", _fmt(row["fps"]), _fmt(row["latency_p95_ms"]), _fmt(row["cpu_percent"])]
         lines.append("| " + " | ".join([*cells, _fmt(row["rss_mb"])]) + " |")
     transports = [c for c in result.comparisons if c.get("kind", "transports") == "transports"]
-    mirror = [c for c in result.comparisons if c.get("kind") == "mirror_average"]
-    if mirror:
+    for kind, title, text in _PARAMETER_COMPARISONS:
+        compared = [c for c in result.comparisons if c.get("kind") == kind]
+        if not compared:
+            continue
         lines += [
             "",
-            "## Mirror averaging (node parameter `mirror_average`; same run, one after the other)",
+            f"## {title} (node parameter `{kind}`; same run, one after the other)",
             "",
-            "With `true` (the default) the columns that ask for it (shipped model: emotion, gender, age) "
-            "average their probabilities over the face and its mirror image: twice the model's work per "
-            "face (docs/MODEL_CARD.md#mirror-averaging).",
+            text,
             "",
-            "| mirror_average | processed fps | latency p50 / p95 / p99 (ms) | node CPU % |",
+            f"| {kind} | processed fps | latency p50 / p95 / p99 (ms) | node CPU % |",
             "|---|---|---|---|",
         ]
-        for c in [{"settings": st, "summary": s}, *mirror]:
+        for c in [{"settings": st, "summary": s}, *compared]:
             summ = c["summary"]
             lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
-            on = str(c["settings"].get("mirror_average", True)).lower()
+            value = str(c["settings"].get(kind, True)).lower()
             cpu = _fmt(summ["cpu_percent_mean"])
-            lines.append(f"| {on} | {_fmt(summ['processed_fps'])} | {lat} | {cpu} |")
+            lines.append(f"| {value} | {_fmt(summ['processed_fps'])} | {lat} | {cpu} |")
     if transports:
         lines += [
             "",
@@ -494,6 +498,25 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
+
+
+#: Node parameters the benchmark also runs with ``false`` in the same run: (name, title, explanation).
+_PARAMETER_COMPARISONS = (
+    (
+        "encoder_stage",
+        "Three worker threads or two",
+        "With `true` (the default) the model's encoder runs in a third worker thread between the first "
+        "stage (decode, detect, track, crop) and the columns; `false` runs the whole model in the second "
+        "(docs/PIPELINE.md).",
+    ),
+    (
+        "mirror_average",
+        "Mirror averaging",
+        "With `true` (the default) the columns that ask for it (shipped model: emotion, gender, age) "
+        "average their probabilities over the face and its mirror image: twice the model's work per "
+        "face (docs/MODEL_CARD.md#mirror-averaging).",
+    ),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -528,6 +551,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the benchmark with these node transports, for comparison (default: DEFAULT)",
     )
     parser.add_argument(
+        "--no-compare-stages",
+        action="store_true",
+        help="skip the run with the node's encoder_stage false (the whole model in one worker thread)",
+    )
+    parser.add_argument(
         "--no-compare-mirror",
         action="store_true",
         help="skip the second run with the node's mirror_average false",
@@ -550,12 +578,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             result.comparisons.append(
                 {"kind": "transports", "settings": other.settings, "summary": other.summary()}
             )
-        if not args.no_compare_mirror:
-            print("benchmark: again with the node's mirror_average false", flush=True)
-            other = run_benchmark(args, args.node_transports, mirror_average=False)
-            result.comparisons.append(
-                {"kind": "mirror_average", "settings": other.settings, "summary": other.summary()}
-            )
+        skipped = {"encoder_stage": args.no_compare_stages, "mirror_average": args.no_compare_mirror}
+        for name, skip in skipped.items():
+            if skip:
+                continue
+            print(f"benchmark: again with the node's {name} false", flush=True)
+            other = run_benchmark(args, args.node_transports, {name: False})
+            result.comparisons.append({"kind": name, "settings": other.settings, "summary": other.summary()})
     except DemoError as exc:
         print(f"ros_benchmark: error: {exc}", file=sys.stderr)
         return 1
