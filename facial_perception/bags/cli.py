@@ -12,7 +12,6 @@ same sub-commands under ``facial-perception bag ...``.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -330,7 +329,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     import tempfile
 
-    from facial_perception.bags.evaluate_bag import PipelineSettings, benchmark_offline
+    from facial_perception.bags.evaluate_bag import PipelineSettings, benchmark_offline_configs
     from facial_perception.bags.make_bag import MakeBagOptions, make_bag
     from facial_perception.core.benchmark import machine_summary
     from facial_perception.core.fileio import atomic_write_text
@@ -355,26 +354,44 @@ def _benchmark(args: argparse.Namespace) -> int:
                 f"made from `{Path(args.dataset).name}` ({args.task}): {args.frames} frames "
                 f"640x480 {args.image_type}, 1-3 faces per frame, tracks of 10 frames, {args.storage}"
             )
-        measure = functools.partial(benchmark_offline, bag, progress=progress, repeats=args.repeats)
-        result = measure(PipelineSettings(checkpoint=args.checkpoint))
-        result["other_detectors"] = {}
-        for detector in args.compare_detectors:  # same bag, same run
-            other = measure(PipelineSettings(checkpoint=args.checkpoint, detector=detector))
-            result["other_detectors"][detector] = {k: other[k] for k in _COMPARED}
-        result["detect_every"] = {}
+        # every configuration measured in the same rounds (interleaved): comparisons between them hold
+        # even when the machine's speed drifts during the run
+        configs: dict[str, PipelineSettings] = {"default": PipelineSettings(checkpoint=args.checkpoint)}
+        for detector in args.compare_detectors:
+            configs[f"detector:{detector}"] = PipelineSettings(checkpoint=args.checkpoint, detector=detector)
         for n in args.compare_detect_every:
-            other = measure(PipelineSettings(checkpoint=args.checkpoint, detect_every=n))
-            result["detect_every"][str(n)] = {k: other[k] for k in _COMPARED}
-        result["two_threads"] = None
+            configs[f"detect_every:{n}"] = PipelineSettings(checkpoint=args.checkpoint, detect_every=n)
         if not args.no_compare_stages:  # the whole model in one thread: what the encoder stage changes
-            other = measure(PipelineSettings(checkpoint=args.checkpoint, encoder_stage=False))
-            result["two_threads"] = {k: other[k] for k in _COMPARED}
-        result["without_mirror"] = None
-        if not args.no_compare_mirror:
-            tasks = _mirror_averaged_columns(result["model"])
-            if tasks:  # the model averages some columns over mirror images: measure it without, too
-                other = measure(PipelineSettings(checkpoint=args.checkpoint, mirror_average=False))
-                result["without_mirror"] = {k: other[k] for k in _COMPARED} | {"mirror_tasks": tasks}
+            configs["two_threads"] = PipelineSettings(checkpoint=args.checkpoint, encoder_stage=False)
+        mirror_tasks = (
+            [] if args.no_compare_mirror else _mirror_averaged_columns(_model_path(args.checkpoint))
+        )
+        if mirror_tasks:  # the model averages some columns over mirror images: measure it without, too
+            configs["without_mirror"] = PipelineSettings(checkpoint=args.checkpoint, mirror_average=False)
+        measured = dict(
+            zip(
+                configs,
+                benchmark_offline_configs(
+                    bag, list(configs.values()), progress=progress, repeats=args.repeats
+                ),
+                strict=True,
+            )
+        )
+        result = measured.pop("default")
+        compared = {name: {k: other[k] for k in _COMPARED} for name, other in measured.items()}
+        result["other_detectors"] = {
+            n.split(":", 1)[1]: o for n, o in compared.items() if n.startswith("detector:")
+        }
+        result["detect_every"] = {
+            n.split(":", 1)[1]: o for n, o in compared.items() if n.startswith("detect_every:")
+        }
+        result["two_threads"] = compared.get("two_threads")
+        result["without_mirror"] = (
+            compared["without_mirror"] | {"mirror_tasks": mirror_tasks}
+            if "without_mirror" in compared
+            else None
+        )
+        result["interleaved_configurations"] = list(configs)
     result["bag_description"] = made or f"`{args.bag}`"
     result["machine"] = machine_summary()
     atomic_write_text(Path(args.json_out), json.dumps(result, indent=2) + "\n")
@@ -387,6 +404,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 _COMPARED = (
+    "paired_ratios",
     "offline_fps",
     "model_only_fps",
     "ratio",
@@ -396,6 +414,13 @@ _COMPARED = (
     "cpu_work_ms_per_frame",
     "bound_ratio",
 )
+
+
+def _model_path(checkpoint: str | None) -> str:
+    """The checkpoint the benchmark loads: ``--checkpoint`` or the shipped default model."""
+    from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
+
+    return str(Path(checkpoint).expanduser()) if checkpoint else str(DEFAULT_MODEL)
 
 
 def _mirror_averaged_columns(model_path: str) -> list[str]:
@@ -556,12 +581,13 @@ a second runs the model's encoder on frame t+1 and a third its columns (and smoo
 frame t (torch, 1 thread each). Its throughput is compared with the model alone
 (`FacePredictor.predict` on preprocessed real face crops, torch's default threads, back to back)
 called with **the same sequence of batch sizes** (faces per frame): the ratio is the pipeline's
-efficiency, `1 - ratio` its overhead. All passes run in the same process: {r["repeats"]} times an
-evaluation followed at once by a model-only pass (this VM's speed drifts by tens of percent within
-minutes: pairs taken back to back see the same machine; the ratio is the median of the paired
-ratios, the throughputs the medians), then once the evaluation with one stage after the other on one
-thread, whose time per frame is the **CPU work per frame**: no schedule of the stages can beat
-`cores / work` frames/s on this machine (the bound below).
+efficiency, `1 - ratio` its overhead. All passes run in the same process, in {r["repeats"]} rounds;
+each round measures every configuration of this file once, an evaluation followed at once by its
+model-only pass (this VM's speed drifts by tens of percent within minutes: pairs taken back to back
+see the same machine, and interleaved configurations see the same drift; the ratio is the median of
+the paired ratios, the throughputs the medians). Then, once per configuration, the evaluation with
+one stage after the other on one thread, whose time per frame is the **CPU work per frame**: no
+schedule of the stages can beat `cores / work` frames/s on this machine (the bound below).
 
 Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}` and this file).
 

@@ -1063,13 +1063,60 @@ def benchmark_offline(
        ``cpu_threads``): its time per frame is the CPU work per frame, so ``cores / work`` bounds
        what any schedule of the stages could reach on this machine (``bound_fps``, ``bound_ratio``).
     """
-    import dataclasses
+    return benchmark_offline_configs(
+        bag, [settings or PipelineSettings()], progress=progress, repeats=repeats
+    )[0]
 
-    import torch
 
+@dataclass
+class _BenchmarkRun:
+    """One configuration of :func:`benchmark_offline_configs` and what was measured of it."""
+
+    settings: PipelineSettings
+    predictor: Any
+    source: str
+    pipeline: Any  # FramePipeline
+    pool: Any  # preprocessed real face crops for the model-only passes
+    offline_runs: list[float] = field(default_factory=list)  # frames/s of each evaluation
+    model_passes: list[float] = field(default_factory=list)  # seconds per model-only pass
+    batch_sizes: list[int] = field(default_factory=list)
+    evaluation: BagEvaluation | None = None
+
+
+def benchmark_offline_configs(
+    bag: str | os.PathLike[str],
+    configurations: Sequence[PipelineSettings],
+    *,
+    progress: bool = True,
+    repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """:func:`benchmark_offline` for several configurations, interleaved: every round measures each
+    configuration once (evaluation, then its model-only pass) before the next round starts, so a
+    drift of the machine's speed hits all configurations alike and their comparison holds."""
+    runs = [_benchmark_setup(bag, settings) for settings in configurations]
+    for _ in range(max(1, repeats)):
+        for run in runs:
+            run.batch_sizes = []
+            run.evaluation = evaluate_offline(
+                bag,
+                run.pipeline,
+                settings=run.settings,
+                progress=progress,
+                on_frame=_count_faces_into(run.batch_sizes),
+            )
+            run.offline_runs.append(len(run.batch_sizes) / run.evaluation.summary["elapsed_s"])
+            start = time.perf_counter()
+            for b in run.batch_sizes:
+                if b:
+                    run.predictor.predict(run.pool[:b])
+            run.model_passes.append(time.perf_counter() - start)
+    return [_benchmark_result(bag, run, progress) for run in runs]
+
+
+def _benchmark_setup(bag: str | os.PathLike[str], settings: PipelineSettings) -> _BenchmarkRun:
+    """Model, pipeline and a pool of real face crops (from the bag's first frames) for one configuration."""
     from facial_perception.core.preprocess import preprocess_batch
 
-    settings = settings or PipelineSettings()
     predictor, source = load_predictor(settings)
     pipeline = build_pipeline(settings, predictor)
     crops: list[np.ndarray] = []
@@ -1084,20 +1131,22 @@ def benchmark_offline(
     pool = preprocess_batch([crops[i % len(crops)] for i in range(settings.max_faces)], pipeline.input_size)
     for b in range(1, 4):  # warm up every common batch shape once, for both measurements
         predictor.predict(pool[:b])
+    return _BenchmarkRun(settings, predictor, source, pipeline, pool)
 
-    offline_runs: list[float] = []  # frames/s of each evaluation
-    model_passes: list[float] = []  # seconds per model-only pass over the batch-size sequence
-    for _ in range(max(1, repeats)):
-        batch_sizes: list[int] = []
-        evaluation = evaluate_offline(
-            bag, pipeline, settings=settings, progress=progress, on_frame=_count_faces_into(batch_sizes)
-        )
-        offline_runs.append(len(batch_sizes) / evaluation.summary["elapsed_s"])
-        start = time.perf_counter()
-        for b in batch_sizes:
-            if b:
-                predictor.predict(pool[:b])
-        model_passes.append(time.perf_counter() - start)
+
+def _benchmark_result(bag: str | os.PathLike[str], run: _BenchmarkRun, progress: bool) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    settings, pipeline, evaluation = run.settings, run.pipeline, run.evaluation
+    assert evaluation is not None
+    offline_runs, model_passes, batch_sizes, source = (
+        run.offline_runs,
+        run.model_passes,
+        run.batch_sizes,
+        run.source,
+    )
     s = evaluation.summary
     frames = len(batch_sizes)
     ratios = [fps * t / frames for fps, t in zip(offline_runs, model_passes, strict=True)]
