@@ -546,6 +546,13 @@ def _verdict_paragraph(r: dict[str, Any]) -> str:
             f"(bound {100 * plain['bound_ratio']:.0f}%), with it {100 * r['ratio']:.1f}%, while the absolute "
             f"throughput falls from {plain['offline_fps']:.1f} to {r['offline_fps']:.1f} frames/s. "
         )
+    two = r.get("two_threads")
+    if two:
+        text += (
+            "With the whole model in one thread (two stages) this run reached "
+            f"{two['offline_fps']:.1f} frames/s (ratio {100 * two['ratio']:.1f}%); with the encoder in a "
+            f"stage of its own, {r['offline_fps']:.1f} frames/s ({100 * r['ratio']:.1f}%). "
+        )
     pairs = r.get("paired_ratios") or [r["ratio"]]
     text += (
         f"Within this run the {len(pairs)} evaluation/model-only pairs gave ratios from "
@@ -620,8 +627,10 @@ in the overlapped run (slower); the model's batch split over two threads (faces 
 images at once, one torch thread each: 18.6 vs 16.9 ms per 2-face frame alone, 21.9 vs 17.9 ms beside
 the detector, AVX2 host; an ad-hoc timing, not part of this command); the detector on every 2nd
 frame only (`detect_every`, table above). With two stages the model's thread set the pace (the
-detector's thread waited for it), hence the encoder stage (2026-12-03): the model split at the
+detector's thread waited for it), hence the encoder stage (2026-12-02): the model split at the
 encoder's output into two threads, so that three stages of comparable cost share the two cores.
+OpenCV on one thread instead of two (`cv2.setNumThreads(1)`; paired runs of 500 frames: no change,
+0.999x; an ad-hoc check, not part of this command).
 """
 
 
