@@ -458,30 +458,28 @@ def _model_table(intro: str, column: str, runs: Sequence[tuple[str, dict[str, An
 
 
 def _stages_table(r: dict[str, Any]) -> str:
-    two = r.get("two_threads")
-    if not two:
-        return ""
     intro = (
         "Where the model runs, same bag, same run: its encoder in a third thread and its columns in the "
         "second (`encoder_stage`, the default), or the whole model in the second thread:"
     )
-    return _model_table(
-        intro,
-        "model stages",
-        [("encoder, then columns: three threads (default)", r), ("whole model in one thread", two)],
-    )
+    labels = ("encoder, then columns: three threads (default)", "whole model in one thread")
+    return _versus_table(r, "two_threads", intro, "model stages", labels)
 
 
 def _mirror_table(r: dict[str, Any]) -> str:
-    plain = r.get("without_mirror")
-    if not plain:
-        return ""
     intro = (
         "The same model with mirror averaging off (each face once through the network instead of twice; "
         "docs/MODEL_CARD.md), same bag, same run:"
     )
-    default = f"as benchmarked: mirror averaging on {', '.join(plain['mirror_tasks'])}"
-    return _model_table(intro, "model", [(default, r), ("mirror averaging off", plain)])
+    tasks = ", ".join((r.get("without_mirror") or {}).get("mirror_tasks", []))
+    labels = (f"as benchmarked: mirror averaging on {tasks}", "mirror averaging off")
+    return _versus_table(r, "without_mirror", intro, "model", labels)
+
+
+def _versus_table(r: dict[str, Any], key: str, intro: str, column: str, labels: tuple[str, str]) -> str:
+    """The benchmarked configuration against the one measured under ``key`` ("" when not measured)."""
+    other = r.get(key)
+    return _model_table(intro, column, [(labels[0], r), (labels[1], other)]) if other else ""
 
 
 def _detection_table(intro: str, column: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
