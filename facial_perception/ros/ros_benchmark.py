@@ -205,7 +205,7 @@ def camera_process(width: int, height: int, rate: float, seconds: float, go: Any
     Why a separate process: in one process with the result subscriber, the executor's threads held
     the GIL and the publishing loop stalled (gaps up to 1.8 s, then bursts), which measured the
     benchmark rather than the node.  Reports ``("ready", None)`` once the node has subscribed and
-    ``("published", [monotonic publish times])`` at the end (CLOCK_MONOTONIC is system-wide).
+    ``("published", [header stamps in ns])`` at the end (wall-clock time, as the results' stamps).
     """
     rclpy.init()
     node = rclpy.create_node("fp_benchmark_camera")
@@ -221,7 +221,7 @@ def camera_process(width: int, height: int, rate: float, seconds: float, go: Any
         reports.put(("ready", None))
         go.wait()
         period, start = 1.0 / rate, time.monotonic()
-        times: list[float] = []
+        stamps: list[int] = []
         tick = 0
         while True:
             target = start + tick * period
@@ -232,11 +232,12 @@ def camera_process(width: int, height: int, rate: float, seconds: float, go: Any
                 time.sleep(target - now)
             scene = int((time.monotonic() - start) / 2.0) % 5  # 1..5 faces, 2 s each
             _, msg = frames[scene * 3 + tick % 3]
-            msg.header = Header(stamp=node.get_clock().now().to_msg(), frame_id="benchmark_camera")
-            times.append(time.monotonic())
+            stamp = node.get_clock().now()
+            msg.header = Header(stamp=stamp.to_msg(), frame_id="benchmark_camera")
+            stamps.append(stamp.nanoseconds)
             publisher.publish(msg)
             tick += 1
-        reports.put(("published", times))
+        reports.put(("published", stamps))
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
@@ -317,16 +318,18 @@ def run_benchmark(
     spinner = threading.Thread(target=executor.spin, daemon=True)
     lock = threading.Lock()
     measuring = threading.Event()
+    # (stamp ns, latency ms, receipt monotonic s, faces): kept from the start; the results of frames
+    # stamped inside the measured window are counted at the end (a result received early in the
+    # window may belong to a warm-up frame)
+    results: list[tuple[int, float, float, int]] = []
 
     def on_faces(msg: FaceArray) -> None:
         now_ns = node.get_clock().now().nanoseconds
         if not measuring.is_set():
             return
+        stamp_ns = stamp_to_ns(msg.header.stamp)
         with lock:
-            result.received += 1
-            result.latencies_ms.append((now_ns - stamp_to_ns(msg.header.stamp)) / 1e6)
-            result.receipts.append(time.monotonic())
-            result.faces_per_result.append(len(msg.faces))
+            results.append((stamp_ns, (now_ns - stamp_ns) / 1e6, time.monotonic(), len(msg.faces)))
 
     node.create_subscription(
         FaceArray,
@@ -356,21 +359,31 @@ def run_benchmark(
             flush=True,
         )
         start = time.monotonic()
+        wall_minus_monotonic_ns = time.time_ns() - time.monotonic_ns()  # the camera stamps in wall time
+        measuring.set()
         go.set()
         window_start, end = start + args.warmup, start + total_s
         while time.monotonic() < end:
-            if not measuring.is_set() and time.monotonic() >= window_start:
-                measuring.set()
             if process.poll() is not None:
                 raise DemoError(f"the node exited with code {process.returncode} (log: {log})")
             if not camera.is_alive():
                 raise DemoError(f"the camera process exited with code {camera.exitcode}")
             time.sleep(0.05)
-        publish_times = _expect(reports, "published", 30.0, camera)
+        stamps = _expect(reports, "published", 30.0, camera)
         time.sleep(0.3)  # let the last results arrive
         measuring.clear()
         result.window_s = end - window_start
-        result.published = sum(1 for t in publish_times if window_start <= t < end)
+        # frames and results are both counted by the frames' stamps: every counted result is one of
+        # the counted frames
+        first_ns, end_ns = (int(t * 1e9) + wall_minus_monotonic_ns for t in (window_start, end))
+        result.published = sum(1 for stamp_ns in stamps if first_ns <= stamp_ns < end_ns)
+        with lock:
+            for stamp_ns, latency_ms, receipt, faces in results:
+                if first_ns <= stamp_ns < end_ns:  # frames published inside the window
+                    result.received += 1
+                    result.latencies_ms.append(latency_ms)
+                    result.receipts.append(receipt)
+                    result.faces_per_result.append(faces)
     finally:
         stop_process(process)  # first: a failure below must never leave the node running
         if camera.is_alive():
@@ -411,7 +424,8 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         f"`image_reliability: {st['image_reliability']}`); the perception node runs in its own process on "
         f"`{st['device']}` with model: {st['model']}. Latency is the image header stamp to the receipt of "
         f"its `FaceArray` in the benchmark process (a third process). The first {st['warmup_s']:g} s are "
-        f"warm-up and excluded; {st['duration_s']:g} s are measured. CPU % is of one core (200 % = both "
+        f"warm-up and excluded; {st['duration_s']:g} s are measured (frames, and the results of frames, "
+        "stamped inside that window). CPU % is of one core (200 % = both "
         f"cores), sampled each second with {st['resource_sampler']}. Machine load average (1 min) at "
         f"start / end: {st.get('load_average_1min_at_start', 'n/a')} / "
         f"{st.get('load_average_1min_at_end', 'n/a')}."
