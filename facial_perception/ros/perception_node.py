@@ -131,8 +131,8 @@ PARAMETERS: tuple[_Param, ...] = (
     _Param(
         "overlap_stages",
         True,
-        "Detect the next frame while the model runs on this one (two worker threads); false: one after "
-        "the other",
+        "Detect the next frame while the model runs on this one (worker threads per stage; see "
+        "encoder_stage); false: one after the other",
     ),
     _Param(
         "encoder_stage",
