@@ -57,6 +57,20 @@ def test_paper_preset_follows_the_published_tables() -> None:
     assert (LITE.input_size, LITE.in_channels) == (64, 1)
 
 
+def test_mid_preset_is_lite_with_a_wider_encoder() -> None:
+    mid = get_config("mid")
+    assert (mid.input_size, mid.column, mid.decoder) == (LITE.input_size, LITE.column, LITE.decoder)
+    widths = [c for c, _ in mid.encoder.stages]
+    assert widths == [3 * c // 2 for c, _ in LITE.encoder.stages]
+    net = ProgressiveNet(mid, [TaskSpec("gender", ["female", "male"])]).eval()
+    with torch.inference_mode():
+        features = net.encoder.forward_features(torch.zeros(2, 1, 64, 64))
+        probabilities = net.predict(torch.zeros(2, 1, 64, 64))["gender"].probabilities
+    assert tuple(features.shape) == (2, 192, 8, 8) and tuple(probabilities.shape) == (2, 2)
+    mid_flops, lite_flops = model_info("mid"), model_info("lite")
+    assert 2.0 < mid_flops["gflop_per_face"]["encoder"] / lite_flops["gflop_per_face"]["encoder"] < 2.5
+
+
 @pytest.mark.parametrize(
     "data, fragment",
     [
