@@ -515,8 +515,11 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     assert r["encoder_stage"] and "encode" in r["stage_ms_mean"]  # three threads by default
     # every configuration was measured in the same rounds, so each has its own paired ratios
     assert r["interleaved_configurations"] == [
-        "default", "detector:haar", "detect_every:2", "two_threads", "without_mirror"
+        "default", "detector:haar", "detect_every:2", "two_threads", "unfused_columns", "without_mirror"
     ]
+    unfused = r["unfused_columns"]  # the columns one by one, as in training
+    assert r["fuse_columns"] and not unfused["fuse_columns"] and unfused["ratio"] > 0
+    assert f"| columns one by one | {unfused['offline_fps']:.1f} |" in text
     two = r["two_threads"]  # and in the same run the whole model in one thread
     assert "encode" not in two["stage_ms_mean"] and two["ratio"] > 0
     assert f"| whole model in one thread | {two['offline_fps']:.1f} |" in text

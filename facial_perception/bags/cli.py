@@ -191,6 +191,11 @@ def add_subcommands(subparsers: Any) -> None:
         help="skip the same-run measurement with the whole model in one thread (encoder_stage off)",
     )
     bench.add_argument(
+        "--no-compare-fused",
+        action="store_true",
+        help="skip the same-run measurement with the columns run one by one (fuse_columns off)",
+    )
+    bench.add_argument(
         "--no-compare-mirror",
         action="store_true",
         help="skip the same-run measurement of the model with mirror averaging off",
@@ -363,6 +368,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             configs[f"detect_every:{n}"] = PipelineSettings(checkpoint=args.checkpoint, detect_every=n)
         if not args.no_compare_stages:  # the whole model in one thread: what the encoder stage changes
             configs["two_threads"] = PipelineSettings(checkpoint=args.checkpoint, encoder_stage=False)
+        if not args.no_compare_fused:  # the columns one by one, as in training: what fusing them changes
+            configs["unfused_columns"] = PipelineSettings(checkpoint=args.checkpoint, fuse_columns=False)
         mirror_tasks = (
             [] if args.no_compare_mirror else _mirror_averaged_columns(_model_path(args.checkpoint))
         )
@@ -386,6 +393,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             n.split(":", 1)[1]: o for n, o in compared.items() if n.startswith("detect_every:")
         }
         result["two_threads"] = compared.get("two_threads")
+        result["unfused_columns"] = compared.get("unfused_columns")
         result["without_mirror"] = (
             compared["without_mirror"] | {"mirror_tasks": mirror_tasks}
             if "without_mirror" in compared
@@ -413,6 +421,7 @@ _COMPARED = (
     "stage_ms_mean",
     "cpu_work_ms_per_frame",
     "bound_ratio",
+    "fuse_columns",
 )
 
 
@@ -464,6 +473,15 @@ def _stages_table(r: dict[str, Any]) -> str:
     )
     labels = ("encoder, then columns: three threads (default)", "whole model in one thread")
     return _versus_table(r, "two_threads", intro, "model stages", labels)
+
+
+def _fused_table(r: dict[str, Any]) -> str:
+    intro = (
+        "How the columns run, same bag, same run: as one stack of wide layers (`fuse_columns`, the "
+        "default; `FusedColumns` in docs/PIPELINE.md) or one column after the other as in training:"
+    )
+    labels = ("fused columns (default)", "columns one by one")
+    return _versus_table(r, "unfused_columns", intro, "columns", labels)
 
 
 def _mirror_table(r: dict[str, Any]) -> str:
@@ -614,7 +632,7 @@ Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}
 | latency per frame p50 / p90 (ms, overlapped) | {r["latency_ms"]["p50"]:.1f} / {r["latency_ms"]["p90"]:.1f} |
 
 Mean time per stage (ms, overlapped run; the stages run at the same time on {r["cores"]} cores): {stages}.
-{_stages_table(r)}{_mirror_table(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
+{_stages_table(r)}{_fused_table(r)}{_mirror_table(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
 {_verdict_paragraph(r)}
 What was tried (measured on this machine; earlier runs of this file are in git): BlazeFace on the
 LiteRT interpreter instead of the mediapipe graph (same faces, ~1 ms less per frame: the default

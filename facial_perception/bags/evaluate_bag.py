@@ -509,6 +509,7 @@ class PipelineSettings:
     cpu_threads: int = 1  # torch threads while evaluating on CPU (0 = torch's default); the node's default
     mirror_average: bool = True  # the columns' mirror averaging (the node's parameter of the same name)
     detect_every: int = 1  # run the detector on every n-th frame, track in between (the node's parameter)
+    fuse_columns: bool = True  # the columns as one stack of wide layers (FusedColumns; the node's parameter)
 
 
 #: The trained default model shipped inside the package (the node uses the same file).
@@ -533,14 +534,17 @@ def load_predictor(settings: PipelineSettings | None = None) -> tuple[Any, str]:
             if not path.is_file():
                 raise BagError(f"checkpoint not found: {path}")
             predictor = FacePredictor.from_checkpoint(
-                path, device=settings.device, mirror_average=settings.mirror_average
+                path,
+                device=settings.device,
+                mirror_average=settings.mirror_average,
+                fuse_columns=settings.fuse_columns,
             )
             return predictor, str(path)
         from facial_perception.core.config import get_config
         from facial_perception.core.progressive import ProgressiveNet, default_task_specs
 
         model = ProgressiveNet(get_config("lite"), default_task_specs()).eval()
-        return FacePredictor(model, device=settings.device), UNTRAINED
+        return FacePredictor(model, device=settings.device, fuse_columns=settings.fuse_columns), UNTRAINED
     except BagError:
         raise
     except Exception as exc:  # CheckpointError, device errors...: one line for the user
@@ -1168,6 +1172,7 @@ def _benchmark_result(bag: str | os.PathLike[str], run: _BenchmarkRun, progress:
         "device": settings.device,
         "overlap": settings.overlap,
         "encoder_stage": settings.overlap and settings.encoder_stage,
+        "fuse_columns": settings.fuse_columns,
         "detector": settings.detector,
         "detector_backend": getattr(pipeline.detector, "backend", type(pipeline.detector).__name__),
         "pipeline_torch_threads": settings.cpu_threads or torch.get_num_threads(),

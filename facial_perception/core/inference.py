@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from facial_perception.core.devices import resolve_device
+from facial_perception.core.fused_columns import FusedColumns
 from facial_perception.core.progressive import EncodedFaces, ProgressiveNet
 
 
@@ -47,10 +48,12 @@ class FacePrediction:
 
 @dataclass
 class EncodedBatch:
-    """:meth:`FacePredictor.encode`'s result: encoder features per chunk and the model that made them."""
+    """:meth:`FacePredictor.encode`'s result: encoder features per chunk and the model that made them
+    (with the fused columns of that model, when the predictor fuses them)."""
 
     model: ProgressiveNet
     chunks: list[EncodedFaces]
+    columns: FusedColumns | None = None
 
     @property
     def count(self) -> int:
@@ -64,6 +67,10 @@ class FacePredictor:
     The predictor works on its own copy of the model (moved to ``device``, eval mode, fp16 when
     ``half``), so the caller's model is never modified; :meth:`set_model` swaps in a new model
     atomically while other threads keep predicting with the old one until their call ends.
+
+    ``fuse_columns`` (default): the frozen columns run as one stack of wide layers
+    (:class:`FusedColumns`: the same results, far fewer tensor ops per batch); False runs them one
+    by one as in training.
     """
 
     def __init__(
@@ -74,8 +81,10 @@ class FacePredictor:
         tasks: Iterable[str] | None = None,
         max_batch: int = 64,
         mirror_average: bool = True,
+        fuse_columns: bool = True,
     ) -> None:
         self.device = resolve_device(device)
+        self.fuse_columns = bool(fuse_columns)
         # False: ignore the columns' mirror averaging (each face once through the network: faster)
         self.mirror_average = bool(mirror_average)
         self.half = self.device.type == "cuda" if half is None else bool(half)
@@ -87,7 +96,7 @@ class FacePredictor:
         self._tasks = list(tasks) if tasks is not None else None
         self._lock = threading.Lock()
         self.metadata: dict[str, Any] = {}
-        self._model = self._prepare(model)
+        self._model, self._columns = self._prepare(model)
 
     @classmethod
     def from_checkpoint(
@@ -98,18 +107,25 @@ class FacePredictor:
         tasks: Iterable[str] | None = None,
         max_batch: int = 64,
         mirror_average: bool = True,
+        fuse_columns: bool = True,
     ) -> FacePredictor:
         """Load a ``.safetensors`` model (raises ``CheckpointError`` on a bad file)."""
         from facial_perception.core.checkpoint import load_model
 
         model, meta = load_model(path)
         predictor = cls(
-            model, device=device, half=half, tasks=tasks, max_batch=max_batch, mirror_average=mirror_average
+            model,
+            device=device,
+            half=half,
+            tasks=tasks,
+            max_batch=max_batch,
+            mirror_average=mirror_average,
+            fuse_columns=fuse_columns,
         )
         predictor.metadata = {k: v for k, v in meta.items() if k != "extra_tensors"}
         return predictor
 
-    def _prepare(self, model: ProgressiveNet) -> ProgressiveNet:
+    def _prepare(self, model: ProgressiveNet) -> tuple[ProgressiveNet, FusedColumns | None]:
         if not isinstance(model, ProgressiveNet):
             raise InferenceError(f"FacePredictor needs a ProgressiveNet, got {type(model).__name__}")
         if not model.task_names:
@@ -125,13 +141,19 @@ class FacePredictor:
         if self.device.type == "cpu":
             # oneDNN convolutions are several times faster on NHWC tensors.
             prepared.to(memory_format=torch.channels_last)
-        return prepared
+        columns = None
+        if self.fuse_columns:
+            with torch.no_grad():
+                columns = FusedColumns(prepared, self._tasks)
+            if self.device.type == "cpu":
+                columns.to(memory_format=torch.channels_last)
+        return prepared, columns
 
     def set_model(self, model: ProgressiveNet) -> None:
         """Hot-swap the model (prepared outside the lock; the swap itself is atomic)."""
-        prepared = self._prepare(model)
+        prepared, columns = self._prepare(model)
         with self._lock:
-            self._model = prepared
+            self._model, self._columns = prepared, columns
 
     @property
     def model(self) -> ProgressiveNet:
@@ -158,7 +180,8 @@ class FacePredictor:
         previous batch in another; the result keeps the model it was made with, so a hot swap in
         between cannot mix two models.
         """
-        model = self.model
+        with self._lock:
+            model, columns = self._model, self._columns
         if not isinstance(batch, torch.Tensor):
             raise InferenceError(f"predict expects a torch.Tensor, got {type(batch).__name__}")
         if batch.ndim != 4:
@@ -176,18 +199,20 @@ class FacePredictor:
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 chunks.append(model.encode(x, self._tasks, mirror=self.mirror_average))
-        return EncodedBatch(model, chunks)
+        return EncodedBatch(model, chunks, columns)
 
     def predict_encoded(self, encoded: EncodedBatch) -> list[FacePrediction]:
         """Second half of :meth:`predict`: the columns on :meth:`encode`'s features."""
         results: list[FacePrediction] = []
         for chunk in encoded.chunks:
-            results.extend(self._predict_chunk(encoded.model, chunk))
+            results.extend(self._predict_chunk(encoded.model, chunk, encoded.columns))
         return results
 
-    def _predict_chunk(self, model: ProgressiveNet, encoded: EncodedFaces) -> list[FacePrediction]:
+    def _predict_chunk(
+        self, model: ProgressiveNet, encoded: EncodedFaces, columns: FusedColumns | None
+    ) -> list[FacePrediction]:
         with torch.inference_mode():
-            outputs = model.predict_encoded(encoded)
+            outputs = model.predict_encoded(encoded, columns)
             probabilities = {n: o.probabilities.cpu().numpy() for n, o in outputs.items()}
             identity = next((n for n in outputs if model.specs[n].kind == "identity"), None)
             embeddings = (

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -492,11 +492,23 @@ class ProgressiveNet(nn.Module):
             x = both
         return EncodedFaces(self.encoder.forward_features(x), count, mirrored, tuple(keep))
 
-    def predict_encoded(self, encoded: EncodedFaces) -> dict[str, TaskProbabilities]:
-        """Inference, second half: the columns on :meth:`encode`'s features -> probabilities, embeddings."""
+    def predict_encoded(
+        self,
+        encoded: EncodedFaces,
+        columns: Callable[[torch.Tensor], Mapping[str, ColumnOutput]] | None = None,
+    ) -> dict[str, TaskProbabilities]:
+        """Inference, second half: the columns on :meth:`encode`'s features -> probabilities, embeddings.
+
+        ``columns``: what runs the columns on the features, returning exactly ``encoded.tasks``
+        (e.g. a ``FusedColumns`` of this network); default :meth:`forward_features`.
+        """
         n, mirrored = encoded.count, encoded.mirrored
         result: dict[str, TaskProbabilities] = {}
-        for name, out in self.forward_features(encoded.features, encoded.tasks).items():
+        if columns is None:
+            outputs = self.forward_features(encoded.features, encoded.tasks)
+        else:
+            outputs = columns(encoded.features)
+        for name, out in outputs.items():
             probs = torch.softmax(out.logits.float(), dim=1)
             if mirrored:
                 probs = (probs[:n] + probs[n:]) / 2 if self.specs[name].mirror_average else probs[:n]

@@ -1,0 +1,166 @@
+"""All task columns of a frozen :class:`ProgressiveNet` run as one stack of wide layers, for inference.
+
+A progressive network runs its columns one after the other, each layer a handful of small tensor
+ops: with four columns on a few faces per frame the time goes more into Python dispatch (and the
+GIL that the pipeline's other threads wait on) than into arithmetic. The columns share their layer
+widths (one ``ColumnConfig`` per model), so with their weights frozen they can be stacked along
+the channel axis and run together:
+
+- the first convs (all on the encoder's map) become one conv with every column's filters;
+- each later conv becomes one grouped conv (a group per column), plus, when some column has
+  lateral connections, one 1x1 conv from the stacked activations whose weight holds each target's
+  lateral adapter in its source columns' block and zeros elsewhere;
+- BatchNorm (inference statistics) is folded into the conv weights and a bias, and the adapters'
+  learned scales into their weights;
+- the FC embeddings and the outputs, laterals included, become one linear map each (block-sparse).
+
+The result equals :meth:`ProgressiveNet.forward_features` up to float rounding (tested) with about
+a fifth of the tensor ops. Built once from a prepared model (eval mode, on its device and dtype);
+it keeps copies of the folded weights, so rebuild it after the network's weights change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facial_perception.core.began import make_activation
+from facial_perception.core.progressive import (
+    ColumnOutput,
+    LateralAdapter,
+    ModelError,
+    ProgressiveNet,
+    TaskColumn,
+)
+
+
+def _adapter_weight(adapter: LateralAdapter) -> torch.Tensor:
+    """The adapter's projection with its per-source scales multiplied in: (out, in) or (out, in, 1, 1)."""
+    per_channel = torch.repeat_interleave(adapter.scales.detach(), adapter._repeats)
+    weight = adapter.proj.weight.detach()
+    return weight * (per_channel.view(1, -1, 1, 1) if adapter.conv else per_channel.view(1, -1))
+
+
+def _folded_norm(column: TaskColumn, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with ``norm(x) == x * scale + shift`` for the layer's BatchNorm in eval mode."""
+    norm = column.norms[layer]
+    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
+    return scale, norm.bias.detach() - norm.running_mean * scale
+
+
+class FusedColumns(nn.Module):
+    """Inference-only stack of the columns ``tasks`` need (and their lateral sources).
+
+    Call it on encoder features ``(N, C, H, W)``; it returns ``{task: ColumnOutput}`` for the
+    requested tasks, like ``net.forward_features(features, tasks)``.
+    """
+
+    def __init__(self, net: ProgressiveNet, tasks: Iterable[str] | None = None) -> None:
+        super().__init__()
+        if net.training:
+            raise ModelError("FusedColumns folds inference statistics: put the network in eval mode first")
+        run, keep = net._resolve(tasks)
+        if not run:
+            raise ModelError("the network has no columns to fuse")
+        self.names = list(run)
+        self.keep = list(keep)
+        columns = [net.columns[name] for name in run]
+        index = {name: k for k, name in enumerate(run)}
+        sources = [[index[s] for s in net.specs[name].laterals] for name in run]
+        self.pools = list(columns[0].pools)
+        self.act = make_activation(net.config.column.activation)
+        widths = [conv.out_channels for conv in columns[0].convs]  # the same in every column
+        self.groups = len(columns)
+        reference = columns[0].fc.weight
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=reference.dtype, device=reference.device)
+
+        self.conv_weights = nn.ParameterList()
+        self.conv_biases = nn.ParameterList()
+        # per conv layer with laterals: a 1x1 conv from the channels of the columns up to the last
+        # source into the channels of the columns from the first to the last target
+        self.lateral_weights = nn.ParameterList()
+        self.lateral_slices: dict[int, tuple[int, int, int]] = {}  # layer -> (in_stop, out_start, out_stop)
+        targets = [k for k, own in enumerate(sources) if own]
+        for layer, width in enumerate(widths):
+            weights, biases = [], []
+            for column in columns:
+                scale, shift = _folded_norm(column, layer)
+                weights.append(column.convs[layer].weight.detach() * scale.view(-1, 1, 1, 1))
+                biases.append(shift)
+            self.conv_weights.append(nn.Parameter(torch.cat(weights), requires_grad=False))
+            self.conv_biases.append(nn.Parameter(torch.cat(biases), requires_grad=False))
+            if not layer or not targets:
+                continue
+            previous = widths[layer - 1]
+            first, last = targets[0], targets[-1]
+            in_stop = (max(max(sources[k]) for k in targets) + 1) * previous
+            lateral = zeros((last + 1 - first) * width, in_stop, 1, 1)
+            for target in targets:
+                column = columns[target]
+                scale, _shift = _folded_norm(column, layer)
+                weight = _adapter_weight(column.laterals[str(layer)]) * scale.view(-1, 1, 1, 1)
+                rows = slice((target - first) * width, (target - first + 1) * width)
+                for position, source in enumerate(sources[target]):
+                    block = weight[:, position * previous : (position + 1) * previous]
+                    lateral[rows, source * previous : (source + 1) * previous] = block
+            self.lateral_weights.append(nn.Parameter(lateral, requires_grad=False))
+            self.lateral_slices[layer] = (in_stop, first * width, (last + 1) * width)
+
+        fc_layer = len(widths)
+        self.fc_weight, self.fc_bias = _block_linear(columns, sources, fc_layer, zeros)
+        self.out_weight, self.out_bias = _block_linear(columns, sources, fc_layer + 1, zeros)
+        self.embedding_dims = [column.fc.out_features for column in columns]
+        self.class_counts = [column.out.out_features for column in columns]
+
+    def forward(self, features: torch.Tensor) -> dict[str, ColumnOutput]:
+        h = features
+        laterals = iter(self.lateral_weights)
+        for layer, (weight, bias) in enumerate(zip(self.conv_weights, self.conv_biases, strict=True)):
+            pre = F.conv2d(h, weight, bias, padding=1, groups=1 if layer == 0 else self.groups)
+            if layer in self.lateral_slices:
+                in_stop, out_start, out_stop = self.lateral_slices[layer]
+                pre[:, out_start:out_stop] += F.conv2d(h[:, :in_stop], next(laterals))
+            h = self.act(pre)
+            if self.pools[layer]:
+                h = F.max_pool2d(h, 2)
+        # column k's channels flatten to the block k of the row, in the column's own (C, H, W) order
+        embeddings = self.act(F.linear(h.flatten(1), self.fc_weight, self.fc_bias))
+        logits = F.linear(embeddings, self.out_weight, self.out_bias)
+        per_logits = logits.split(self.class_counts, dim=1)
+        per_embedding = embeddings.split(self.embedding_dims, dim=1)
+        return {
+            name: ColumnOutput(per_logits[k], per_embedding[k])
+            for k, name in enumerate(self.names)
+            if name in self.keep
+        }
+
+
+def _block_linear(
+    columns: Sequence[TaskColumn], sources: Sequence[Sequence[int]], layer: int, zeros
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """The FC layer (``layer`` = number of convs) or the output layer of all columns as one linear map:
+    each column's own weights on the diagonal, its lateral adapter in its sources' blocks (an adapter's
+    input is its sources' input to the same layer)."""
+    linears = [column.fc if layer == len(column.convs) else column.out for column in columns]
+    ins = [linear.in_features for linear in linears]
+    outs = [linear.out_features for linear in linears]
+    in_starts = [sum(ins[:k]) for k in range(len(ins))]
+    out_starts = [sum(outs[:k]) for k in range(len(outs))]
+    weight = zeros(sum(outs), sum(ins))
+    for k, linear in enumerate(linears):
+        rows = slice(out_starts[k], out_starts[k] + outs[k])
+        weight[rows, in_starts[k] : in_starts[k] + ins[k]] = linear.weight.detach()
+        if sources[k]:
+            adapter = _adapter_weight(columns[k].laterals[str(layer)])
+            offset = 0
+            for source in sources[k]:
+                block = adapter[:, offset : offset + ins[source]]
+                weight[rows, in_starts[source] : in_starts[source] + ins[source]] = block
+                offset += ins[source]
+    bias = torch.cat([linear.bias.detach() for linear in linears])
+    return nn.Parameter(weight, requires_grad=False), nn.Parameter(bias, requires_grad=False)

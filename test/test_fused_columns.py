@@ -1,0 +1,89 @@
+"""FusedColumns: the frozen columns as one stack of wide layers give the columns' own results."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY, one_thread  # noqa: F401 - one_thread is an autouse fixture
+
+from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
+from facial_perception.core.checkpoint import load_model
+from facial_perception.core.config import get_config
+from facial_perception.core.fused_columns import FusedColumns
+from facial_perception.core.inference import FacePredictor
+from facial_perception.core.preprocess import preprocess_batch
+from facial_perception.core.progressive import ModelError, ProgressiveNet, TaskSpec
+
+# laterals of every shape: none, from the first column, from two, from a non-adjacent one only
+SPECS = [
+    TaskSpec("emotion", ["neutral", "happy", "sad"]),
+    TaskSpec("gender", ["male", "female"], ["emotion"]),
+    TaskSpec("age", ["young", "adult", "old", "older"]),
+    TaskSpec("mood", ["calm", "tense"], ["emotion", "age"]),
+    TaskSpec("identity", [f"p{i}" for i in range(7)], ["gender"], kind="identity"),
+]
+
+
+def _trained_looking(config, specs=SPECS, seed: int = 0) -> ProgressiveNet:
+    """Random weights and BatchNorm statistics far from (0, 1), so that folding them is exercised."""
+    torch.manual_seed(seed)
+    net = ProgressiveNet(config, specs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn_like(module.running_mean))
+                module.running_var.copy_(torch.rand_like(module.running_var) * 3 + 0.1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("activation", ["relu", "elu"])
+@pytest.mark.parametrize("tasks", [None, ["identity"], ["age", "gender"], ["mood"]])
+def test_fused_columns_equal_the_columns_one_by_one(activation: str, tasks: list[str] | None) -> None:
+    config = dataclasses.replace(TINY, column=dataclasses.replace(TINY.column, activation=activation))
+    net = _trained_looking(config)
+    features = net.encoder.forward_features(torch.rand(5, 1, 16, 16) * 2 - 1).detach()
+    with torch.no_grad():
+        expected = net.forward_features(features, tasks)
+        fused = FusedColumns(net, tasks)(features)
+    assert list(fused) == list(expected)  # the requested tasks, in column order
+    for name, out in expected.items():
+        torch.testing.assert_close(fused[name].logits, out.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused[name].embedding, out.embedding, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_columns_of_the_lite_model_in_channels_last() -> None:
+    """The preset the node runs, in the memory layout the CPU predictor uses."""
+    net = _trained_looking(get_config("lite"), seed=1)
+    x = (torch.rand(3, 1, 64, 64) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        features = net.encoder.forward_features(x)
+        expected = net.forward_features(features)
+        fused = FusedColumns(net).to(memory_format=torch.channels_last)(features)
+    for name, out in expected.items():
+        torch.testing.assert_close(fused[name].logits, out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_columns_refuse_a_network_in_training_mode() -> None:
+    net = _trained_looking(TINY).train()
+    with pytest.raises(ModelError, match="eval mode"):
+        FusedColumns(net)
+    with pytest.raises(ModelError, match="unknown task"):
+        FusedColumns(net.eval(), ["nope"])
+
+
+def test_fused_and_unfused_predictors_agree_on_the_shipped_model(real_faces: list[np.ndarray]) -> None:
+    model, _meta = load_model(DEFAULT_MODEL)
+    batch = preprocess_batch(real_faces, model.config.input_size)
+    fused = FacePredictor(model, device="cpu").predict(batch)
+    plain = FacePredictor(model, device="cpu", fuse_columns=False).predict(batch)
+    assert len(fused) == len(plain) == len(real_faces)
+    for a, b in zip(fused, plain, strict=True):
+        assert list(a.tasks) == list(b.tasks) == model.task_names
+        for name in a.tasks:
+            np.testing.assert_allclose(a.tasks[name].probabilities, b.tasks[name].probabilities, atol=1e-4)
+        np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-4)
