@@ -118,6 +118,11 @@ def add_subcommands(subparsers: Any) -> None:
         help="with overlapping stages, run the whole model in one thread (default: its encoder in a third)",
     )
     off.add_argument(
+        "--no-fuse-columns",
+        action="store_true",
+        help="run the columns one after the other (default: as one stack of wide layers; same results)",
+    )
+    off.add_argument(
         "--detect-every",
         type=int,
         default=1,
@@ -278,6 +283,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             gallery=args.gallery,
             overlap=not args.no_overlap,
             encoder_stage=not args.no_encoder_stage,
+            fuse_columns=not args.no_fuse_columns,
             cpu_threads=max(0, args.cpu_threads),
             mirror_average=not args.no_mirror_average,
             detect_every=args.detect_every,

@@ -129,6 +129,12 @@ PARAMETERS: tuple[_Param, ...] = (
         "(shipped model: emotion, gender, age; about twice the model's time per face); false: faces only",
     ),
     _Param(
+        "fuse_columns",
+        True,
+        "Run the frozen task columns as one stack of wide layers (same results, fewer tensor ops: "
+        "docs/PIPELINE.md); false: one column after the other, as in training",
+    ),
+    _Param(
         "overlap_stages",
         True,
         "Detect the next frame while the model runs on this one (worker threads per stage; see "
@@ -263,7 +269,11 @@ def select_model(model_path: str, columns_dir: str) -> ModelSource:
 
 
 def _load_predictor(
-    source: ModelSource, device: str, half: bool | None, mirror_average: bool = True
+    source: ModelSource,
+    device: str,
+    half: bool | None,
+    mirror_average: bool = True,
+    fuse_columns: bool = True,
 ) -> tuple[Any, Any]:
     """``(FacePredictor, ProgressiveNet)`` for ``source``; imports torch lazily (slow first import)."""
     from facial_perception.core.inference import FacePredictor
@@ -273,10 +283,12 @@ def _load_predictor(
         from facial_perception.core.progressive import ProgressiveNet, default_task_specs
 
         model = ProgressiveNet(get_config("lite"), default_task_specs()).eval()
-        predictor = FacePredictor(model, device=device, half=half, mirror_average=mirror_average)
+        predictor = FacePredictor(
+            model, device=device, half=half, mirror_average=mirror_average, fuse_columns=fuse_columns
+        )
     else:
         predictor = FacePredictor.from_checkpoint(
-            source.path, device=device, half=half, mirror_average=mirror_average
+            source.path, device=device, half=half, mirror_average=mirror_average, fuse_columns=fuse_columns
         )
     return predictor, predictor.model
 
@@ -460,7 +472,11 @@ class PerceptionNode(LifecycleNode):
         if threads > 0:  # process-wide; measured: 1 thread gave more fps and less CPU (docs/BENCHMARK_ROS.md)
             torch.set_num_threads(threads)
         predictor, self.model = _load_predictor(
-            self.model_source, str(self._p("device")), half, bool(self._p("mirror_average"))
+            self.model_source,
+            str(self._p("device")),
+            half,
+            bool(self._p("mirror_average")),
+            bool(self._p("fuse_columns")),
         )
         self._half = half
         # Per-column training records (val accuracy, trained_at); kept on the model so that the next
@@ -986,8 +1002,13 @@ class PerceptionNode(LifecycleNode):
         """Hot swap: a predictor over the trained model replaces the live one between two frames."""
         from facial_perception.core.inference import FacePredictor
 
-        device, mirror = str(self._p("device")), bool(self._p("mirror_average"))
-        predictor = FacePredictor(model, device=device, half=self._half, mirror_average=mirror)
+        predictor = FacePredictor(
+            model,
+            device=str(self._p("device")),
+            half=self._half,
+            mirror_average=bool(self._p("mirror_average")),
+            fuse_columns=bool(self._p("fuse_columns")),
+        )
         self.pipeline.set_predictor(predictor)
         self.model = predictor.model
         self._column_meta = dict(getattr(model, "training_meta", {}) or {})
