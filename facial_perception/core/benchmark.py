@@ -27,6 +27,7 @@ from facial_perception.core.config import get_config
 from facial_perception.core.devices import resolve_device, tune_cpu_allocator
 from facial_perception.core.fileio import atomic_write_text
 from facial_perception.core.flops import model_info
+from facial_perception.core.fused_columns import FusedColumns
 from facial_perception.core.progressive import ProgressiveNet, default_task_specs
 
 TARGETS = {
@@ -179,8 +180,10 @@ def benchmark_config(
     peaks: list[float],
     repeats: int,
     log: Callable[[str], None],
+    matmul_sizes: Sequence[int] = (1024, 2048, 3072),
 ) -> dict[str, Any]:
-    """Throughput per batch size and shared-vs-independent speed-up for one configuration."""
+    """Throughput per batch size, shared-vs-independent and fused-vs-one-by-one columns speed-ups
+    for one configuration."""
     config = get_config(name)
     specs = default_task_specs()
     info = model_info(config, specs)
@@ -203,7 +206,7 @@ def benchmark_config(
                 }
             )
             log(f"{name} batch {batch}: {rows[-1]['faces_per_s']:.1f} faces/s")
-        peaks.append(matmul_peak(device)["gflops"])
+        peaks.append(matmul_peak(device, matmul_sizes)["gflops"])
 
         independents = [
             _prepare(ProgressiveNet(config, [replace(spec, laterals=[])]), device, half) for spec in specs
@@ -224,6 +227,29 @@ def benchmark_config(
                 }
             )
             log(f"{name} batch {batch}: shared is {comparison[-1]['speedup']:.2f}x faster than 4 independent")
+
+        # the columns alone on encoder features: one by one (as trained) vs fused (as the predictor runs them)
+        fused = FusedColumns(shared)
+        if device.type == "cpu":
+            fused.to(memory_format=torch.channels_last)
+        fusion = []
+        for batch in sorted({min(batches), max(batches)}):
+            features = shared.encoder.forward_features(_input(config.input_size, batch, device, half))
+            t_plain, t_fused = time_interleaved(
+                [lambda f=features: shared.forward_features(f), lambda f=features: fused(f)],
+                device,
+                repeats=repeats,
+            )
+            ratios = [p / q for p, q in zip(t_plain["samples"], t_fused["samples"], strict=True)]
+            fusion.append(
+                {
+                    "batch": batch,
+                    "columns_ms_per_batch": 1e3 * t_plain["median_s"],
+                    "fused_ms_per_batch": 1e3 * t_fused["median_s"],
+                    "speedup": statistics.median(ratios),
+                }
+            )
+            log(f"{name} batch {batch}: fused columns {fusion[-1]['speedup']:.2f}x faster than one by one")
     return {
         "config": name,
         "input": info["input"],
@@ -232,6 +258,7 @@ def benchmark_config(
         "params": info["params"]["inference_total"],
         "rows": rows,
         "shared_vs_independent": comparison,
+        "fused_vs_columns": fusion,
     }
 
 
@@ -245,6 +272,7 @@ def run_benchmark(
     repeats: int = 7,
     tune_allocator: bool = True,
     log: Callable[[str], None] = print,
+    matmul_sizes: Sequence[int] = (1024, 2048, 3072),
 ) -> dict[str, Any]:
     """Measure every config at every batch size, evaluate the targets, write JSON and Markdown."""
     resolved = resolve_device(device)
@@ -267,9 +295,11 @@ def run_benchmark(
         },
         "load_average_before": _load(),
     }
-    peaks: list[float] = [matmul_peak(resolved)["gflops"]]
-    result["configs"] = [benchmark_config(c, batches, resolved, half, peaks, repeats, log) for c in configs]
-    peaks.append(matmul_peak(resolved)["gflops"])
+    peaks: list[float] = [matmul_peak(resolved, matmul_sizes)["gflops"]]
+    result["configs"] = [
+        benchmark_config(c, batches, resolved, half, peaks, repeats, log, matmul_sizes) for c in configs
+    ]
+    peaks.append(matmul_peak(resolved, matmul_sizes)["gflops"])
     peak = max(peaks)
     result["matmul_peak_gflops"] = peak
     result["matmul_peak_samples"] = peaks
@@ -386,6 +416,22 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{entry['independent_gflop_per_face']:.3f} | {cmp['shared_ms_per_batch']:.1f} | "
                 f"{cmp['independent_ms_per_batch']:.1f} | {cmp['speedup']:.2f}x |"
             )
+    lines += [
+        "",
+        "## The columns alone: fused (as the predictor runs them) vs one by one (as trained)",
+        "",
+        "On the encoder's feature maps; `FusedColumns` stacks the frozen columns into wide layers with "
+        "BatchNorm folded (docs/PIPELINE.md). Same results; the speed-up is the median of paired ratios.",
+        "",
+        "| config | batch | one by one ms/batch | fused ms/batch | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in result["configs"]:
+        for cmp in entry.get("fused_vs_columns", []):
+            lines.append(
+                f"| {entry['config']} | {cmp['batch']} | {cmp['columns_ms_per_batch']:.2f} | "
+                f"{cmp['fused_ms_per_batch']:.2f} | {cmp['speedup']:.2f}x |"
+            )
     lines += ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['goal']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
@@ -412,6 +458,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-allocator-tuning", action="store_true")
+    parser.add_argument(
+        "--matmul-sizes",
+        nargs="+",
+        type=int,
+        default=[1024, 2048, 3072],
+        help="square sizes of the torch.mm peak measurement",
+    )
     args = parser.parse_args(argv)
     try:
         result = run_benchmark(
@@ -423,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.threads,
             args.repeats,
             not args.no_allocator_tuning,
+            matmul_sizes=args.matmul_sizes,
         )
     except ValueError as exc:  # ConfigError, DeviceError: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
