@@ -472,22 +472,28 @@ def _model_table(intro: str, column: str, runs: Sequence[tuple[str, dict[str, An
     return "\n".join(rows) + "\n"
 
 
-def _stages_table(r: dict[str, Any]) -> str:
-    intro = (
+#: Same-run comparisons of the benchmarked configuration: result key -> (intro, column title, row labels).
+_MODEL_COMPARISONS: dict[str, tuple[str, str, tuple[str, str]]] = {
+    "two_threads": (
         "Where the model runs, same bag, same run: its encoder in a third thread and its columns in the "
-        "second (`encoder_stage`, the default), or the whole model in the second thread:"
-    )
-    labels = ("encoder, then columns: three threads (default)", "whole model in one thread")
-    return _versus_table(r, "two_threads", intro, "model stages", labels)
-
-
-def _fused_table(r: dict[str, Any]) -> str:
-    intro = (
+        "second (`encoder_stage`, the default), or the whole model in the second thread:",
+        "model stages",
+        ("encoder, then columns: three threads (default)", "whole model in one thread"),
+    ),
+    "unfused_columns": (
         "How the columns run, same bag, same run: as one stack of wide layers (`fuse_columns`, the "
-        "default; `FusedColumns` in docs/PIPELINE.md) or one column after the other as in training:"
+        "default; `FusedColumns` in docs/PIPELINE.md) or one column after the other as in training:",
+        "columns",
+        ("fused columns (default)", "columns one by one"),
+    ),
+}
+
+
+def _model_comparison_tables(r: dict[str, Any]) -> str:
+    return "".join(
+        _versus_table(r, key, intro, column, labels)
+        for key, (intro, column, labels) in _MODEL_COMPARISONS.items()
     )
-    labels = ("fused columns (default)", "columns one by one")
-    return _versus_table(r, "unfused_columns", intro, "columns", labels)
 
 
 def _mirror_table(r: dict[str, Any]) -> str:
@@ -638,7 +644,7 @@ Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}
 | latency per frame p50 / p90 (ms, overlapped) | {r["latency_ms"]["p50"]:.1f} / {r["latency_ms"]["p90"]:.1f} |
 
 Mean time per stage (ms, overlapped run; the stages run at the same time on {r["cores"]} cores): {stages}.
-{_stages_table(r)}{_fused_table(r)}{_mirror_table(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
+{_model_comparison_tables(r)}{_mirror_table(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
 {_verdict_paragraph(r)}
 What was tried (measured on this machine; earlier runs of this file are in git): BlazeFace on the
 LiteRT interpreter instead of the mediapipe graph (same faces, ~1 ms less per frame: the default

@@ -137,6 +137,15 @@ def time_call(fn: Callable[[], Any], device: torch.device, **kwargs: Any) -> dic
     return time_interleaved([fn], device, **kwargs)[0]
 
 
+def paired_speedup(
+    slow: Callable[[], Any], fast: Callable[[], Any], device: torch.device, repeats: int
+) -> tuple[float, float, float]:
+    """``(slow ms, fast ms, speed-up)``: medians of :func:`time_interleaved` and of the paired ratios."""
+    t_slow, t_fast = time_interleaved([slow, fast], device, repeats=repeats)
+    ratios = [a / b for a, b in zip(t_slow["samples"], t_fast["samples"], strict=True)]
+    return 1e3 * t_slow["median_s"], 1e3 * t_fast["median_s"], statistics.median(ratios)
+
+
 def matmul_peak(device: torch.device, sizes: Sequence[int] = (1024, 2048, 3072)) -> dict[str, Any]:
     """Best dense fp32 ``torch.mm`` GFLOP/s over a few square sizes.
 
@@ -214,19 +223,18 @@ def benchmark_config(
         comparison = []
         for batch in sorted({min(batches), max(batches)}):
             x = _input(config.input_size, batch, device, half)
-            t_shared, t_indep = time_interleaved(
-                [lambda x=x: shared(x), lambda x=x: [m(x) for m in independents]], device, repeats=repeats
+            indep_ms, shared_ms, speedup = paired_speedup(
+                lambda x=x: [m(x) for m in independents], lambda x=x: shared(x), device, repeats
             )
-            ratios = [i / s for i, s in zip(t_indep["samples"], t_shared["samples"], strict=True)]
             comparison.append(
                 {
                     "batch": batch,
-                    "shared_ms_per_batch": 1e3 * t_shared["median_s"],
-                    "independent_ms_per_batch": 1e3 * t_indep["median_s"],
-                    "speedup": statistics.median(ratios),
+                    "shared_ms_per_batch": shared_ms,
+                    "independent_ms_per_batch": indep_ms,
+                    "speedup": speedup,
                 }
             )
-            log(f"{name} batch {batch}: shared is {comparison[-1]['speedup']:.2f}x faster than 4 independent")
+            log(f"{name} batch {batch}: shared is {speedup:.2f}x faster than 4 independent")
 
         # the columns alone on encoder features: one by one (as trained) vs fused (as the predictor runs them)
         fused = FusedColumns(shared)
@@ -235,21 +243,18 @@ def benchmark_config(
         fusion = []
         for batch in sorted({min(batches), max(batches)}):
             features = shared.encoder.forward_features(_input(config.input_size, batch, device, half))
-            t_plain, t_fused = time_interleaved(
-                [lambda f=features: shared.forward_features(f), lambda f=features: fused(f)],
-                device,
-                repeats=repeats,
+            plain_ms, fused_ms, speedup = paired_speedup(
+                lambda f=features: shared.forward_features(f), lambda f=features: fused(f), device, repeats
             )
-            ratios = [p / q for p, q in zip(t_plain["samples"], t_fused["samples"], strict=True)]
             fusion.append(
                 {
                     "batch": batch,
-                    "columns_ms_per_batch": 1e3 * t_plain["median_s"],
-                    "fused_ms_per_batch": 1e3 * t_fused["median_s"],
-                    "speedup": statistics.median(ratios),
+                    "columns_ms_per_batch": plain_ms,
+                    "fused_ms_per_batch": fused_ms,
+                    "speedup": speedup,
                 }
             )
-            log(f"{name} batch {batch}: fused columns {fusion[-1]['speedup']:.2f}x faster than one by one")
+            log(f"{name} batch {batch}: fused columns {speedup:.2f}x faster than one by one")
     return {
         "config": name,
         "input": info["input"],
