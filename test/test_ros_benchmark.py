@@ -29,4 +29,7 @@ def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path:
     (stages,) = [c for c in result["comparisons"] if c["kind"] == "encoder_stage"]
     assert result["settings"]["encoder_stage"] is True and stages["settings"]["encoder_stage"] is False
     assert stages["summary"]["results_received"] > 0 and "## Three worker threads or two" in text
+    (fused,) = [c for c in result["comparisons"] if c["kind"] == "fuse_columns"]
+    assert result["settings"]["fuse_columns"] is True and fused["settings"]["fuse_columns"] is False
+    assert fused["summary"]["results_received"] > 0 and "## Fused columns or one by one" in text
     assert "Fast DDS transports" not in text  # --compare-transports with no names: no such run

@@ -262,7 +262,7 @@ def run_benchmark(
     ``node_transports`` sets ``FASTDDS_BUILTIN_TRANSPORTS`` for the node process only ("" = the node's
     own choice); the publisher, like a camera driver, keeps the environment's transports.
     ``overrides`` are node parameters set for this run (the comparisons: ``mirror_average``,
-    ``encoder_stage``).
+    ``encoder_stage``, ``fuse_columns``).
     """
     from facial_perception.core.benchmark import machine_summary
     from facial_perception.ros.perception_node import select_model
@@ -277,6 +277,7 @@ def run_benchmark(
         "publish_debug_image": False,
         "mirror_average": True,
         "encoder_stage": True,
+        "fuse_columns": True,
         **(overrides or {}),
     }
     if args.model_path:
@@ -295,6 +296,7 @@ def run_benchmark(
         "detector": args.detector or "node default",
         "mirror_average": params["mirror_average"],
         "encoder_stage": params["encoder_stage"],
+        "fuse_columns": params["fuse_columns"],
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()}, {machine_summary()}",
@@ -524,6 +526,13 @@ _PARAMETER_COMPARISONS = (
         "(docs/PIPELINE.md).",
     ),
     (
+        "fuse_columns",
+        "Fused columns or one by one",
+        "With `true` (the default) the frozen task columns run as one stack of wide layers (`FusedColumns`, "
+        "BatchNorm folded: the same results with about a fifth of the tensor ops); `false` runs them one "
+        "after the other as in training (docs/PIPELINE.md).",
+    ),
+    (
         "mirror_average",
         "Mirror averaging",
         "With `true` (the default) the columns that ask for it (shipped model: emotion, gender, age) "
@@ -570,6 +579,11 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the run with the node's encoder_stage false (the whole model in one worker thread)",
     )
     parser.add_argument(
+        "--no-compare-fused",
+        action="store_true",
+        help="skip the run with the node's fuse_columns false (the columns one by one)",
+    )
+    parser.add_argument(
         "--no-compare-mirror",
         action="store_true",
         help="skip the second run with the node's mirror_average false",
@@ -592,7 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result.comparisons.append(
                 {"kind": "transports", "settings": other.settings, "summary": other.summary()}
             )
-        skipped = {"encoder_stage": args.no_compare_stages, "mirror_average": args.no_compare_mirror}
+        skipped = {
+            "encoder_stage": args.no_compare_stages,
+            "fuse_columns": args.no_compare_fused,
+            "mirror_average": args.no_compare_mirror,
+        }
         for name, skip in skipped.items():
             if skip:
                 continue
