@@ -14,9 +14,10 @@ the channel axis and run together:
   learned scales into their weights;
 - the FC embeddings and the outputs, laterals included, become one linear map each (block-sparse).
 
-The result equals :meth:`ProgressiveNet.forward_features` up to float rounding (tested) with about
-a fifth of the tensor ops. Built once from a prepared model (eval mode, on its device and dtype);
-it keeps copies of the folded weights, so rebuild it after the network's weights change.
+The result equals :meth:`ProgressiveNet.forward_features` up to float rounding (tested) with under a
+third of the tensor ops (shipped model: 26 top-level aten ops against 86). Built once from a prepared
+model (eval mode, on its device and dtype); it keeps copies of the folded weights, so rebuild it after
+the network's weights change.
 """
 
 from __future__ import annotations

@@ -529,7 +529,7 @@ _PARAMETER_COMPARISONS = (
         "fuse_columns",
         "Fused columns or one by one",
         "With `true` (the default) the frozen task columns run as one stack of wide layers (`FusedColumns`, "
-        "BatchNorm folded: the same results with about a fifth of the tensor ops); `false` runs them one "
+        "BatchNorm folded: the same results with under a third of the tensor ops); `false` runs them one "
         "after the other as in training (docs/PIPELINE.md).",
     ),
     (
