@@ -68,6 +68,21 @@ def test_fused_columns_of_the_lite_model_in_channels_last() -> None:
         torch.testing.assert_close(fused[name].logits, out.logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fused_columns_keep_the_network_dtype(dtype: torch.dtype) -> None:
+    """Half-precision networks (CUDA fp16) are folded in float32 and stored in their own dtype."""
+    net = _trained_looking(TINY, seed=2)
+    features = net.encoder.forward_features(torch.rand(4, 1, 16, 16) * 2 - 1).detach()
+    with torch.no_grad():
+        expected = net.forward_features(features)  # float32 reference
+        fused = FusedColumns(net.to(dtype))
+        assert {p.dtype for p in fused.parameters()} == {dtype}
+        out = fused(features.to(dtype))
+    tolerance = 1e-5 if dtype == torch.float64 else 0.1
+    for name, reference in expected.items():
+        torch.testing.assert_close(out[name].logits.float(), reference.logits, atol=tolerance, rtol=tolerance)
+
+
 def test_fused_columns_refuse_a_network_in_training_mode() -> None:
     net = _trained_looking(TINY).train()
     with pytest.raises(ModelError, match="eval mode"):

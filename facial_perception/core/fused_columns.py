@@ -22,6 +22,7 @@ the network's weights change.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -69,6 +70,9 @@ class FusedColumns(nn.Module):
         self.names = list(run)
         self.keep = list(keep)
         columns = [net.columns[name] for name in run]
+        dtype = columns[0].fc.weight.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # fold in float32, store in the network's dtype
+            columns = [copy.deepcopy(column).float() for column in columns]
         index = {name: k for k, name in enumerate(run)}
         sources = [[index[s] for s in net.specs[name].laterals] for name in run]
         self.pools = list(columns[0].pools)
@@ -117,6 +121,7 @@ class FusedColumns(nn.Module):
         self.out_weight, self.out_bias = _block_linear(columns, sources, fc_layer + 1, zeros)
         self.embedding_dims = [column.fc.out_features for column in columns]
         self.class_counts = [column.out.out_features for column in columns]
+        self.to(dtype)
 
     def forward(self, features: torch.Tensor) -> dict[str, ColumnOutput]:
         h = features
