@@ -83,6 +83,17 @@ def test_fused_columns_keep_the_network_dtype(dtype: torch.dtype) -> None:
         torch.testing.assert_close(out[name].logits.float(), reference.logits, atol=tolerance, rtol=tolerance)
 
 
+def test_predict_encoded_refuses_fused_columns_of_other_tasks() -> None:
+    net = _trained_looking(TINY, seed=3)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        encoded = net.encode(x, ["age"])
+        probabilities = net.predict_encoded(encoded, FusedColumns(net, ["age"]))
+        assert list(probabilities) == ["age"]
+        with pytest.raises(ModelError, match="the encoded batch asks for \\['age'\\]"):
+            net.predict_encoded(encoded, FusedColumns(net, ["gender"]))
+
+
 def test_fused_columns_refuse_a_network_in_training_mode() -> None:
     net = _trained_looking(TINY).train()
     with pytest.raises(ModelError, match="eval mode"):

@@ -508,6 +508,10 @@ class ProgressiveNet(nn.Module):
             outputs = self.forward_features(encoded.features, encoded.tasks)
         else:
             outputs = columns(encoded.features)
+            if tuple(outputs) != tuple(encoded.tasks):
+                raise ModelError(
+                    f"the columns returned {list(outputs)}, the encoded batch asks for {list(encoded.tasks)}"
+                )
         for name, out in outputs.items():
             probs = torch.softmax(out.logits.float(), dim=1)
             if mirrored:
