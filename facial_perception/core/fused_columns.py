@@ -77,7 +77,9 @@ class FusedColumns(nn.Module):
         sources = [[index[s] for s in net.specs[name].laterals] for name in run]
         self.pools = list(columns[0].pools)
         self.act = make_activation(net.config.column.activation)
-        widths = [conv.out_channels for conv in columns[0].convs]  # the same in every column
+        widths = [conv.out_channels for conv in columns[0].convs]
+        if any([conv.out_channels for conv in column.convs] != widths for column in columns):
+            raise ModelError("FusedColumns needs columns of equal layer widths (one ColumnConfig per model)")
         self.groups = len(columns)
         reference = columns[0].fc.weight
 
