@@ -128,11 +128,15 @@ def test_train_task_then_a_lateral_column(data, gender_model):
             "age8",
             "--laterals",
             "gender",
+            "--ema",
+            "0.9",
             *_one_epoch_into(out),
         ]
     )
     assert code == 0
     model2, meta2 = load_model(out)
+    assert meta2["training"]["age"]["ema_decay"] == 0.9
+    assert meta2["training"]["gender"].get("ema_decay") is None
     assert model2.task_names == ["gender", "age"] and model2.specs["age"].laterals == ["gender"]
     assert set(meta2["training"]) == {"gender", "age"}  # earlier columns keep their metadata
 

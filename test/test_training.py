@@ -287,3 +287,51 @@ def test_group_balance_weights_equalise_cells_and_train(task_data, tmp_path):
         model, TaskSpec("inversion", LABELS), train, val, tmp_path, epochs=10, balance_by=["race"], **FAST
     )
     assert result.best_val_acc >= 0.8
+
+
+def _column_weights(model: ProgressiveNet, task: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.columns[task].state_dict().items()}
+
+
+def test_ema_column_is_validated_saved_and_resumed(task_data, tmp_path):
+    """With ``ema_decay`` the column that is validated, kept and saved is the moving average: the saved
+    checkpoint reproduces the logged best validation accuracy, differs from the raw trained weights,
+    and an interrupted run resumes to the same average."""
+    from facial_perception.core.training import load_state
+
+    train, val = task_data
+    spec = TaskSpec("inverted", LABELS)
+    opts = {"plots": False, "ema_decay": 0.9, "early_stopping": None, **FAST}
+    straight = train_column(fresh_model(), spec, train, val, tmp_path / "a", epochs=4, **opts)
+    saved_state = load_state(tmp_path / "a" / "inverted_state.pt", "column")
+    raw, averaged = saved_state["trainable"], saved_state["ema"]
+    weight = "columns.inverted.fc.weight"
+    assert weight in raw and not torch.allclose(raw[weight], averaged["module.fc.weight"])
+
+    loaded, _ = load_model(straight.checkpoint)
+    x = torch.from_numpy(val.images).float().div(127.5).sub(1).unsqueeze(1)
+    with torch.inference_mode():
+        pred = loaded(x, ["inverted"])["inverted"].logits.argmax(1).numpy()
+    assert np.mean(pred == val.labels) == pytest.approx(straight.best_val_acc)
+    if straight.best_epoch == 4:  # the last epoch's average is what was saved
+        torch.testing.assert_close(loaded.columns["inverted"].fc.weight, averaged["module.fc.weight"])
+
+    train_column(fresh_model(), spec, train, val, tmp_path / "b", epochs=2, **opts)
+    resumed = train_column(fresh_model(), spec, train, val, tmp_path / "b", epochs=4, **opts)
+    np.testing.assert_allclose(
+        [h["val_loss"] for h in resumed.history], [h["val_loss"] for h in straight.history], rtol=1e-4
+    )
+    with pytest.raises(TrainingError, match="EMA decay"):
+        train_column(fresh_model(), spec, train, val, tmp_path / "b", epochs=5, **{**opts, "ema_decay": None})
+
+
+def test_ema_refuses_bad_decay_and_a_trained_encoder(task_data, tmp_path):
+    train, val = task_data
+    spec = TaskSpec("inverted", LABELS)
+    cases = ((1.0, {}, "in \\(0, 1\\)"), (0.9, {"train_encoder": True}, "frozen encoder"))
+    for decay, kwargs, message in cases:
+        with pytest.raises(TrainingError, match=message):
+            train_column(
+                fresh_model(), spec, train, val, tmp_path, epochs=1, ema_decay=decay, **kwargs, **FAST
+            )
+    assert not (tmp_path / "inverted_state.pt").exists()

@@ -368,6 +368,7 @@ def cmd_train_task(args: argparse.Namespace) -> int:
             use_feature_cache=not args.no_feature_cache,
             soft_targets=args.soft_labels,
             balance_by=args.balance_by,
+            ema_decay=args.ema,
             workers=args.workers if args.loader_workers else 0,
             checkpoint_path=out,
             **_schedule(args),
@@ -797,6 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight the loss so every (attribute, label) cell counts the same, e.g. race (UTKFace)",
     )
     p.add_argument("--train-encoder", action="store_true", help="re-train the encoder with the column")
+    p.add_argument(
+        "--ema",
+        type=_fraction,
+        metavar="DECAY",
+        help="validate and keep a moving average of the column's weights (e.g. 0.999; frozen encoder)",
+    )
     p.add_argument("--loader-workers", action="store_true", help="also use --workers for the batch loader")
     _add_column_training(p)
     _add_model_outputs(p)
