@@ -672,6 +672,17 @@ now with the encoder and columns in two threads of the main one (62.7 / 68.4 / 7
 the GIL is not what limits the overlap. The process uses 1.4-1.7 of the 2 cores (CPU time / wall
 time) and each stage runs 1.5-2x slower beside the others than alone; vmstat shows 16-19 % idle and
 2-8 % steal during the run.
+
+Later the same day, more ad-hoc checks (not part of this command): the two cores are real, not two
+halves of one: two single-thread torch processes together do 1.9-2.0x the work of one (256x256
+matmuls 4,801 and 4,992 against 2,506 and 2,568 per second; small convolutions 28 and 31 against 14
+and 13). Per-thread CPU during an overlapped run at 66 frames/s: 0.58, 0.57 and 0.46 cores (first
+stage, encoder, columns with scoring; 1.61 in all), i.e. 24.3 ms of CPU per frame against 21.4 ms
+with the stages one after the other: overlapping adds ~14 % work and leaves ~0.4 core idle. Python's
+GIL switch interval (`sys.setswitchinterval`) 0.5, 1 and 5 ms (the default): medians of four rounds
+63.7, 67.9 and 67.0 frames/s (ratios 66.3, 67.8 and 63.0 %); the first stage's thread at nice +5 or
++10, or the encoder's at +5: 61.3, 62.7 and 64.6 against 66.7 frames/s (three rounds). BlazeFace
+alone: 6.7 ms per 640x480 frame, of which 5.2 ms is the LiteRT network itself.
 """
 
 
