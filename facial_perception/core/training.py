@@ -586,9 +586,9 @@ def train_column(
     - ``soft_targets`` trains on the label distributions of ``train_data`` (FER+ votes).
     - ``ema_decay`` (e.g. 0.999; frozen encoder only): an exponential moving average of the column's
       weights and BatchNorm statistics (``torch.optim.swa_utils``) is kept beside the trained ones;
-      validation, the best epoch and the saved column use the average. Why: on small labelled sets the
-      column's validation accuracy moves by a point between seeds and epochs; the average of the
-      weights along the last few thousand steps is a cheap ensemble at the cost of one column.
+      validation, the best epoch and the saved column use the average. Why: the plain column's
+      validation accuracy jumps by a point between epochs, the average's curve is smooth, so the best
+      epoch is less a lucky pick (on the shipped encoder it did not raise the best accuracy).
     - Files in ``out_dir``: ``<task>_log.csv``, ``<task>_state.pt`` (resume), and at the end
       ``<task>_curves.png``, ``<task>_confusion.png`` and the checkpoint (``checkpoint_path``,
       default ``out_dir/<task>.safetensors``; skipped with ``save_checkpoint=False``).
