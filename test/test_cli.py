@@ -85,6 +85,43 @@ def gender_model(data, encoder) -> Path:
     return out
 
 
+def test_columns_ensemble_joins_another_seed_on_the_same_encoder_only(data, encoder, gender_model, capsys):
+    tmp = data["tmp"]
+    seed_1 = tmp / "gender_seed1.safetensors"
+    train = ["train-task", "--checkpoint", str(encoder), "--task", "gender", "--data", str(data["utkface"])]
+    assert main([*train, "--seed", "1", *_one_epoch_into(seed_1)]) == 0
+    joined = tmp / "gender_ensemble.safetensors"
+    edit = ["columns", "--checkpoint", str(gender_model), "--out", str(joined)]
+    assert main([*edit, "--ensemble", "gender", str(seed_1)]) == 0
+    assert "gender (laterals: none; 2 members)" in capsys.readouterr().out
+    model, meta = load_model(joined)
+    assert model.specs["gender"].members == 2 and meta["training"]["gender"]["joined_members"][0]["seed"] == 1
+    assert main(["info", "--checkpoint", str(joined)]) == 0
+    assert "column gender (2 labels; laterals -; 2 members)" in capsys.readouterr().out
+    report = tmp / "ensemble_eval.json"
+    assert main(["evaluate", "--checkpoint", str(joined), "--task", "gender", "--data", str(data["utkface"]),
+                 "--target", "gender", "--out-json", str(report), *TINY]) == 0  # fmt: skip
+    assert json.loads(report.read_text())["num_samples"] == 30
+
+    # a column trained on another encoder means nothing on this one: one line, nothing written
+    other_encoder = tmp / "other_encoder.safetensors"
+    model, meta = load_model(seed_1)
+    with torch.no_grad():
+        next(model.encoder.parameters()).add_(0.01)
+    from facial_perception.core.checkpoint import save_model
+
+    save_model(other_encoder, model, meta.get("training"))
+    refused = tmp / "refused.safetensors"
+    bad = ["columns", "--checkpoint", str(gender_model), "--out", str(refused), "--ensemble", "gender"]
+    assert main([*bad, str(other_encoder)]) == 2
+    assert "its encoder differs" in _one_line_error(capsys)
+    assert main([*bad, str(encoder)]) == 2
+    assert "has no column 'gender'" in _one_line_error(capsys)
+    assert main([*bad]) == 2
+    assert "needs at least one checkpoint" in _one_line_error(capsys)
+    assert not refused.exists()
+
+
 def test_info_for_presets_and_checkpoints(capsys, gender_model):
     assert main(["info", "--config", "lite"]) == 0
     text = capsys.readouterr().out

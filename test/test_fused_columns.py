@@ -56,6 +56,23 @@ def test_fused_columns_equal_the_columns_one_by_one(activation: str, tasks: list
         torch.testing.assert_close(fused[name].embedding, out.embedding, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tasks", [None, ["mood"], ["identity", "age"]])
+def test_fused_columns_average_ensemble_members_like_the_network(tasks: list[str] | None) -> None:
+    """Members run as columns of their own in the stack; laterals into every member stay theirs."""
+    net = _trained_looking(TINY)
+    others = [_trained_looking(TINY, seed=seed) for seed in (1, 2)]
+    net.join_members("mood", [m.columns["mood"] for m in others])  # members with two lateral sources
+    net.join_members("identity", [others[0].columns["identity"]])
+    features = net.encoder.forward_features(torch.rand(4, 1, 16, 16) * 2 - 1).detach()
+    with torch.no_grad():
+        expected = net.forward_features(features, tasks)
+        fused = FusedColumns(net, tasks)(features)
+    assert list(fused) == list(expected)
+    for name, out in expected.items():
+        torch.testing.assert_close(fused[name].logits, out.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused[name].embedding, out.embedding, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_columns_of_the_lite_model_in_channels_last() -> None:
     """The preset the node runs, in the memory layout the CPU predictor uses."""
     net = _trained_looking(get_config("lite"), seed=1)

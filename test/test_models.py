@@ -240,6 +240,70 @@ def test_mirror_average_averages_face_and_mirror_probabilities_only_where_asked(
         TaskSpec.from_dict(legacy | {"mirror_average": "yes"})
 
 
+def _reinitialised(net: ProgressiveNet, name: str, seed: int) -> ProgressiveNet:
+    """A copy of ``net`` whose column ``name`` has other weights: a column "trained with another seed"."""
+    other = copy.deepcopy(net)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.columns[name].parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return other
+
+
+def test_ensemble_column_averages_its_members_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    from facial_perception.core.checkpoint import load_model, save_model
+    from facial_perception.core.training import TrainingError, prepare_column
+
+    torch.manual_seed(4)
+    specs = [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"], kind="identity")]
+    specs.append(TaskSpec("c", ["u", "v"]))
+    net = ProgressiveNet(TINY, specs).eval()
+    seeds = [_reinitialised(net, "b", seed) for seed in (1, 2)]
+    x = torch.randn(5, 1, 16, 16)
+    with torch.inference_mode():
+        singles = [m.predict(x) for m in (net, *seeds)]
+    net.join_members("b", [m.columns["b"] for m in seeds])
+    assert net.task_names == ["a", "b", "c"] and net.specs["b"].members == 3 and net.is_frozen("b")
+    with torch.inference_mode():
+        joined = net.predict(x)
+    mean = sum(s["b"].probabilities for s in singles) / 3
+    torch.testing.assert_close(joined["b"].probabilities, mean)
+    torch.testing.assert_close(joined["a"].probabilities, singles[0]["a"].probabilities)  # others untouched
+    embedding = joined["b"].embedding
+    assert embedding.shape == (5, 3 * TINY.column.fc_dim)
+    torch.testing.assert_close(embedding.norm(dim=1), torch.ones(5))
+    unit = [torch.nn.functional.normalize(s["b"].embedding, dim=1) for s in singles]
+    member_cosines = sum(u[0] @ u[1] for u in unit) / 3
+    torch.testing.assert_close(embedding[0] @ embedding[1], member_cosines)  # gallery: mean similarity
+    assert not torch.allclose(joined["b"].probabilities, singles[0]["b"].probabilities)
+
+    path = tmp_path / "ensemble.safetensors"
+    save_model(path, net)
+    loaded, _meta = load_model(path)
+    assert loaded.specs["b"].members == 3
+    with torch.inference_mode():
+        again = loaded.eval().predict(x)
+    torch.testing.assert_close(again["b"].probabilities, joined["b"].probabilities)
+    torch.testing.assert_close(again["b"].embedding, joined["b"].embedding)
+    loaded.rename_column("b", "who")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(x)["who"].probabilities, joined["b"].probabilities)
+
+    with pytest.raises(ModelError, match="ensembles and feed no laterals"):
+        net.add_column(TaskSpec("d", ["k", "l"], ["b"]))
+    with pytest.raises(ModelError, match="lateral source of"):
+        net.join_members("a", [seeds[0].columns["a"]])
+    with pytest.raises(ModelError, match="other laterals"):
+        net.join_members("c", [seeds[0].columns["b"]])  # another task's column does not fit
+    assert net.specs["c"].members == 1 and net.task_names == ["a", "b", "c"]
+    with pytest.raises(TrainingError, match="one member at a time"):
+        prepare_column(net, TaskSpec("b", ["p", "q", "r"], ["a"], kind="identity"), False, True)
+    with pytest.raises(ModelError, match="members must be a whole number"):
+        TaskSpec("e", ["x", "y"], members=0)
+    assert "members" not in specs[0].to_dict()  # single columns: the metadata earlier versions read
+    assert TaskSpec.from_dict(net.specs["b"].to_dict()).members == 3
+
+
 def test_task_subsets_run_their_lateral_sources_and_cached_features_match() -> None:
     torch.manual_seed(1)
     net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"])]).eval()

@@ -646,6 +646,8 @@ def cmd_columns(args: argparse.Namespace) -> int:
             model.rename_column(old, new)
             if old in meta:
                 meta[new] = meta.pop(old)
+        for task, *files in args.ensemble or []:
+            _join_members(model, meta, task, files, args.checkpoint)
         for names, on in ((args.mirror_average or [], True), (args.no_mirror_average or [], False)):
             for name in names:
                 if name not in model.specs:
@@ -656,11 +658,67 @@ def cmd_columns(args: argparse.Namespace) -> int:
     save_model(args.out, model, meta)
     columns = ", ".join(
         f"{name} (laterals: {', '.join(model.specs[name].laterals) or 'none'}"
-        f"{'; mirror averaging' if model.specs[name].mirror_average else ''})"
+        f"{'; mirror averaging' if model.specs[name].mirror_average else ''}"
+        f"{f'; {model.specs[name].members} members' if model.specs[name].members > 1 else ''})"
         for name in model.task_names
     )
     _say(args, f"{args.out}: {columns or 'no columns'}")
     return 0
+
+
+def _join_members(model: Any, meta: dict[str, Any], task: str, files: list[str], base: str) -> None:
+    """Join the ``task`` columns of ``files`` to ``model``'s as ensemble members (``columns --ensemble``).
+
+    Each file must hold the same encoder and the same lateral sources as ``model``: a column only
+    means something on the features (and lateral activations) it was trained on.
+    """
+    import torch
+
+    from facial_perception.core.progressive import ModelError
+
+    if task not in model.specs:
+        raise ModelError(f"no column named {task!r} to join members to (columns: {model.task_names})")
+    if not files:
+        raise CLIError(f"--ensemble {task} needs at least one checkpoint holding another {task!r} column")
+    spec = model.specs[task]
+    shared = ["encoder", *_lateral_ancestors(model, task)]
+    joined = []
+    for path in files:
+        other = load_model_or_encoder(path)
+        if task not in other.specs:
+            names = ", ".join(other.task_names) or "none"
+            raise CLIError(f"{path} has no column {task!r} (columns: {names})")
+        theirs = other.specs[task]
+        if (theirs.labels, theirs.laterals, theirs.kind) != (spec.labels, spec.laterals, spec.kind):
+            raise CLIError(f"{path}: its {task!r} column has other labels, laterals or kind than in {base}")
+        for part in shared:
+            mine = model._module(part).state_dict()
+            yours = other._module(part).state_dict() if part == "encoder" or part in other.columns else {}
+            same = mine.keys() == yours.keys() and all(
+                mine[k].shape == yours[k].shape and torch.equal(mine[k], yours[k].to(mine[k].device))
+                for k in mine
+            )
+            if not same:
+                raise CLIError(
+                    f"{path}: its {part} differs from {base}'s; a member must be trained on the same "
+                    f"{'encoder' if part == 'encoder' else 'lateral source columns'}"
+                )
+        model.join_members(task, [other.columns[task]])
+        joined.append((getattr(other, "training_meta", {}) or {}).get(task, {}))
+    entry = dict(meta.get(task, {}))
+    entry["joined_members"] = list(entry.get("joined_members", [])) + joined
+    meta[task] = entry
+
+
+def _lateral_ancestors(model: Any, task: str) -> list[str]:
+    seen: list[str] = []
+    stack = list(model.specs[task].laterals)
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.append(name)
+            stack.extend(model.specs[name].laterals)
+    return seen
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -911,7 +969,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fewshot)
 
     p = sub.add_parser(
-        "columns", help="drop, rename or set mirror averaging of task columns; written to a new file"
+        "columns",
+        help="drop, rename, ensemble or set mirror averaging of task columns; written to a new file",
     )
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model checkpoint to edit")
     p.add_argument("--drop", nargs="+", metavar="TASK", help="columns to remove (not lateral sources)")
@@ -921,6 +980,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="at inference, average these columns' probabilities over the face and its mirror image",
     )  # fmt: skip
     p.add_argument("--no-mirror-average", nargs="+", metavar="TASK", help="turn mirror averaging off")
+    p.add_argument(
+        "--ensemble", nargs="+", action="append", metavar=("TASK", "FILE"),
+        help="join the TASK columns of these checkpoints (other seeds on the same encoder) to this one's: "
+        "their probabilities are averaged at inference (repeatable; after --rename)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE", help="the edited model (written atomically)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_columns)

@@ -144,7 +144,8 @@ def format_model_info(info: dict[str, Any]) -> str:
         lat = ",".join(task["laterals"]) or "-"
         rows.append(
             (
-                f"column {name} ({task['labels']} labels; laterals {lat})",
+                f"column {name} ({task['labels']} labels; laterals {lat}"
+                + (f"; {task['members']} members)" if task.get("members", 1) > 1 else ")"),
                 params["columns"][name],
                 gflop["columns"][name],
             )

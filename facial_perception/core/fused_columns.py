@@ -36,6 +36,8 @@ from facial_perception.core.progressive import (
     ModelError,
     ProgressiveNet,
     TaskColumn,
+    average_member_outputs,
+    column_members,
 )
 
 
@@ -67,14 +69,17 @@ class FusedColumns(nn.Module):
         run, keep = net._resolve(tasks)
         if not run:
             raise ModelError("the network has no columns to fuse")
-        self.names = list(run)
         self.keep = list(keep)
-        columns = [net.columns[name] for name in run]
+        # an ensemble's members are stacked like columns of their own; forward() averages them again
+        columns = [member for name in run for member in column_members(net.columns[name])]
+        self.owners = [name for name in run for _member in column_members(net.columns[name])]
         dtype = columns[0].fc.weight.dtype
         if dtype in (torch.float16, torch.bfloat16):  # fold in float32, store in the network's dtype
             columns = [copy.deepcopy(column).float() for column in columns]
-        index = {name: k for k, name in enumerate(run)}
-        sources = [[index[s] for s in net.specs[name].laterals] for name in run]
+        index: dict[str, int] = {}
+        for k, name in enumerate(self.owners):
+            index.setdefault(name, k)  # a lateral source is never an ensemble: one member
+        sources = [[index[s] for s in net.specs[name].laterals] for name in self.owners]
         self.pools = list(columns[0].pools)
         self.act = make_activation(net.config.column.activation)
         widths = [conv.out_channels for conv in columns[0].convs]
@@ -141,11 +146,17 @@ class FusedColumns(nn.Module):
         logits = F.linear(embeddings, self.out_weight, self.out_bias)
         per_logits = logits.split(self.class_counts, dim=1)
         per_embedding = embeddings.split(self.embedding_dims, dim=1)
-        return {
-            name: ColumnOutput(per_logits[k], per_embedding[k])
-            for k, name in enumerate(self.names)
-            if name in self.keep
-        }
+        outputs: dict[str, ColumnOutput] = {}
+        for name in self.keep:
+            members = [k for k, owner in enumerate(self.owners) if owner == name]
+            if len(members) == 1:
+                outputs[name] = ColumnOutput(per_logits[members[0]], per_embedding[members[0]])
+            else:
+                averaged = average_member_outputs(
+                    [per_logits[k] for k in members], [per_embedding[k] for k in members]
+                )
+                outputs[name] = ColumnOutput(*averaged)
+        return outputs
 
 
 def _block_linear(

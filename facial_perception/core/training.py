@@ -435,6 +435,12 @@ def _load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -
 
 def prepare_column(model: nn.Module, spec: Any, train_encoder: bool, allow_existing: bool = False) -> None:
     """Add ``spec``'s column (unless it exists and ``allow_existing``) and set what is frozen."""
+    existing = model.specs.get(spec.name)
+    if getattr(spec, "members", 1) != 1 or (existing is not None and existing.members != 1):
+        raise TrainingError(
+            f"column {spec.name!r}: an ensemble is trained one member at a time (train-task with other "
+            "seeds), then joined with `facial-perception columns --ensemble`"
+        )
     if spec.name in model.columns:
         if not allow_existing:
             raise TrainingError(
