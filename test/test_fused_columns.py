@@ -63,6 +63,7 @@ def test_fused_columns_average_ensemble_members_like_the_network(tasks: list[str
     others = [_trained_looking(TINY, seed=seed) for seed in (1, 2)]
     net.join_members("mood", [m.columns["mood"] for m in others])  # members with two lateral sources
     net.join_members("identity", [others[0].columns["identity"]])
+    net.join_members("emotion", [others[1].columns["emotion"]])  # a lateral source of gender and mood
     features = net.encoder.forward_features(torch.rand(4, 1, 16, 16) * 2 - 1).detach()
     with torch.no_grad():
         expected = net.forward_features(features, tasks)

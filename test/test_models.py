@@ -289,10 +289,25 @@ def test_ensemble_column_averages_its_members_and_survives_a_checkpoint(tmp_path
     with torch.inference_mode():
         torch.testing.assert_close(loaded.predict(x)["who"].probabilities, joined["b"].probabilities)
 
-    with pytest.raises(ModelError, match="ensembles and feed no laterals"):
-        net.add_column(TaskSpec("d", ["k", "l"], ["b"]))
-    with pytest.raises(ModelError, match="lateral source of"):
-        net.join_members("a", [seeds[0].columns["a"]])
+    # a lateral source joined into an ensemble keeps feeding its users from the column they were trained with
+    other_a = _reinitialised(net, "a", 7)
+    net.join_members("a", [other_a.columns["a"]])
+    with torch.inference_mode():
+        both = net.predict(x)
+        other_a_alone = other_a.predict(x)
+    torch.testing.assert_close(both["b"].probabilities, joined["b"].probabilities)
+    mean_a = (singles[0]["a"].probabilities + other_a_alone["a"].probabilities) / 2
+    torch.testing.assert_close(both["a"].probabilities, mean_a)
+    net.add_column(TaskSpec("d", ["k", "l"], ["b"]))  # laterals from an ensemble: its first member's
+    net.eval()
+    with torch.inference_mode():
+        features = net.encoder.forward_features(x)
+        a_acts = net.columns["a"](features)[2]
+        b_first_acts = net.columns["b"].members[0](features, {"a": a_acts})[2]
+        torch.testing.assert_close(
+            net(x, ["d"])["d"].logits, net.columns["d"](features, {"b": b_first_acts})[0]
+        )
+    net.remove_column("d")
     with pytest.raises(ModelError, match="other laterals"):
         net.join_members("c", [seeds[0].columns["b"]])  # another task's column does not fit
     assert net.specs["c"].members == 1 and net.task_names == ["a", "b", "c"]

@@ -78,7 +78,7 @@ class FusedColumns(nn.Module):
             columns = [copy.deepcopy(column).float() for column in columns]
         index: dict[str, int] = {}
         for k, name in enumerate(self.owners):
-            index.setdefault(name, k)  # a lateral source is never an ensemble: one member
+            index.setdefault(name, k)  # an ensemble feeds laterals from its first member
         sources = [[index[s] for s in net.specs[name].laterals] for name in self.owners]
         self.pools = list(columns[0].pools)
         self.act = make_activation(net.config.column.activation)

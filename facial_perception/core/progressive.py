@@ -310,7 +310,8 @@ class ColumnEnsemble(nn.Module):
       cross-entropy scores the ensemble);
     - embedding: the members' unit-norm embeddings concatenated and scaled by ``1/sqrt(members)``,
       a unit vector whose cosine similarity to another is the mean of the members' similarities;
-    - activations: none (an ensemble is never a lateral source: which member would it feed?).
+    - activations: the first member's. A column joined into an ensemble stays its first member, so a
+      later column keeps getting the lateral inputs it was trained with.
     """
 
     def __init__(self, name: str, members: Sequence[TaskColumn]) -> None:
@@ -340,8 +341,9 @@ class ColumnEnsemble(nn.Module):
     def forward(
         self, features: torch.Tensor, sources: Mapping[str, list[torch.Tensor]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        logits, embeddings = zip(*(member(features, sources)[:2] for member in self.members), strict=True)
-        return (*average_member_outputs(list(logits), list(embeddings)), [])
+        outputs = [member(features, sources) for member in self.members]
+        logits, embeddings = [out[0] for out in outputs], [out[1] for out in outputs]
+        return (*average_member_outputs(logits, embeddings), outputs[0][2])
 
 
 def average_member_outputs(
@@ -399,9 +401,6 @@ class ProgressiveNet(nn.Module):
             )
         if spec.num_classes < 2:
             raise ModelError(f"task {spec.name!r} needs at least 2 labels")
-        ensembles = [s for s in spec.laterals if self.specs[s].members > 1]
-        if ensembles:
-            raise ModelError(f"task {spec.name!r}: column(s) {ensembles} are ensembles and feed no laterals")
         members = [
             TaskColumn(spec, self.config.column, self.encoder.feature_shape, spec.laterals)
             for _ in range(spec.members)
@@ -435,13 +434,11 @@ class ProgressiveNet(nn.Module):
         """Make column ``name`` an ensemble of itself and ``others``: columns (or ensembles) of the same
         task, labels and laterals trained apart on this very encoder (the caller checks the encoder).
 
-        The members are copied in; the column keeps its place, spec (``members`` updated) and freezing.
+        The members are copied in; the column keeps its place, spec (``members`` updated) and freezing,
+        and stays the first member: the one that feeds the laterals of later columns.
         """
         if name not in self.columns:
             raise ModelError(f"no column named {name!r} (columns: {self.task_names})")
-        users = [other for other, spec in self.specs.items() if name in spec.laterals]
-        if users:
-            raise ModelError(f"column {name!r} is a lateral source of {users}: an ensemble feeds no laterals")
         reference = column_members(self.columns[name])[0]
         expected = {k: v.shape for k, v in reference.state_dict().items()}
         members = column_members(self.columns[name])
