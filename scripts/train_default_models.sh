@@ -8,7 +8,8 @@
 # env: DATA (default ../shared/datasets), RUNS (default ./runs), CONFIG (lite; mid = 1.5x the encoder's
 #      channels, results in $RUNS/default_mid), EMOTION_PASSES (1; 0 = the joint pass starts from the BEGAN
 #      encoder, skipping the two emotion-only passes of steps 2 and 2b), BEGAN_STEPS, EMOTION_EPOCHS, EMOTION2_EPOCHS, JOINT_EPOCHS, EMOTION_PATIENCE,
-#      TASK_EPOCHS, TASK_LR, TASK_LR_PATIENCE, TASK_PATIENCE, COLUMN_SEED (2), DEVICE (auto), WORKERS (2).
+#      TASK_EPOCHS, TASK_LR, TASK_LR_PATIENCE, TASK_PATIENCE, COLUMN_SEED (2), EMOTION_MEMBER_SEEDS (2 3),
+#      GENDER_MEMBER_SEEDS (1 3 4), IDENTITY_MEMBER_SEEDS (1 3 4 5), DEVICE (auto), WORKERS (2).
 #      Results, logs and plots: $RUNS/default/. Figures: docs/MODEL_CARD.md.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +29,10 @@ TASK_PATIENCE=${TASK_PATIENCE:-12}
 # seed of the gender, age and identity columns: seeds 1 and 2 were both run on the v3 encoder and seed 2 was
 # better on all three validation splits (docs/MODEL_CARD.md)
 COLUMN_SEED=${COLUMN_SEED:-2}
+# seeds of the ensemble members joined to the columns above (step 5; "" = a single column)
+EMOTION_MEMBER_SEEDS=${EMOTION_MEMBER_SEEDS-2 3}
+GENDER_MEMBER_SEEDS=${GENDER_MEMBER_SEEDS-1 3 4}
+IDENTITY_MEMBER_SEEDS=${IDENTITY_MEMBER_SEEDS-1 3 4 5}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-2}
 CONFIG=${CONFIG:-lite}
@@ -127,6 +132,51 @@ done_marker identity || { "${FP[@]}" train-task --checkpoint "$MODEL" --task ide
 # emotion 81.7 -> 82.3, gender 90.7 -> 91.0, age 65.7 -> 65.8 %; identity fell 88.5 -> 88.3, so not there)
 step "mirror averaging for emotion, gender, age"
 "${FP[@]}" columns --checkpoint "$MODEL" --mirror-average emotion gender age --out "$MODEL"
+
+# 5. ensemble columns: each task column joined by columns of the same recipe with other seeds, trained on the
+# frozen encoder of the model of step 4 (the lateral sources unchanged); their probabilities are averaged.
+# Every seed listed is kept (none picked by its validation score). docs/MODEL_CARD.md, "Ensemble columns".
+SINGLE=$OUT/single_columns.safetensors
+[ -f "$SINGLE" ] || cp "$MODEL" "$SINGLE"
+MEMBERS=$OUT/members
+mkdir -p "$MEMBERS"
+member() {  # member TASK SEED DROP... -- train-task options: one member column, trained once
+  local task=$1 seed=$2 drop=() base
+  shift 2
+  while [ "$1" != -- ]; do drop+=("$1"); shift; done
+  shift
+  base=$MEMBERS/without_$task.safetensors
+  [ -f "$base" ] || "${FP[@]}" columns --checkpoint "$SINGLE" --drop "${drop[@]}" --out "$base" -q
+  [ -f "$MEMBERS/${task}_s$seed.safetensors" ] || "${FP[@]}" train-task --checkpoint "$base" --task "$task" \
+    "$@" "${COLUMN[@]}" --out "$MEMBERS/${task}_s$seed.safetensors" --work-dir "$MEMBERS/${task}_s$seed" \
+    --seed "$seed" "${COMMON[@]}"
+}
+ENSEMBLE=()
+step "ensemble members: emotion (seeds $EMOTION_MEMBER_SEEDS)"
+files=()
+for seed in $EMOTION_MEMBER_SEEDS; do
+  member emotion "$seed" identity age gender emotion -- --data "$DATA/ferplus/FER2013Train" \
+    --val-data "$DATA/ferplus/FER2013Valid" --soft-labels
+  files+=("$MEMBERS/emotion_s$seed.safetensors")
+done
+[ ${#files[@]} = 0 ] || ENSEMBLE+=(--ensemble emotion "${files[@]}")
+step "ensemble members: gender (seeds $GENDER_MEMBER_SEEDS)"
+files=()
+for seed in $GENDER_MEMBER_SEEDS; do
+  member gender "$seed" gender -- --target gender --data "$RUNS/splits/utkface/train" \
+    --val-data "$RUNS/splits/utkface/val" --laterals emotion --balance-by race
+  files+=("$MEMBERS/gender_s$seed.safetensors")
+done
+[ ${#files[@]} = 0 ] || ENSEMBLE+=(--ensemble gender "${files[@]}")
+step "ensemble members: identity (seeds $IDENTITY_MEMBER_SEEDS)"
+files=()
+for seed in $IDENTITY_MEMBER_SEEDS; do
+  member identity "$seed" identity -- --data "$RUNS/splits/lfw_identity/train" \
+    --val-data "$RUNS/splits/lfw_identity/val"
+  files+=("$MEMBERS/identity_s$seed.safetensors")
+done
+[ ${#files[@]} = 0 ] || ENSEMBLE+=(--ensemble identity "${files[@]}")
+[ ${#ENSEMBLE[@]} = 0 ] || "${FP[@]}" columns --checkpoint "$SINGLE" "${ENSEMBLE[@]}" --out "$MODEL"
 
 step "done: $MODEL"
 "${FP[@]}" info --checkpoint "$MODEL"
