@@ -99,8 +99,13 @@ def test_columns_ensemble_joins_another_seed_on_the_same_encoder_only(data, enco
     assert main(["info", "--checkpoint", str(joined)]) == 0
     assert "column gender (2 labels; laterals -; 2 members)" in capsys.readouterr().out
     report = tmp / "ensemble_eval.json"
-    assert main(["evaluate", "--checkpoint", str(joined), "--task", "gender", "--data", str(data["utkface"]),
-                 "--target", "gender", "--out-json", str(report), *TINY]) == 0  # fmt: skip
+    try:
+        evaluate = ["evaluate", "--checkpoint", str(joined), "--task", "gender", "--target", "gender"]
+        evaluate += ["--data", str(data["utkface"]), "--out-json", str(report), "--threads", "2"]
+        assert main([*evaluate, *TINY]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     assert json.loads(report.read_text())["num_samples"] == 30
 
     # a column trained on another encoder means nothing on this one: one line, nothing written
