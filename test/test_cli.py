@@ -98,6 +98,16 @@ def test_columns_ensemble_joins_another_seed_on_the_same_encoder_only(data, enco
     assert model.specs["gender"].members == 2 and meta["training"]["gender"]["joined_members"][0]["seed"] == 1
     assert main(["info", "--checkpoint", str(joined)]) == 0
     assert "column gender (2 labels; laterals -; 2 members)" in capsys.readouterr().out
+    single = tmp / "gender_single_again.safetensors"
+    keep = ["columns", "--checkpoint", str(joined), "--out", str(single), "--keep-members"]
+    assert main([*keep, "gender=1"]) == 0
+    again, meta_again = load_model(single)
+    original, _ = load_model(gender_model)
+    assert again.specs["gender"].members == 1 and meta_again["training"]["gender"]["joined_members"] == []
+    x = torch.randn(3, 1, original.config.input_size, original.config.input_size)
+    torch.testing.assert_close(again.eval()(x)["gender"].logits, original.eval()(x)["gender"].logits)
+    assert main([*keep, "gender=3"]) == 2
+    assert "has 2 member(s): keep 1 to 2, not 3" in _one_line_error(capsys)
     report = tmp / "ensemble_eval.json"
     try:
         evaluate = ["evaluate", "--checkpoint", str(joined), "--task", "gender", "--target", "gender"]

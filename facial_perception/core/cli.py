@@ -652,6 +652,13 @@ def cmd_columns(args: argparse.Namespace) -> int:
                 meta[new] = meta.pop(old)
         for task, *files in args.ensemble or []:
             _join_members(model, meta, task, files, args.checkpoint)
+        for pair in args.keep_members or []:
+            name, sep, count = pair.partition("=")
+            if not sep or not count.isdigit():
+                raise CLIError(f"--keep-members takes TASK=COUNT, got {pair!r}")
+            model.keep_members(name, int(count))
+            if isinstance(meta.get(name), dict) and "joined_members" in meta[name]:
+                meta[name] = dict(meta[name], joined_members=meta[name]["joined_members"][: int(count) - 1])
         for names, on in ((args.mirror_average or [], True), (args.no_mirror_average or [], False)):
             for name in names:
                 if name not in model.specs:
@@ -988,6 +995,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ensemble", nargs="+", action="append", metavar=("TASK", "FILE"),
         help="join the TASK columns of these checkpoints (other seeds on the same encoder) to this one's: "
         "their probabilities are averaged at inference (repeatable; after --rename)",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep-members", nargs="+", metavar="TASK=COUNT",
+        help="keep the first COUNT members of an ensemble column (1: a single column again; faster)",
     )  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE", help="the edited model (written atomically)")
     p.add_argument("-q", "--quiet", action="store_true")

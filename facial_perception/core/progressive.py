@@ -466,6 +466,21 @@ class ProgressiveNet(nn.Module):
         else:
             self.unfreeze(name)
 
+    def keep_members(self, name: str, count: int) -> None:
+        """Keep the first ``count`` members of column ``name`` (1: a single column again), e.g. for speed."""
+        if name not in self.columns:
+            raise ModelError(f"no column named {name!r} (columns: {self.task_names})")
+        members = column_members(self.columns[name])
+        if not 1 <= count <= len(members):
+            total = len(members)
+            raise ModelError(f"column {name!r} has {total} member(s): keep 1 to {total}, not {count}")
+        self.columns[name] = members[0] if count == 1 else ColumnEnsemble(name, members[:count])
+        self.specs[name].members = count
+        if name in self._frozen:
+            self.freeze(name)
+        else:
+            self.unfreeze(name)
+
     def rename_column(self, old: str, new: str) -> None:
         """Give column ``old`` the name ``new``, keeping its place, weights, freezing and lateral users.
 
