@@ -118,6 +118,17 @@ def test_columns_ensemble_joins_another_seed_on_the_same_encoder_only(data, enco
         torch.set_num_threads(1)
     assert json.loads(report.read_text())["num_samples"] == 30
 
+    # a lateral source joined first still admits members of its users trained on its first member
+    moods = [tmp / f"mood_seed{seed}.safetensors" for seed in (0, 1)]
+    for seed, out in enumerate(moods):
+        mood = ["train-task", "--checkpoint", str(gender_model), "--task", "mood", "--target", "gender"]
+        mood += ["--data", str(data["utkface"]), "--laterals", "gender", "--seed", str(seed)]
+        assert main([*mood, *_one_epoch_into(out)]) == 0
+    both = tmp / "both_ensembles.safetensors"
+    two = ["columns", "--checkpoint", str(moods[0]), "--out", str(both), "--ensemble", "gender", str(seed_1)]
+    assert main([*two, "--ensemble", "mood", str(moods[1])]) == 0
+    assert "gender (laterals: none; 2 members), mood (laterals: gender; 2 members)" in capsys.readouterr().out
+
     # a column trained on another encoder means nothing on this one: one line, nothing written
     other_encoder = tmp / "other_encoder.safetensors"
     model, meta = load_model(seed_1)

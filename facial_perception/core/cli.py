@@ -702,9 +702,10 @@ def _join_members(model: Any, meta: dict[str, Any], task: str, files: list[str],
         theirs = other.specs[task]
         if (theirs.labels, theirs.laterals, theirs.kind) != (spec.labels, spec.laterals, spec.kind):
             raise CLIError(f"{path}: its {task!r} column has other labels, laterals or kind than in {base}")
-        for part in shared:
-            mine = model._module(part).state_dict()
-            yours = other._module(part).state_dict() if part == "encoder" or part in other.columns else {}
+        for part in shared:  # a source joined into an ensemble earlier feeds from its first member
+            mine = _first_member(model, part).state_dict()
+            known = part == "encoder" or part in other.columns
+            yours = _first_member(other, part).state_dict() if known else {}
             same = mine.keys() == yours.keys() and all(
                 mine[k].shape == yours[k].shape and torch.equal(mine[k], yours[k].to(mine[k].device))
                 for k in mine
@@ -719,6 +720,13 @@ def _join_members(model: Any, meta: dict[str, Any], task: str, files: list[str],
     entry = dict(meta.get(task, {}))
     entry["joined_members"] = list(entry.get("joined_members", [])) + joined
     meta[task] = entry
+
+
+def _first_member(model: Any, part: str) -> Any:
+    from facial_perception.core.progressive import column_members
+
+    module = model._module(part)
+    return module if part == "encoder" else column_members(module)[0]
 
 
 def _lateral_ancestors(model: Any, task: str) -> list[str]:
