@@ -36,7 +36,7 @@ from facial_perception.core.progressive import (
     ModelError,
     ProgressiveNet,
     TaskColumn,
-    average_member_outputs,
+    average_stacked_members,
     column_members,
 )
 
@@ -126,8 +126,12 @@ class FusedColumns(nn.Module):
         fc_layer = len(widths)
         self.fc_weight, self.fc_bias = _block_linear(columns, sources, fc_layer, zeros)
         self.out_weight, self.out_bias = _block_linear(columns, sources, fc_layer + 1, zeros)
-        self.embedding_dims = [column.fc.out_features for column in columns]
-        self.class_counts = [column.out.out_features for column in columns]
+        self.tasks = list(run)
+        self.member_counts = [self.owners.count(name) for name in run]
+        first = [columns[self.owners.index(name)] for name in run]
+        counted = list(zip(first, self.member_counts, strict=True))
+        self.task_embedding_dims = [column.fc.out_features * n for column, n in counted]
+        self.task_class_counts = [column.out.out_features * n for column, n in counted]
         self.to(dtype)
 
     def forward(self, features: torch.Tensor) -> dict[str, ColumnOutput]:
@@ -144,16 +148,19 @@ class FusedColumns(nn.Module):
         # column k's channels flatten to the block k of the row, in the column's own (C, H, W) order
         embeddings = self.act(F.linear(h.flatten(1), self.fc_weight, self.fc_bias))
         logits = F.linear(embeddings, self.out_weight, self.out_bias)
-        per_logits = logits.split(self.class_counts, dim=1)
-        per_embedding = embeddings.split(self.embedding_dims, dim=1)
+        # an ensemble's members are neighbours in the stack: one (N, K, width) view each
+        per_logits = logits.split(self.task_class_counts, dim=1)
+        per_embedding = embeddings.split(self.task_embedding_dims, dim=1)
         outputs: dict[str, ColumnOutput] = {}
-        for name in self.keep:
-            members = [k for k, owner in enumerate(self.owners) if owner == name]
-            if len(members) == 1:
-                outputs[name] = ColumnOutput(per_logits[members[0]], per_embedding[members[0]])
+        for k, (name, count) in enumerate(zip(self.tasks, self.member_counts, strict=True)):
+            if name not in self.keep:
+                continue
+            if count == 1:
+                outputs[name] = ColumnOutput(per_logits[k], per_embedding[k])
             else:
-                averaged = average_member_outputs(
-                    [per_logits[k] for k in members], [per_embedding[k] for k in members]
+                n = features.shape[0]
+                averaged = average_stacked_members(
+                    per_logits[k].view(n, count, -1), per_embedding[k].view(n, count, -1)
                 )
                 outputs[name] = ColumnOutput(*averaged)
         return outputs

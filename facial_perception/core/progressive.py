@@ -350,11 +350,17 @@ def average_member_outputs(
     logits: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log mean softmax, scaled concatenation of unit embeddings) of an ensemble's members."""
-    count = len(logits)
-    log_probs = torch.stack([F.log_softmax(member, dim=1) for member in logits])
-    mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(count)
-    units = [F.normalize(member, dim=1) for member in embeddings]
-    return mean_log_probs, torch.cat(units, dim=1) / math.sqrt(count)
+    return average_stacked_members(torch.stack(list(logits), dim=1), torch.stack(list(embeddings), dim=1))
+
+
+def average_stacked_members(
+    logits: torch.Tensor, embeddings: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`average_member_outputs` of members stacked on dim 1: logits (N, K, C), embeddings (N, K, D)."""
+    count = logits.shape[1]
+    mean_log_probs = torch.logsumexp(F.log_softmax(logits, dim=2), dim=1) - math.log(count)
+    units = F.normalize(embeddings, dim=2).flatten(1) / math.sqrt(count)
+    return mean_log_probs, units
 
 
 def column_members(column: nn.Module) -> list[TaskColumn]:
