@@ -25,7 +25,7 @@ from facial_perception.pipeline.frame_pipeline import (
     draw_annotations,
     overlapped,
 )
-from facial_perception.pipeline.gallery import UNKNOWN, IdentityGallery
+from facial_perception.pipeline.gallery import UNKNOWN, GalleryError, IdentityGallery
 from facial_perception.pipeline.images import decode_raw, encode_raw
 from facial_perception.pipeline.smoothing import PredictionSmoother
 from facial_perception.pipeline.tracking import FaceTracker
@@ -185,6 +185,24 @@ def test_gallery_enrolment_and_recognition(predictor, detector, frame: np.ndarra
         pipeline.start_enrolment("  ", frames=2)
     with pytest.raises(FacePipelineError, match="no gallery"):
         _pipeline(predictor, detector).start_enrolment("x", frames=2)
+    gallery.close()
+
+
+def test_a_gallery_of_another_model_is_refused_up_front(predictor, detector, tmp_path: Path) -> None:
+    """Another model's embeddings (another length) would fail every match: one error at the start."""
+    gallery = IdentityGallery(tmp_path / "other_model.db")
+    assert predictor.embedding_dim == 128
+    assert _pipeline(predictor, detector, gallery=gallery).gallery is gallery  # empty: any model fits
+    rng = np.random.default_rng(0)
+    gallery.enrol("ada", rng.normal(size=(2, 640)).astype(np.float32))
+    with pytest.raises(GalleryError, match="holds 640-d embeddings of another model, this model makes 128-d"):
+        _pipeline(predictor, detector, gallery=gallery)
+    ensemble = _model()
+    ensemble.join_members("identity", [_model().columns["identity"]] * 4)  # 5 x 128 = 640-d, fits
+    fitting = _pipeline(inference.FacePredictor(ensemble, device="cpu"), detector, gallery=gallery)
+    with pytest.raises(GalleryError, match="this model makes 128-d"):
+        fitting.set_predictor(predictor)
+    assert fitting.predictor.embedding_dim == 640 and gallery.counts() == {"ada": 2}  # nothing changed
     gallery.close()
 
 

@@ -165,6 +165,13 @@ class FacePredictor:
         return self.model.config.input_size
 
     @property
+    def embedding_dim(self) -> int | None:
+        """Length of the identity embeddings this model gives the gallery (None: no identity column)."""
+        model = self.model
+        identity = next((n for n in self.task_names if model.specs[n].kind == "identity"), None)
+        return model.columns[identity].embedding_dim if identity is not None else None
+
+    @property
     def task_names(self) -> list[str]:
         model = self.model
         return list(self._tasks) if self._tasks is not None else model.task_names

@@ -225,6 +225,7 @@ class FramePipeline:
         self._collectors: list[EnrolmentCollector] = []
         self._predictor = predictor
         self.input_size = int(input_size) if input_size is not None else _input_size_of(predictor)
+        _check_gallery_fits(gallery, predictor)
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -234,6 +235,7 @@ class FramePipeline:
     def set_predictor(self, predictor: _Predictor, input_size: int | None = None) -> None:
         """Hot-swap the model; the next frame uses it.  Smoothing state restarts (labels may differ)."""
         size = int(input_size) if input_size is not None else _input_size_of(predictor)
+        _check_gallery_fits(self.gallery, predictor)
         with self._lock:
             self._predictor = predictor
             self.input_size = size
@@ -530,6 +532,19 @@ def _check_frame(rgb: np.ndarray) -> np.ndarray:
             f"frame must be a non-empty RGB uint8 (H, W, 3) array, got {frame.dtype} {frame.shape}"
         )
     return frame
+
+
+def _check_gallery_fits(gallery: IdentityGallery | None, predictor: Any) -> None:
+    """A gallery enrolled with another model (other embedding length) is one clear error up front,
+    not a failed match on every frame."""
+    model_dim = getattr(predictor, "embedding_dim", None)
+    gallery_dim = gallery.dim if gallery is not None else None
+    if model_dim is not None and gallery_dim is not None and gallery_dim != model_dim:
+        raise GalleryError(
+            f"gallery {gallery.path} holds {gallery_dim}-d embeddings of another model, this model makes "
+            f"{model_dim}-d ones: enrol the people again in a new gallery (move the file away or set "
+            "another gallery path)"
+        )
 
 
 def _input_size_of(predictor: Any) -> int:
