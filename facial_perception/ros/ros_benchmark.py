@@ -535,9 +535,9 @@ _PARAMETER_COMPARISONS = (
     (
         "mirror_average",
         "Mirror averaging",
-        "With `true` (the default) the columns that ask for it (shipped model: emotion, gender, age) "
-        "average their probabilities over the face and its mirror image: twice the model's work per "
-        "face (docs/MODEL_CARD.md#mirror-averaging).",
+        "With `true` (the default) the columns whose checkpoint asks for it average their probabilities "
+        "over the face and its mirror image: twice the model's work per face (the v4 model asked for it "
+        "on emotion, gender and age; v5 on none: docs/MODEL_CARD.md#ensemble-columns).",
     ),
 )
 
