@@ -149,30 +149,22 @@ member() {  # member TASK SEED DROP... -- train-task options: one member column,
     --seed "$seed" "${COMMON[@]}"
 }
 ENSEMBLE=()
-step "ensemble members: emotion (seeds $EMOTION_MEMBER_SEEDS)"
-files=()
-for seed in $EMOTION_MEMBER_SEEDS; do
-  member emotion "$seed" identity age gender emotion -- --data "$DATA/ferplus/FER2013Train" \
-    --val-data "$DATA/ferplus/FER2013Valid" --soft-labels
-  files+=("$MEMBERS/emotion_s$seed.safetensors")
-done
-[ ${#files[@]} = 0 ] || ENSEMBLE+=(--ensemble emotion "${files[@]}")
-step "ensemble members: gender (seeds $GENDER_MEMBER_SEEDS)"
-files=()
-for seed in $GENDER_MEMBER_SEEDS; do
-  member gender "$seed" gender -- --target gender --data "$RUNS/splits/utkface/train" \
-    --val-data "$RUNS/splits/utkface/val" --laterals emotion --balance-by race
-  files+=("$MEMBERS/gender_s$seed.safetensors")
-done
-[ ${#files[@]} = 0 ] || ENSEMBLE+=(--ensemble gender "${files[@]}")
-step "ensemble members: identity (seeds $IDENTITY_MEMBER_SEEDS)"
-files=()
-for seed in $IDENTITY_MEMBER_SEEDS; do
-  member identity "$seed" identity -- --data "$RUNS/splits/lfw_identity/train" \
-    --val-data "$RUNS/splits/lfw_identity/val"
-  files+=("$MEMBERS/identity_s$seed.safetensors")
-done
-[ ${#files[@]} = 0 ] || ENSEMBLE+=(--ensemble identity "${files[@]}")
+ensemble() {  # ensemble TASK "SEEDS" DROP... -- train-task options: train the members, queue their join
+  local task=$1 seeds=$2 files=() seed
+  shift 2
+  step "ensemble members: $task (seeds ${seeds:-none})"
+  for seed in $seeds; do
+    member "$task" "$seed" "$@"
+    files+=("$MEMBERS/${task}_s$seed.safetensors")
+  done
+  [ ${#files[@]} = 0 ] || ENSEMBLE+=(--ensemble "$task" "${files[@]}")
+}
+ensemble emotion "$EMOTION_MEMBER_SEEDS" identity age gender emotion -- --data "$DATA/ferplus/FER2013Train" \
+  --val-data "$DATA/ferplus/FER2013Valid" --soft-labels
+ensemble gender "$GENDER_MEMBER_SEEDS" gender -- --target gender --data "$RUNS/splits/utkface/train" \
+  --val-data "$RUNS/splits/utkface/val" --laterals emotion --balance-by race
+ensemble identity "$IDENTITY_MEMBER_SEEDS" identity -- --data "$RUNS/splits/lfw_identity/train" \
+  --val-data "$RUNS/splits/lfw_identity/val"
 "${FP[@]}" columns --checkpoint "$SINGLE" "${ENSEMBLE[@]}" --no-mirror-average emotion gender age --out "$MODEL"
 
 step "done: $MODEL"

@@ -692,7 +692,7 @@ def _join_members(model: Any, meta: dict[str, Any], task: str, files: list[str],
     if not files:
         raise CLIError(f"--ensemble {task} needs at least one checkpoint holding another {task!r} column")
     spec = model.specs[task]
-    shared = ["encoder", *_lateral_ancestors(model, task)]
+    shared = ["encoder", *model.lateral_sources(task)]
     joined = []
     for path in files:
         other = load_model_or_encoder(path)
@@ -727,17 +727,6 @@ def _first_member(model: Any, part: str) -> Any:
 
     module = model._module(part)
     return module if part == "encoder" else column_members(module)[0]
-
-
-def _lateral_ancestors(model: Any, task: str) -> list[str]:
-    seen: list[str] = []
-    stack = list(model.specs[task].laterals)
-    while stack:
-        name = stack.pop()
-        if name not in seen:
-            seen.append(name)
-            stack.extend(model.specs[name].laterals)
-    return seen
 
 
 def cmd_split(args: argparse.Namespace) -> int:

@@ -75,7 +75,7 @@ def model_info(config: ModelConfig | str, specs: Sequence[TaskSpec] | None = Non
     for spec in specs:
         # MACs of this column alone (its adapters included), with its sources already computed.
         total_with = count_macs(net, lambda s=spec: net.forward_features(features, [s.name]))
-        sources = _ancestors(net, spec.name) - {spec.name}
+        sources = net.lateral_sources(spec.name)
         total_without = (
             count_macs(net, lambda src=sources: net.forward_features(features, src)) if sources else 0
         )
@@ -122,17 +122,6 @@ def model_info(config: ModelConfig | str, specs: Sequence[TaskSpec] | None = Non
 def replace_laterals(spec: TaskSpec) -> TaskSpec:
     """The same task without lateral connections (an independent single-task model)."""
     return replace(spec, laterals=[])
-
-
-def _ancestors(net: ProgressiveNet, name: str) -> set[str]:
-    seen: set[str] = set()
-    stack = [name]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(net.specs[current].laterals)
-    return seen
 
 
 def format_model_info(info: dict[str, Any]) -> str:

@@ -572,6 +572,18 @@ class ProgressiveNet(nn.Module):
             net.add_column(spec)
         return net
 
+    def lateral_sources(self, name: str) -> list[str]:
+        """Every column whose activations reach column ``name`` through laterals (directly or not), in
+        column order; not ``name`` itself."""
+        seen: set[str] = set()
+        stack = list(self.specs[name].laterals)
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(self.specs[current].laterals)
+        return [n for n in self.task_names if n in seen]
+
     # ------------------------------------------------------------------ forward
     def _resolve(self, tasks: Iterable[str] | None) -> tuple[list[str], list[str]]:
         """(columns to run in order, columns to return): requested tasks plus their lateral ancestors."""
