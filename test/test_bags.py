@@ -480,6 +480,46 @@ def test_overlapped_stages_give_the_same_results_as_sequential(tmp_path, people_
         assert run.summary["tracking"] == sequential.summary["tracking"]
 
 
+def test_first_stage_in_a_worker_process_gives_the_same_results(tmp_path, people_dataset):
+    """The default offline run reads, detects and tracks in a worker process (its own GIL): every
+    result must equal the one-thread run's, and the worker must be gone afterwards."""
+    import multiprocessing
+
+    from facial_perception.bags.evaluate_bag import PipelineSettings
+
+    bag = tmp_path / "bag"
+    options = _opts("mcap", "compressed", frames=16, track_length=8, motion=12.0)
+    make_bag(people_dataset, bag, ["identity"], options, progress=False)
+    out = tmp_path / "faces.mcap"
+    worker = evaluate_offline(bag, settings=PipelineSettings(), output_bag=out, progress=False)
+    one_thread = PipelineSettings(overlap=False, cpu_threads=0)
+    sequential = evaluate_offline(bag, settings=one_thread, progress=False)
+    assert worker.summary["first_stage"] == "worker process"
+    assert "first_stage" not in sequential.summary
+    assert len(worker.matches) == len(sequential.matches) > 0
+    for a, b in zip(worker.matches, sequential.matches, strict=True):
+        assert (a["pred_track"], a["iou"], a["labels"]) == (b["pred_track"], b["iou"], b["labels"])
+    assert worker.summary["detection"] == sequential.summary["detection"]
+    assert worker.summary["tracking"] == sequential.summary["tracking"]
+    with BagReader(out) as written:  # stamps and frame ids came through the worker
+        assert written.message_count("/facial_perception/faces") == 16
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("storage,suffix", [("sqlite3", ".db3"), ("mcap", ".mcap")])
+def test_a_truncated_bag_fails_in_the_worker_with_one_line(tmp_path, small_bags, storage, suffix):
+    import multiprocessing
+
+    bag = tmp_path / "bag"
+    shutil.copytree(small_bags[storage], bag)
+    (data,) = bag.glob(f"*{suffix}")
+    os.truncate(data, int(data.stat().st_size * 0.8))
+    with pytest.raises(BagError, match="corrupt or truncated") as info:
+        evaluate_offline(bag, progress=False)
+    assert "\n" not in str(info.value)
+    assert multiprocessing.active_children() == []
+
+
 def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_bags):
     """The benchmark's figures are measured, so only their consistency is checked, never a speed."""
     import json
@@ -521,8 +561,12 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     assert r["encoder_stage"] and "encode" in r["stage_ms_mean"]  # three threads by default
     # every configuration was measured in the same rounds, so each has its own paired ratios
     assert r["interleaved_configurations"] == [
-        "default", "detector:haar", "detect_every:2", "two_threads", "unfused_columns", "without_mirror"
+        "default", "detector:haar", "detect_every:2", "two_threads", "first_stage_thread", "unfused_columns",
+        "without_mirror",
     ]
+    threaded = r["first_stage_thread"]  # read, detect and track in a thread instead of a worker process
+    assert r["first_stage_process"] and not threaded["first_stage_process"] and threaded["ratio"] > 0
+    assert f"| thread | {threaded['offline_fps']:.1f} |" in text
     unfused = r["unfused_columns"]  # the columns one by one, as in training
     assert r["fuse_columns"] and not unfused["fuse_columns"] and unfused["ratio"] > 0
     assert f"| columns one by one | {unfused['offline_fps']:.1f} |" in text

@@ -118,6 +118,11 @@ def add_subcommands(subparsers: Any) -> None:
         help="with overlapping stages, run the whole model in one thread (default: its encoder in a third)",
     )
     off.add_argument(
+        "--no-first-stage-process",
+        action="store_true",
+        help="with overlapping stages, read, detect and track in a thread (default: in a worker process)",
+    )
+    off.add_argument(
         "--no-fuse-columns",
         action="store_true",
         help="run the columns one after the other (default: as one stack of wide layers; same results)",
@@ -194,6 +199,11 @@ def add_subcommands(subparsers: Any) -> None:
         "--no-compare-stages",
         action="store_true",
         help="skip the same-run measurement with the whole model in one thread (encoder_stage off)",
+    )
+    bench.add_argument(
+        "--no-compare-first-stage",
+        action="store_true",
+        help="skip the same-run measurement with the first stage in a thread (first_stage_process off)",
     )
     bench.add_argument(
         "--no-compare-fused",
@@ -283,6 +293,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             gallery=args.gallery,
             overlap=not args.no_overlap,
             encoder_stage=not args.no_encoder_stage,
+            first_stage_process=not args.no_first_stage_process,
             fuse_columns=not args.no_fuse_columns,
             cpu_threads=max(0, args.cpu_threads),
             mirror_average=not args.no_mirror_average,
@@ -374,6 +385,9 @@ def _benchmark(args: argparse.Namespace) -> int:
             configs[f"detect_every:{n}"] = PipelineSettings(checkpoint=args.checkpoint, detect_every=n)
         if not args.no_compare_stages:  # the whole model in one thread: what the encoder stage changes
             configs["two_threads"] = PipelineSettings(checkpoint=args.checkpoint, encoder_stage=False)
+        if not args.no_compare_first_stage:  # read, detect and track in a thread instead of a process
+            in_thread = PipelineSettings(checkpoint=args.checkpoint, first_stage_process=False)
+            configs["first_stage_thread"] = in_thread
         if not args.no_compare_fused:  # the columns one by one, as in training: what fusing them changes
             configs["unfused_columns"] = PipelineSettings(checkpoint=args.checkpoint, fuse_columns=False)
         mirror_tasks = (
@@ -400,6 +414,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         }
         result["two_threads"] = compared.get("two_threads")
         result["unfused_columns"] = compared.get("unfused_columns")
+        result["first_stage_thread"] = compared.get("first_stage_thread")
         result["without_mirror"] = (
             compared["without_mirror"] | {"mirror_tasks": mirror_tasks}
             if "without_mirror" in compared
@@ -428,6 +443,7 @@ _COMPARED = (
     "cpu_work_ms_per_frame",
     "bound_ratio",
     "fuse_columns",
+    "first_stage_process",
 )
 
 
@@ -479,6 +495,13 @@ _MODEL_COMPARISONS: dict[str, tuple[str, str, tuple[str, str]]] = {
         "second (`encoder_stage`, the default), or the whole model in the second thread:",
         "model stages",
         ("encoder, then columns: three threads (default)", "whole model in one thread"),
+    ),
+    "first_stage_thread": (
+        "Where the first stage (read, decode, detect, track, crop) runs, same bag, same run: in a worker "
+        "process (`first_stage_process`, the default offline; its Python has its own GIL) or in a thread "
+        "of the model's process, as in the node:",
+        "first stage",
+        ("worker process (default offline)", "thread"),
     ),
     "unfused_columns": (
         "How the columns run, same bag, same run: as one stack of wide layers (`fuse_columns`, the "

@@ -46,6 +46,7 @@ from facial_perception.bags.bag_io import (
     make_header,
     stamp_to_ns,
 )
+from facial_perception.bags.prepare_worker import FirstStageProcess, FrameRef
 
 __all__ = [
     "BagEvaluation",
@@ -506,6 +507,9 @@ class PipelineSettings:
     overlap: bool = True
     # with overlap: the model's encoder in a third thread, its columns in the caller's (the node's parameter)
     encoder_stage: bool = True
+    # with overlap: the first stage (read, decode, detect, track, crop) in a worker process rather than
+    # a thread (offline only; its Python then does not share the model threads' GIL)
+    first_stage_process: bool = True
     cpu_threads: int = 1  # torch threads while evaluating on CPU (0 = torch's default); the node's default
     mirror_average: bool = True  # the columns' mirror averaging (the node's parameter of the same name)
     detect_every: int = 1  # run the detector on every n-th frame, track in between (the node's parameter)
@@ -557,7 +561,6 @@ UNTRAINED = "untrained lite model (no checkpoint, no shipped default): labels ar
 
 def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = None) -> Any:
     """A ``FramePipeline`` configured like the node (same detector, tracker, smoothing parameters)."""
-    from facial_perception.pipeline.detection import DetectorError, make_detector
     from facial_perception.pipeline.frame_pipeline import FramePipeline
     from facial_perception.pipeline.smoothing import PredictionSmoother
     from facial_perception.pipeline.tracking import FaceTracker
@@ -569,15 +572,7 @@ def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = No
         raise BagError(f"smoothing must be in [0, 1), got {settings.smoothing}")
     if settings.detect_every < 1:
         raise BagError(f"detect_every must be >= 1, got {settings.detect_every}")
-    try:
-        detector = make_detector(
-            settings.detector,
-            min_score=settings.detection_threshold,
-            min_face_size=settings.min_face_size,
-            max_faces=settings.max_faces,
-        )
-    except DetectorError as exc:
-        raise BagError(str(exc)) from None
+    detector = _detector_of(settings)
     gallery = None
     if settings.gallery:
         from facial_perception.pipeline.gallery import GalleryError, IdentityGallery
@@ -592,6 +587,36 @@ def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = No
         tracker=FaceTracker(iou_threshold=settings.tracker_iou, max_missed=settings.track_max_missed),
         smoother=PredictionSmoother(alpha=1.0 - settings.smoothing),  # the node's mapping
         gallery=gallery,
+        max_faces=settings.max_faces,
+        detect_every=settings.detect_every,
+    )
+
+
+def _detector_of(settings: PipelineSettings) -> Any:
+    from facial_perception.pipeline.detection import DetectorError, make_detector
+
+    try:
+        return make_detector(
+            settings.detector,
+            min_score=settings.detection_threshold,
+            min_face_size=settings.min_face_size,
+            max_faces=settings.max_faces,
+        )
+    except DetectorError as exc:
+        raise BagError(str(exc)) from None
+
+
+def build_first_stage(settings: PipelineSettings, input_size: int) -> Any:
+    """The first stage of :func:`build_pipeline`'s pipeline alone (detector, tracker; no model), for
+    :meth:`FramePipeline.prepare` in a worker process (:mod:`facial_perception.bags.prepare_worker`)."""
+    from facial_perception.pipeline.frame_pipeline import FramePipeline
+    from facial_perception.pipeline.tracking import FaceTracker
+
+    return FramePipeline(
+        None,
+        _detector_of(settings),
+        tracker=FaceTracker(iou_threshold=settings.tracker_iou, max_missed=settings.track_max_missed),
+        input_size=input_size,
         max_faces=settings.max_faces,
         detect_every=settings.detect_every,
     )
@@ -637,12 +662,19 @@ def evaluate_offline(
     output_bag: str | os.PathLike[str] | None = None,
     progress: bool = True,
     on_frame: Callable[[int, Any], None] | None = None,
+    predictor: Any = None,
 ) -> BagEvaluation:
     """Run ``pipeline`` (default: :func:`build_pipeline`) on every frame of the bag, as fast as possible.
+
+    ``predictor``: without ``pipeline``, the model to build it around (default: loaded as
+    ``settings`` say).
 
     With ``settings.overlap`` (default) the first stage (decode, detect, track, crop) of the next
     frame runs in a second thread while the model runs on this one, and torch uses
     ``settings.cpu_threads`` threads on CPU, like the node (``overlap_stages``, ``cpu_threads``).
+    With ``settings.first_stage_process`` too (default) and no caller-supplied ``pipeline``, that
+    first stage runs in a worker process instead (:mod:`facial_perception.bags.prepare_worker`);
+    the clock starts once the worker is ready, as it starts after the model has been loaded.
 
     ``output_bag`` (optional) receives the results as ``FaceArray`` on ``/facial_perception/faces``,
     stamped like the images, written atomically.  ``on_frame(index, FrameResult)`` is for callers
@@ -662,8 +694,12 @@ def evaluate_offline(
         model_source = "caller-supplied pipeline"
         settings = settings or PipelineSettings()
         overlap = settings.overlap
+        in_process = overlap and settings.first_stage_process and pipeline is None
         if pipeline is None:
-            predictor, model_source = load_predictor(settings)
+            if predictor is None:
+                predictor, model_source = load_predictor(settings)
+            else:
+                model_source = "caller-supplied predictor"
             pipeline = build_pipeline(settings, predictor)
         pipeline.reset()
         writer = (
@@ -682,30 +718,42 @@ def evaluate_offline(
         }
         bar = tqdm(total=total, desc="evaluate (offline)", unit="frame", disable=not progress)
         threads = settings.cpu_threads if settings.device == "cpu" else 0
-        start = time.perf_counter()
+        worker: FirstStageProcess | None = None
         try:
             if writer:
                 writer.__enter__()
                 writer.add_topic(FACES_TOPIC, FACE_ARRAY_TYPE)
-            images = itertools.islice(reader.images(image_topic), max_frames)
+            first: Iterator[tuple[FrameRef, Any]]
+            if in_process:
+                info["first_stage"] = "worker process"
+                worker = FirstStageProcess(
+                    str(bag), reader.storage, image_topic, max_frames, settings, pipeline.input_size
+                )
+                first = iter(worker)
+            else:
+                images = itertools.islice(reader.images(image_topic), max_frames)
 
-            def prepare(image: BagImage) -> Any:  # first stage: decode, detect, track, crop
-                t0 = time.perf_counter()
-                rgb = decode_bag_image(image)
-                decode_ms = (time.perf_counter() - t0) * 1000.0
-                return pipeline.prepare(rgb, stamp=image.stamp_ns / 1e9, decode_ms=decode_ms)
+                def prepare(image: BagImage) -> tuple[FrameRef, Any]:  # decode, detect, track, crop
+                    t0 = time.perf_counter()
+                    rgb = decode_bag_image(image)
+                    decode_ms = (time.perf_counter() - t0) * 1000.0
+                    frame_id = getattr(image.message.header, "frame_id", "")
+                    prepared = pipeline.prepare(rgb, stamp=image.stamp_ns / 1e9, decode_ms=decode_ms)
+                    return FrameRef(image.log_time_ns, image.stamp_ns, frame_id), prepared
 
-            if not overlap:
-                stages: Iterator[tuple[BagImage, Any]] = ((im, prepare(im)) for im in images)
-            elif settings.encoder_stage:  # third thread: the encoder of frame t+1 beside the columns of t
-                stages = (
-                    (image, encoded)
-                    for (image, _), encoded in overlapped(
-                        overlapped(images, prepare), lambda pair: pipeline.encode(pair[1])
-                    )
+                if overlap:
+                    info["first_stage"] = "thread"
+                    first = (pair for _image, pair in overlapped(images, prepare))
+                else:
+                    first = (prepare(image) for image in images)
+            if overlap and settings.encoder_stage:  # the encoder of frame t+1 beside the columns of t
+                stages: Iterator[tuple[FrameRef, Any]] = (
+                    (ref, encoded)
+                    for (ref, _), encoded in overlapped(first, lambda pair: pipeline.encode(pair[1]))
                 )
             else:
-                stages = overlapped(images, prepare)
+                stages = first
+            start = time.perf_counter()
             with _torch_threads(threads), contextlib.closing(stages):
                 for index, (image, prepared) in enumerate(stages):
                     result = pipeline.complete(prepared)  # second stage: model, smoothing, identity
@@ -718,11 +766,10 @@ def evaluate_offline(
                         result.timings,
                     )
                     if writer:
-                        frame_id = getattr(image.message.header, "frame_id", "")
                         writer.write(
                             FACES_TOPIC,
                             image.log_time_ns + int(latency * 1e6),
-                            face_array_msg(result, image.stamp_ns, frame_id, latency, index + 1),
+                            face_array_msg(result, image.stamp_ns, image.frame_id, latency, index + 1),
                         )
                     if on_frame:
                         on_frame(index, result)
@@ -734,6 +781,8 @@ def evaluate_offline(
             raise
         finally:
             bar.close()
+            if worker is not None:
+                worker.close()
         if writer:
             writer.__exit__(None, None, None)
             info["output_bag"] = str(output_bag)
@@ -1103,8 +1152,8 @@ def benchmark_offline_configs(
             run.batch_sizes = []
             run.evaluation = evaluate_offline(
                 bag,
-                run.pipeline,
                 settings=run.settings,
+                predictor=run.predictor,
                 progress=progress,
                 on_frame=_count_faces_into(run.batch_sizes),
             )
@@ -1172,6 +1221,7 @@ def _benchmark_result(bag: str | os.PathLike[str], run: _BenchmarkRun, progress:
         "device": settings.device,
         "overlap": settings.overlap,
         "encoder_stage": settings.overlap and settings.encoder_stage,
+        "first_stage_process": settings.overlap and settings.first_stage_process,
         "fuse_columns": settings.fuse_columns,
         "detector": settings.detector,
         "detector_backend": getattr(pipeline.detector, "backend", type(pipeline.detector).__name__),

@@ -158,10 +158,24 @@ class FusedColumns(nn.Module):
         self.to(dtype)
 
     def forward(self, features: torch.Tensor) -> dict[str, ColumnOutput]:
-        h = features
+        return self.finish(self.stem(features))
+
+    def stem(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns' first conv layer on the encoder's features, the part that reads them all.
+
+        Split from :meth:`finish` so that a pipeline can run it in the encoder's thread: with
+        ensembles the columns cost more than the encoder, and this layer is about a third of them.
+        """
+        h = self.act(F.conv2d(features, self.conv_weights[0], self.conv_biases[0], padding=1))
+        return F.max_pool2d(h, 2) if self.pools[0] else h
+
+    def finish(self, stem: torch.Tensor) -> dict[str, ColumnOutput]:
+        """The layers after :meth:`stem` on its output: ``{task: ColumnOutput}``."""
+        h = stem
         laterals = iter(self.lateral_weights)
-        for layer, (weight, bias) in enumerate(zip(self.conv_weights, self.conv_biases, strict=True)):
-            pre = F.conv2d(h, weight, bias, padding=1, groups=1 if layer == 0 else self.groups)
+        for layer in range(1, len(self.conv_weights)):
+            weight, bias = self.conv_weights[layer], self.conv_biases[layer]
+            pre = F.conv2d(h, weight, bias, padding=1, groups=self.groups)
             if layer in self.lateral_slices:
                 in_stop, out_start, out_stop = self.lateral_slices[layer]
                 pre[:, out_start:out_stop] += F.conv2d(h[:, :in_stop], next(laterals))
@@ -188,7 +202,6 @@ class FusedColumns(nn.Module):
             if count == 1:
                 outputs[name] = ColumnOutput(per_logits[k], per_embedding[k])
             else:
-                n = features.shape[0]
                 averaged = average_stacked_members(
                     per_logits[k].view(n, count, -1), per_embedding[k].view(n, count, -1)
                 )

@@ -48,8 +48,11 @@ class FacePrediction:
 
 @dataclass
 class EncodedBatch:
-    """:meth:`FacePredictor.encode`'s result: encoder features per chunk and the model that made them
-    (with the fused columns of that model, when the predictor fuses them)."""
+    """:meth:`FacePredictor.encode`'s result: per chunk the faces' features and the model that made them.
+
+    With fused columns (``columns`` set) the features have been through the columns' first layer
+    (:meth:`FusedColumns.stem`) too, and :meth:`FacePredictor.predict_encoded` runs the rest.
+    """
 
     model: ProgressiveNet
     chunks: list[EncodedFaces]
@@ -181,11 +184,13 @@ class FacePredictor:
         return self.predict_encoded(self.encode(batch))
 
     def encode(self, batch: torch.Tensor) -> EncodedBatch:
-        """First half of :meth:`predict`: the encoder (on the faces and, where asked, their mirror images).
+        """First half of :meth:`predict`: the encoder (on the faces and, where asked, their mirror images)
+        and, with fused columns, their first layer.
 
         A pipeline runs it in one thread while :meth:`predict_encoded` runs the columns of the
         previous batch in another; the result keeps the model it was made with, so a hot swap in
-        between cannot mix two models.
+        between cannot mix two models. The columns' first layer is here because with ensemble
+        columns the columns cost more than the encoder: this evens the two halves out.
         """
         with self._lock:
             model, columns = self._model, self._columns
@@ -205,7 +210,10 @@ class FacePredictor:
                 x = batch[start : start + self.max_batch].to(self.device, dtype=dtype, non_blocking=True)
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
-                chunks.append(model.encode(x, self._tasks, mirror=self.mirror_average))
+                encoded = model.encode(x, self._tasks, mirror=self.mirror_average)
+                if columns is not None:
+                    encoded = encoded._replace(features=columns.stem(encoded.features))
+                chunks.append(encoded)
         return EncodedBatch(model, chunks, columns)
 
     def predict_encoded(self, encoded: EncodedBatch) -> list[FacePrediction]:
@@ -219,7 +227,7 @@ class FacePredictor:
         self, model: ProgressiveNet, encoded: EncodedFaces, columns: FusedColumns | None
     ) -> list[FacePrediction]:
         with torch.inference_mode():
-            outputs = model.predict_encoded(encoded, columns)
+            outputs = model.predict_encoded(encoded, columns.finish if columns is not None else None)
             probabilities = {n: o.probabilities.cpu().numpy() for n, o in outputs.items()}
             identity = next((n for n in outputs if model.specs[n].kind == "identity"), None)
             embeddings = (

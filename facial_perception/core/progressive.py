@@ -162,7 +162,9 @@ class TaskProbabilities(NamedTuple):
 class EncodedFaces(NamedTuple):
     """Encoder output of :meth:`ProgressiveNet.encode`, the input of :meth:`ProgressiveNet.predict_encoded`.
 
-    ``features`` holds ``count`` faces, followed by their mirror images when ``mirrored``;
+    ``features`` holds ``count`` faces, followed by their mirror images when ``mirrored`` (the
+    encoder's map; ``FacePredictor`` also runs its fused columns' first layer on it:
+    ``FusedColumns.stem``);
     ``tasks`` are the columns to report.
     """
 

@@ -105,9 +105,13 @@ class FrameResult:
 
 @dataclass
 class PreparedFrame:
-    """A frame after :meth:`FramePipeline.prepare`: what :meth:`FramePipeline.complete` needs."""
+    """A frame after :meth:`FramePipeline.prepare`: what :meth:`FramePipeline.complete` needs.
 
-    frame: np.ndarray
+    ``frame`` may be dropped (None) to send the rest to another process: the later stages only
+    use its size.
+    """
+
+    frame: np.ndarray | None
     tracks: list[Track]
     removed_ids: list[int]
     crops: list[np.ndarray]
@@ -118,6 +122,8 @@ class PreparedFrame:
     started: float  # perf_counter() when prepare began
     encoded: Any = None  # the predictor's encoder output (FramePipeline.encode), None before
     encoded_by: Any = None  # the predictor that made ``encoded``
+    width: int = 0  # of the frame, pixels
+    height: int = 0
 
 
 @dataclass
@@ -181,11 +187,13 @@ class FramePipeline:
     with ``.tasks[name].probabilities/.labels`` and ``.embedding``).  ``input_size`` defaults to the
     predictor's model input size.  :meth:`process` is meant to be called from one thread at a
     time; :meth:`set_predictor`, :meth:`start_enrolment` and the gallery may be used from others.
+    A pipeline that only runs :meth:`prepare` (e.g. in a worker process) may have no predictor
+    (``None``, with ``input_size``).
     """
 
     def __init__(
         self,
-        predictor: _Predictor,
+        predictor: _Predictor | None,
         detector: FaceDetector,
         tracker: FaceTracker | None = None,
         smoother: PredictionSmoother | None = None,
@@ -319,7 +327,11 @@ class FramePipeline:
         crops = [self.crop(frame, track.box) for track in tracks]
         batch = preprocess_batch(crops, input_size) if crops else None
         _timed(timings, "preprocess", t)
-        return PreparedFrame(frame, tracks, removed, crops, batch, input_size, timings, stamp, t_start)
+        height, width = frame.shape[:2]
+        return PreparedFrame(
+            frame, tracks, removed, crops, batch, input_size, timings, stamp, t_start,
+            width=width, height=height,
+        )
 
     def encode(self, prepared: PreparedFrame) -> PreparedFrame:
         """Optional middle stage: the predictor's encoder on the frame's faces (no-op without faces, or
@@ -341,8 +353,8 @@ class FramePipeline:
 
     def complete(self, prepared: PreparedFrame) -> FrameResult:
         """Second stage: one model batch, smoothing, identification, enrolment; frames in order."""
-        frame, tracks, crops, timings = prepared.frame, prepared.tracks, prepared.crops, prepared.timings
-        height, width = frame.shape[:2]
+        tracks, crops, timings = prepared.tracks, prepared.crops, prepared.timings
+        height, width = prepared.height, prepared.width
         with self._lock:
             predictor, input_size = self._predictor, self.input_size
         self.smoother.drop(prepared.removed_ids)
