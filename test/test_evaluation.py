@@ -141,4 +141,33 @@ def test_subgroup_rows_follow_the_numbers_in_group_names():
     table = subgroup_table([0] * 5, [0] * 5, {"age8": groups}, "age8")
     assert [r.group[0] for r in table.rows] == ["0-2", "4-6", "8-12", "15-20", "60+"]
     lines = [line for line in table.to_markdown().splitlines() if line.startswith("| ") and "%" in line]
+    lines = lines[1:]  # the header: "| age8 | accuracy | 95% interval | n |"
     assert [line.split(" | ")[0][2:] for line in lines] == ["0-2", "4-6", "8-12", "15-20", "60+"]
+
+
+def test_wilson_interval_by_hand_and_at_the_edges():
+    from facial_perception.core.evaluation import wilson_interval
+
+    low, high = wilson_interval(90, 100)  # the textbook case: 0.90 of 100 -> 0.826-0.945
+    assert low == pytest.approx(0.8256, abs=1e-4) and high == pytest.approx(0.9448, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert all(np.isnan(wilson_interval(0, 0)))
+    narrow, wide = wilson_interval(900, 1000), wilson_interval(9, 10)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 5  # 100x the faces: ~10x narrower
+
+
+def test_gap_interval_holds_the_gap_and_shrinks_with_more_faces():
+    from facial_perception.core.evaluation import gap_interval
+
+    small = gap_interval([85, 95], [100, 100])  # a 10-point gap seen on 100 faces per group
+    large = gap_interval([8500, 9500], [10000, 10000])
+    assert small[0] < 0.10 < small[1] and large[0] < 0.10 < large[1]
+    assert large[1] - large[0] < (small[1] - small[0]) / 5
+    assert gap_interval([85, 95], [100, 100]) == small  # fixed seed: reproducible reports
+    equal = gap_interval([90, 90, 90], [100, 100, 100])  # no true gap: best minus worst of noise > 0
+    assert equal[0] >= 0.0 and equal[1] > 0.05
+    rows = subgroup_table([1] * 4 + [0] * 4, [1, 1, 1, 0, 0, 0, 0, 0], {"g": list("aaaabbbb")}, "g")
+    assert rows.gap_ci is not None and rows.gap_ci[0] <= rows.largest_gap <= rows.gap_ci[1]
+    assert "95% bootstrap interval" in rows.to_markdown()
+    assert all(r.ci_low <= r.accuracy <= r.ci_high for r in rows.rows)

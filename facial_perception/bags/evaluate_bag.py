@@ -444,6 +444,7 @@ class BagEvaluator:
                     entry["largest_gap"] = {
                         "attribute": attribute,
                         "gap": gap,
+                        "gap_ci95": list(table.gap_ci) if table.gap_ci is not None else None,
                         "best": list(table.best_group or ()),
                         "worst": list(table.worst_group or ()),
                     }

@@ -110,12 +110,14 @@ def render_markdown(evaluation: BagEvaluation, plots: dict[str, str] | None = No
         ]
         for task, entry in s["tasks"].items():
             gap = entry.get("largest_gap")
-            gap_text = (
-                f"{100 * gap['gap']:.1f} pts ({gap['attribute']}: {' / '.join(gap['best'])} vs "
-                f"{' / '.join(gap['worst'])})"
-                if gap
-                else "-"
-            )
+            gap_text = "-"
+            if gap:
+                ci = gap.get("gap_ci95")
+                interval = f", 95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}" if ci else ""
+                gap_text = (
+                    f"{100 * gap['gap']:.1f} pts ({gap['attribute']}: {' / '.join(gap['best'])} vs "
+                    f"{' / '.join(gap['worst'])}{interval})"
+                )
             lines.append(
                 f"| {task} | {entry['gt_faces']} | {entry['evaluated']} | {_pct(entry['accuracy'])} | "
                 f"{_pct(entry['accuracy_end_to_end'])} | {gap_text} |"

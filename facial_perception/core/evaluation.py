@@ -142,6 +142,8 @@ class SubgroupRow:
     count: int
     correct: int
     accuracy: float
+    ci_low: float = math.nan  # 95 % Wilson interval of the accuracy
+    ci_high: float = math.nan
 
 
 @dataclass
@@ -150,7 +152,8 @@ class SubgroupTable:
 
     ``largest_gap`` is the difference between the best and the worst group that has at least
     ``min_count`` samples (groups below it are listed but do not define the gap: one image is
-    not evidence of bias).
+    not evidence of bias). ``gap_ci`` is its 95 % bootstrap interval (:func:`gap_interval`): with a
+    few hundred faces per group the gap moves by points from one sample of faces to the next.
     """
 
     attributes: tuple[str, ...]
@@ -159,6 +162,7 @@ class SubgroupTable:
     best_group: tuple[str, ...] | None
     worst_group: tuple[str, ...] | None
     min_count: int = 1
+    gap_ci: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (tuples become lists, NaN becomes null)."""
@@ -181,14 +185,20 @@ class SubgroupTable:
                     cells.append("-" if r is None else f"{_pct(r.accuracy)} (n={r.count})")
                 lines.append(f"| {a} | " + " | ".join(cells) + " |")
         else:
-            lines.append(f"| {title} | accuracy | n |")
-            lines.append("|---|---|---|")
+            lines.append(f"| {title} | accuracy | 95% interval | n |")
+            lines.append("|---|---|---|---|")
             for r in self.rows:
-                lines.append(f"| {' / '.join(r.group)} | {_pct(r.accuracy)} | {r.count} |")
+                interval = f"{_pct(r.ci_low)}-{_pct(r.ci_high)}" if not math.isnan(r.ci_low) else "-"
+                lines.append(f"| {' / '.join(r.group)} | {_pct(r.accuracy)} | {interval} | {r.count} |")
         if self.best_group is not None and self.worst_group is not None:
             lines.append("")
+            interval = (
+                f" (95% bootstrap interval {100 * self.gap_ci[0]:.1f}-{100 * self.gap_ci[1]:.1f})"
+                if self.gap_ci is not None
+                else ""
+            )
             lines.append(
-                f"Largest gap ({title}): {100 * self.largest_gap:.1f} points, "
+                f"Largest gap ({title}): {100 * self.largest_gap:.1f} points{interval}, "
                 f"best {' / '.join(self.best_group)}, worst {' / '.join(self.worst_group)}"
                 + (f" (groups with n >= {self.min_count})" if self.min_count > 1 else "")
             )
@@ -239,8 +249,9 @@ def subgroup_table(
         entry[0] += 1
         entry[1] += int(t[i] == p[i])
     rows = [
-        SubgroupRow(group=key, count=n, correct=c, accuracy=c / n)
+        SubgroupRow(group=key, count=n, correct=c, accuracy=c / n, ci_low=low, ci_high=high)
         for key, (n, c) in sorted(stats.items(), key=lambda kv: tuple(_natural_key(v) for v in kv[0]))
+        for low, high in [wilson_interval(c, n)]
     ]
     eligible = [r for r in rows if r.count >= min_count]
     if eligible:
@@ -249,7 +260,42 @@ def subgroup_table(
         gap, best_g, worst_g = best.accuracy - worst.accuracy, best.group, worst.group
     else:
         gap, best_g, worst_g = math.nan, None, None
-    return SubgroupTable(attrs, rows, gap, best_g, worst_g, min_count)
+    gap_ci = None
+    if len(eligible) > 1:
+        gap_ci = gap_interval([r.correct for r in eligible], [r.count for r in eligible])
+    return SubgroupTable(attrs, rows, gap, best_g, worst_g, min_count, gap_ci)
+
+
+def wilson_interval(correct: int, count: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % (``z``) Wilson score interval of a proportion ``correct / count`` (NaN for no samples)."""
+    if count <= 0:
+        return math.nan, math.nan
+    p = correct / count
+    denominator = 1.0 + z * z / count
+    centre = (p + z * z / (2 * count)) / denominator
+    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / denominator
+    low = 0.0 if correct <= 0 else max(0.0, centre - half)  # exact ends (no float rounding past them)
+    high = 1.0 if correct >= count else min(1.0, centre + half)
+    return low, high
+
+
+def gap_interval(
+    correct: Sequence[int], counts: Sequence[int], draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the largest accuracy gap between groups.
+
+    Each draw resamples every group's faces with replacement (its number of correct answers is
+    binomial with the group's size and accuracy) and takes best minus worst; fixed ``seed``, so a
+    report is reproducible. The gap of a draw is a maximum over noisy groups, so the interval sits
+    a little above the true gap when the groups are equally good.
+    """
+    n = np.asarray(counts, dtype=np.int64)
+    accuracy_ = np.asarray(correct, dtype=np.float64) / n
+    rng = np.random.default_rng(seed)
+    resampled = rng.binomial(n, accuracy_, size=(draws, n.size)) / n
+    gaps = resampled.max(axis=1) - resampled.min(axis=1)
+    low, high = np.percentile(gaps, [2.5, 97.5])
+    return float(low), float(high)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,6 +386,7 @@ class EvaluationReport:
     calibration: Calibration | None = None
     subgroups: list[SubgroupTable] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    accuracy_ci: tuple[float, float] | None = None  # 95 % Wilson interval
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k not in ("calibration", "subgroups")}
@@ -359,7 +406,10 @@ class EvaluationReport:
         lines = [f"### {self.task}: {self.num_samples} samples", ""]
         lines.append("| metric | value |")
         lines.append("|---|---|")
-        lines.append(f"| accuracy | {_pct(self.accuracy)} |")
+        interval = ""
+        if self.accuracy_ci is not None:
+            interval = f" (95% interval {_pct(self.accuracy_ci[0])}-{_pct(self.accuracy_ci[1])})"
+        lines.append(f"| accuracy | {_pct(self.accuracy)}{interval} |")
         lines.append(f"| macro-F1 | {_pct(self.macro_f1)} |")
         if self.within_one is not None:
             lines.append(f"| within one group | {_pct(self.within_one)} |")
@@ -418,6 +468,7 @@ def evaluate_predictions(
         calibration=calibration(probs, t, n_bins),
         subgroups=tables,
         meta=dict(meta or {}),
+        accuracy_ci=wilson_interval(int(np.sum(t == pred)), int(t.size)) if t.size else None,
     )
 
 
