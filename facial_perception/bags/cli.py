@@ -634,9 +634,10 @@ def _benchmark_markdown(r: dict[str, Any], json_path: str) -> str:
 Offline bag evaluation (`facial-perception-bag evaluate --mode offline`) runs the node's whole
 pipeline per frame: read + decode the image, detect (BlazeFace; docs/PIPELINE.md), track, crop, one
 model batch, smooth, score against the ground truth. Three stages overlap, as in the node
-(`overlap_stages`, `encoder_stage`): one thread reads, decodes, detects, tracks and crops frame t+2,
-a second runs the model's encoder on frame t+1 and a third its columns (and smoothing, scoring) on
-frame t (torch, 1 thread each). Its throughput is compared with the model alone
+(`overlap_stages`, `encoder_stage`): a worker process (`first_stage_process`; in the node, a thread)
+reads, decodes, detects, tracks and crops frame t+2, a thread runs the model's encoder (and the
+fused columns' first layer) on frame t+1 and another the rest of the columns (and smoothing,
+scoring) on frame t (torch, 1 thread each). Its throughput is compared with the model alone
 (`FacePredictor.predict` on preprocessed real face crops, torch's default threads, back to back)
 called with **the same sequence of batch sizes** (faces per frame): the ratio is the pipeline's
 efficiency, `1 - ratio` its overhead. All passes run in the same process, in {r["repeats"]} rounds;
@@ -706,6 +707,18 @@ GIL switch interval (`sys.setswitchinterval`) 0.5, 1 and 5 ms (the default): med
 63.7, 67.9 and 67.0 frames/s (ratios 66.3, 67.8 and 63.0 %); the first stage's thread at nice +5 or
 +10, or the encoder's at +5: 61.3, 62.7 and 64.6 against 66.7 frames/s (three rounds). BlazeFace
 alone: 6.7 ms per 640x480 frame, of which 5.2 ms is the LiteRT network itself.
+
+2026-12-03, with the v5 model (13 columns, of which 12 in ensembles): the columns now cost more than
+the encoder (CPU time inside the stages, ad hoc: first stage 8.5, encoder 6.0, columns with scoring
+11.1 ms per frame), so the columns' thread set the pace; the fused columns' first layer moved into
+the encoder's stage (8.1-8.4 / 8.6-8.9 / 7.3-7.7 ms). With the stages balanced, the first stage in a
+worker process (`first_stage_process`, now the offline default) gains where it did not before: same
+bag, 6 interleaved rounds (`benchmark --repeats 6 --no-compare-stages --no-compare-fused
+--compare-detectors --compare-detect-every`): 68.8 against 62.4 frames/s, ratio 75.0 % against
+68.9 % (paired ratios 75.2 / 68.0 / 77.5 / 76.9 / 74.8 / 65.0 against 75.2 / 70.5 / 62.0 / 71.9 /
+67.3 / 65.1 %); the model's stages run faster beside a process than beside a thread (encoder 11.3
+against 14.2 ms, columns 9.8 against 11.9 ms, overlapped). Its price is latency: up to 4 prepared
+frames wait in the queue from the worker (offline only; the node keeps a thread).
 """
 
 
