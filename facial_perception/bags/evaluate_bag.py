@@ -46,7 +46,7 @@ from facial_perception.bags.bag_io import (
     make_header,
     stamp_to_ns,
 )
-from facial_perception.bags.prepare_worker import FirstStageProcess, FrameRef
+from facial_perception.bags.prepare_worker import FirstStageJob, FirstStageProcess, FrameRef
 
 __all__ = [
     "BagEvaluation",
@@ -727,8 +727,9 @@ def evaluate_offline(
             first: Iterator[tuple[FrameRef, Any]]
             if in_process:
                 info["first_stage"] = "worker process"
+                size = pipeline.input_size
                 worker = FirstStageProcess(
-                    str(bag), reader.storage, image_topic, max_frames, settings, pipeline.input_size
+                    FirstStageJob(str(bag), reader.storage, image_topic, max_frames, settings, size)
                 )
                 first = iter(worker)
             else:

@@ -51,17 +51,21 @@ def _portable_error(exc: BaseException) -> BaseException:
         return WorkerError(f"{type(exc).__name__}: {exc}")
 
 
-def _first_stage(
-    bag: str,
-    storage: str | None,
-    topic: str,
-    max_frames: int | None,
-    settings: Any,
-    input_size: int,
-    out: Any,
-    stop: Any,
-) -> None:
-    """Worker body: the frames of ``topic`` in order through ``FramePipeline.prepare``."""
+@dataclass(frozen=True)
+class FirstStageJob:
+    """What the worker prepares: ``max_frames`` (None: all) images of ``topic`` in ``bag``, with the
+    detector and tracker of ``settings`` (a ``PipelineSettings``) and crops for a model of ``input_size``."""
+
+    bag: str
+    storage: str | None
+    topic: str
+    max_frames: int | None
+    settings: Any
+    input_size: int
+
+
+def _first_stage(job: FirstStageJob, out: Any, stop: Any) -> None:
+    """Worker body: the frames of the job's topic in order through ``FramePipeline.prepare``."""
 
     def put(entry: tuple) -> bool:
         while not stop.is_set():
@@ -80,10 +84,10 @@ def _first_stage(
         from facial_perception.bags.bag_io import BagReader, decode_bag_image
         from facial_perception.bags.evaluate_bag import build_first_stage
 
-        pipeline = build_first_stage(settings, input_size)
-        with BagReader(bag, storage) as reader:
+        pipeline = build_first_stage(job.settings, job.input_size)
+        with BagReader(job.bag, job.storage) as reader:
             put(("ready", None, None))
-            for image in itertools.islice(reader.images(topic), max_frames):
+            for image in itertools.islice(reader.images(job.topic), job.max_frames):
                 ref = FrameRef(
                     image.log_time_ns, image.stamp_ns, getattr(image.message.header, "frame_id", "")
                 )
@@ -112,21 +116,13 @@ class FirstStageProcess:
     :meth:`close` (also on ``with`` exit) stops the worker, iterated to the end or not.
     """
 
-    def __init__(
-        self,
-        bag: str,
-        storage: str | None,
-        topic: str,
-        max_frames: int | None,
-        settings: Any,
-        input_size: int,
-    ) -> None:
+    def __init__(self, job: FirstStageJob) -> None:
         context = multiprocessing.get_context("spawn")
         self._out = context.Queue(maxsize=QUEUE_DEPTH)
         self._stop = context.Event()
         self._worker = context.Process(
             target=_first_stage,
-            args=(str(bag), storage, topic, max_frames, settings, input_size, self._out, self._stop),
+            args=(job, self._out, self._stop),
             name="bag-first-stage",
             daemon=True,
         )
