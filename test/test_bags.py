@@ -520,6 +520,26 @@ def test_a_truncated_bag_fails_in_the_worker_with_one_line(tmp_path, small_bags,
     assert multiprocessing.active_children() == []
 
 
+def test_a_script_without_the_main_guard_gets_one_line_saying_so(tmp_path, small_bags):
+    """The worker is spawned and imports the calling script again: without the guard it cannot start,
+    and the evaluation must end with a BagError that names the fix, not hang."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from facial_perception.bags.bag_io import BagError\n"
+        "from facial_perception.bags.evaluate_bag import evaluate_offline\n"
+        "try:\n"
+        f"    evaluate_offline({str(small_bags['mcap'])!r}, progress=False)\n"
+        "    print('evaluated')\n"
+        "except BagError as exc:\n"
+        "    print(f'BagError: {exc}')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    lines = proc.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("BagError: the first-stage worker process died"), proc.stdout
+    assert "if __name__ == '__main__':" in lines[-1] and "first_stage_process=False" in lines[-1]
+
+
 def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_bags):
     """The benchmark's figures are measured, so only their consistency is checked, never a speed."""
     import json

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from facial_perception.bags.bag_io import BagError
+
 #: Prepared frames waiting for the parent (each holds a few face crops: small).
 QUEUE_DEPTH = 4
 #: Seconds the parent waits for the worker's start (imports, detector, bag index) before giving up.
@@ -38,7 +40,7 @@ class FrameRef:
     frame_id: str
 
 
-class WorkerError(RuntimeError):
+class WorkerError(BagError):
     """The worker process failed outside any frame (start-up, or it died)."""
 
 
@@ -148,7 +150,11 @@ class FirstStageProcess:
                     except queue.Empty:
                         pass
                     code = self._worker.exitcode
-                    raise WorkerError(f"the first-stage worker process died (exit code {code})") from None
+                    raise WorkerError(
+                        f"the first-stage worker process died (exit code {code}); a script that evaluates "
+                        "bags offline needs `if __name__ == '__main__':` around its code (the worker is "
+                        "spawned and imports the script), or use first_stage_process=False"
+                    ) from None
                 if timeout is not None and waited >= timeout:
                     raise WorkerError(
                         f"the first-stage worker process did not start in {timeout:.0f} s"
