@@ -17,7 +17,10 @@ COMMON=(--workers 2 --image-cache "$RUNS/cache")
 set +u; . "${FP_VENV:-$REPO/.venv}/bin/ros_env.sh"; set -u
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
-[ -d "$RUNS/splits/utkface/val" ] || { echo "run scripts/train_default_models.sh first (validation splits)" >&2; exit 2; }
+# the validation splits: deterministic, the same files scripts/train_default_models.sh trains around (seconds)
+[ -d "$RUNS/splits/utkface/val" ] || "${FP[@]}" split --data "$DATA/utkface" --out "$RUNS/splits/utkface" --val-fraction 0.1 --seed 0
+[ -d "$RUNS/splits/lfw_identity/val" ] || "${FP[@]}" split --data "$DATA/lfw_identity" --out "$RUNS/splits/lfw_identity" \
+  --val-fraction 0.2 --by-person --seed 0
 
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task emotion --data "$DATA/ferplus/FER2013Valid" \
   --out-json "$OUT/emotion.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/emotion.md"
@@ -31,6 +34,7 @@ mkdir -p "$OUT"
 # few-shot: an identity column trained on 80 % of the 62 people, then 5 photos of each unseen person
 # enrolled and the rest of their photos identified (nearest enrolled mean, cosine)
 if [ ! -f "$FEWSHOT_MODEL" ]; then
+  mkdir -p "$(dirname "$FEWSHOT_MODEL")"
   "${FP[@]}" columns --checkpoint "$MODEL" --drop identity --out "$FEWSHOT_MODEL.base.safetensors" -q
   "${FP[@]}" train-task --checkpoint "$FEWSHOT_MODEL.base.safetensors" --task identity \
     --data "$RUNS/splits/lfw_identity/train" --holdout-people 0.2 --epochs 80 --lr 1e-3 --lr-patience 3 --patience 12 \
