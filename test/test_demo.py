@@ -39,9 +39,11 @@ def test_demo_frames_hold_detectable_real_faces(detector, photos):
 
 
 def test_demo_sequence_moves_between_frames():
-    sequence = make_sequence(320, 240, frames_per_scene=4)
-    assert len(sequence) == 16 and all(f.shape == (240, 320, 3) for f in sequence)
+    sequence = make_sequence(320, 240, frames_per_scene=4, gap_frames=2)
+    assert len(sequence) == 4 * (4 + 2) and all(f.shape == (240, 320, 3) for f in sequence)
     assert not np.array_equal(sequence[0], sequence[1])  # the scene drifts
+    # between scenes the room is empty (grey), so the next scene's faces start new tracks
+    assert all(not (f != 96).any() for f in sequence[4:6]) and (sequence[6] != 96).any()
 
 
 def test_compressed_topic_follows_image_transport_naming():

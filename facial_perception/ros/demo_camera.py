@@ -94,14 +94,24 @@ def make_frame(
     return frame
 
 
-def make_sequence(width: int = 640, height: int = 480, frames_per_scene: int = 20) -> list[np.ndarray]:
-    """The demo loop: one face, the other face, both, three (with an LFW face), each drifting slowly."""
+def make_sequence(
+    width: int = 640, height: int = 480, frames_per_scene: int = 20, gap_frames: int = 6
+) -> list[np.ndarray]:
+    """The demo loop: one face, the other face, both, three (with an LFW face), each drifting slowly.
+
+    Each scene is followed by ``gap_frames`` empty frames: people leave before others arrive.  The
+    tracker has no appearance model (docs/PIPELINE.md), so a face that replaced another in the same
+    place from one frame to the next would inherit its track id and, for a few frames, its smoothed
+    labels; with more empty frames than the node's ``track_max_missed`` (4) every scene starts with
+    new tracks.
+    """
     scenes: list[list[int]] = [[0], [1], [0, 1], [1, 2, 0]]
     sequence = []
     for scene in scenes:
         for i in range(frames_per_scene):
             drift = 12.0 * np.sin(2 * np.pi * i / max(frames_per_scene, 1))
             sequence.append(make_frame(scene, width, height, shift=drift))
+        sequence.extend(make_frame([], width, height) for _ in range(gap_frames))
     return sequence
 
 
