@@ -167,6 +167,14 @@ def _add_column_training(p: argparse.ArgumentParser, feature_cache: bool = True)
             action="store_true",
             help="run the frozen encoder every step (no feature cache)",
         )
+        p.add_argument(
+            "--augmented-views",
+            type=_non_negative_int,
+            default=0,
+            metavar="K",
+            help="also cache the encoder maps of K shifted/scaled/rotated copies of every training image "
+            "(K encoder passes once): columns that cope with off-centre faces (default 0)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,6 +381,7 @@ def cmd_train_task(args: argparse.Namespace) -> int:
             soft_targets=args.soft_labels,
             balance_by=args.balance_by,
             ema_decay=args.ema,
+            augmented_views=args.augmented_views,
             workers=args.workers if args.loader_workers else 0,
             checkpoint_path=out,
             **_schedule(args),

@@ -2,10 +2,17 @@
 
 With the encoder frozen, its output for a given image never changes, so recomputing it every
 epoch wastes most of the CPU time of column training. :func:`compute_features` runs the encoder
-once over an in-memory ``uint8`` image array (optionally also over the mirrored images, the
-one augmentation that stays cheap), stores the maps as float16 and :func:`cached_features` keeps
-them on disk keyed by a hash of the encoder weights and of the image bytes, so a second run (an
-ablation, a resumed job, another column on the same data) skips the encoder entirely.
+once over an in-memory ``uint8`` image array (optionally also over the mirrored images, and over
+``views`` randomly shifted, scaled, rotated and brightened copies of every image), stores the maps
+as float16 and :func:`cached_features` keeps them on disk keyed by a hash of the encoder weights
+and of the image bytes, so a second run (an ablation, a resumed job, another column on the same
+data) skips the encoder entirely.
+
+Why the augmented views: a column trained on the maps of perfectly aligned crops only learns to
+read the map of a perfectly aligned face; shifted by 2 pixels of 64, the shipped v5 gender columns
+changed their answer for 5-8 % of the UTKFace validation faces (docs/MODEL_CARD.md). A few cached
+views teach the columns the maps of faces that sit slightly off, as a live detector's crops do,
+for a few extra encoder passes once instead of one per step.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 from torch import nn
 
 from facial_perception.core.fileio import atomic_path
-from facial_perception.core.preprocess import normalise_tensor
+from facial_perception.core.preprocess import Augment, normalise_tensor
 
 FORMAT_VERSION = 1
 # Never let the cache take more than this share of the memory that is available right now.
@@ -33,10 +40,12 @@ class FeatureCacheError(RuntimeError):
 
 @dataclass
 class FeatureSet:
-    """Encoder feature maps of a dataset (float16, CPU), and optionally of its mirror images."""
+    """Encoder feature maps of a dataset (float16, CPU), optionally of its mirror images and of
+    ``V`` augmented copies of every image (``views``: ``(V, N, C, H, W)``)."""
 
     features: torch.Tensor
     flipped: torch.Tensor | None = None
+    views: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -45,17 +54,28 @@ class FeatureSet:
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.features.shape[1:])
 
-    def nbytes(self) -> int:
-        total = self.features.numel() * self.features.element_size()
-        if self.flipped is not None:
-            total += self.flipped.numel() * self.flipped.element_size()
-        return total
+    @property
+    def num_views(self) -> int:
+        """How many augmented copies of each image are cached (0 = none)."""
+        return 0 if self.views is None else int(self.views.shape[0])
 
-    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 maps for ``indices``; where ``flip`` is true, the mirrored image's maps."""
+    def nbytes(self) -> int:
+        parts = (self.features, self.flipped, self.views)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def batch(
+        self, indices: torch.Tensor, flip: torch.Tensor | None = None, view: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 maps for ``indices``; where ``flip`` is true, the mirrored image's maps; where
+        ``view`` (one int per index) is ``k >= 0``, the maps of augmented copy ``k`` (over ``flip``)."""
         out = self.features[indices]
         if flip is not None and self.flipped is not None and bool(flip.any()):
             out = torch.where(flip.view(-1, *([1] * (out.ndim - 1))), self.flipped[indices], out)
+        if view is not None and self.views is not None:
+            chosen = torch.nonzero(view >= 0).flatten()
+            if chosen.numel():
+                out = out.clone()
+                out[chosen] = self.views[view[chosen], indices[chosen]]
         return out.float()
 
 
@@ -119,13 +139,13 @@ def check_memory(nbytes: int, limit: int | None = None) -> None:
         )
 
 
-def feature_bytes(encoder: nn.Module, count: int, flip: bool) -> int:
+def feature_bytes(encoder: nn.Module, count: int, flip: bool, views: int = 0) -> int:
     """Size in bytes of the float16 cache of ``count`` images."""
     shape = getattr(encoder, "feature_shape", None)
     if shape is None:
         raise FeatureCacheError("the encoder does not report its feature_shape")
     per_image = int(np.prod(shape)) * 2
-    return per_image * count * (2 if flip else 1)
+    return per_image * count * ((2 if flip else 1) + views)
 
 
 @torch.inference_mode()
@@ -138,17 +158,28 @@ def compute_features(
     progress: bool = True,
     memory_limit: int | None = None,
     desc: str = "encoder features",
+    views: int = 0,
+    view_seed: int = 0,
 ) -> FeatureSet:
-    """Run ``encoder.forward_features`` over all images once (in eval mode, restored afterwards)."""
+    """Run ``encoder.forward_features`` over all images once (in eval mode, restored afterwards).
+
+    ``views``: also over that many augmented copies of every image (:class:`preprocess.Augment`
+    with its defaults; copy ``k`` draws from a CPU generator seeded with ``view_seed + k``, so the
+    same images give the same copies on any device).
+    """
+    if views < 0:
+        raise FeatureCacheError(f"views must be >= 0, got {views}")
     tensor = images_to_tensor(images)
     count = tensor.shape[0]
-    check_memory(feature_bytes(encoder, count, flip), memory_limit)
+    check_memory(feature_bytes(encoder, count, flip, views), memory_limit)
     c, h, w = encoder.feature_shape
     features = torch.empty((count, c, h, w), dtype=torch.float16)
     flipped = torch.empty_like(features) if flip else None
+    copies = torch.empty((views, count, c, h, w), dtype=torch.float16) if views else None
+    augment = Augment().train()
     was_training = encoder.training
     encoder.eval()
-    bar = _progress(total=count * (2 if flip else 1), desc=desc, enabled=progress)
+    bar = _progress(total=count * ((2 if flip else 1) + views), desc=desc, enabled=progress)
     try:
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
@@ -160,17 +191,25 @@ def compute_features(
                     "cpu", torch.float16
                 )
                 bar.update(stop - start)
+        for k in range(views):
+            generator = torch.Generator().manual_seed(view_seed + k)
+            for start in range(0, count, batch_size):
+                stop = min(start + batch_size, count)
+                x = augment(normalise_tensor(tensor[start:stop]), generator=generator).to(device)
+                copies[k, start:stop] = encoder.forward_features(x).to("cpu", torch.float16)
+                bar.update(stop - start)
     finally:
         bar.close()
         encoder.train(was_training)
-    return FeatureSet(features, flipped)
+    return FeatureSet(features, flipped, copies)
 
 
-def cache_key(encoder: nn.Module, images: np.ndarray | torch.Tensor, flip: bool) -> str:
-    """File stem that changes whenever the encoder weights or the images change."""
+def cache_key(encoder: nn.Module, images: np.ndarray | torch.Tensor, flip: bool, views: int = 0) -> str:
+    """File stem that changes whenever the encoder weights, the images or the cached copies change."""
     return (
         f"features-v{FORMAT_VERSION}-{encoder_fingerprint(encoder)[:20]}-{data_fingerprint(images)[:20]}"
         + ("-flip" if flip else "")
+        + (f"-views{views}" if views else "")
     )
 
 
@@ -184,6 +223,7 @@ def cached_features(
     progress: bool = True,
     memory_limit: int | None = None,
     write: bool = True,
+    views: int = 0,
 ) -> FeatureSet:
     """:func:`compute_features` with an on-disk cache (``safetensors``) in ``cache_dir``.
 
@@ -193,24 +233,31 @@ def cached_features(
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
+    def compute() -> FeatureSet:
+        return compute_features(
+            encoder, images, flip, batch_size, device, progress, memory_limit, views=views
+        )
+
     if cache_dir is None:
-        return compute_features(encoder, images, flip, batch_size, device, progress, memory_limit)
+        return compute()
     folder = Path(cache_dir)
-    path = folder / (cache_key(encoder, images, flip) + ".safetensors")
+    path = folder / (cache_key(encoder, images, flip, views) + ".safetensors")
     if path.is_file():
         check_memory(path.stat().st_size, memory_limit)
         try:
             tensors = load_file(str(path))
-            return FeatureSet(tensors["features"], tensors.get("flipped"))
+            return FeatureSet(tensors["features"], tensors.get("flipped"), tensors.get("views"))
         except (SafetensorError, OSError, KeyError, RuntimeError):
             if not write:
                 raise FeatureCacheError(f"feature cache file {path} is unreadable") from None
-    result = compute_features(encoder, images, flip, batch_size, device, progress, memory_limit)
+    result = compute()
     if write:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"features": result.features.contiguous()}
         if result.flipped is not None:
             tensors["flipped"] = result.flipped.contiguous()
+        if result.views is not None:
+            tensors["views"] = result.views.contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
     return result

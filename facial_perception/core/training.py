@@ -491,10 +491,15 @@ class _Inputs:
         y = self.labels[idx].to(self.device)
         soft = self.soft[idx].to(self.device) if (self.soft is not None and train) else None
         if self.features is not None:
-            flip = None
+            flip = view = None
             if train and self.features.flipped is not None:
                 flip = torch.rand(idx.shape[0], generator=generator) < 0.5
-            return self.features.batch(idx, flip).to(self.device), y, soft
+            if train and self.features.num_views:
+                # each sample: its own maps (or the mirror's) or one of the augmented copies, equally likely
+                plain = 2 if self.features.flipped is not None else 1
+                choices = plain + self.features.num_views
+                view = torch.randint(0, choices, (idx.shape[0],), generator=generator) - plain
+            return self.features.batch(idx, flip, view).to(self.device), y, soft
         x = normalise_tensor(self.images[idx].unsqueeze(1).to(self.device))
         if train and self.augment is not None:
             x = self.augment(x, generator=generator)
@@ -566,6 +571,7 @@ def train_column(
     balance_by: Sequence[str] = (),
     weight_decay: float = 0.0,
     ema_decay: float | None = None,
+    augmented_views: int = 0,
     device: str | torch.device = "auto",
     seed: int = 0,
     resume: bool = True,
@@ -586,6 +592,10 @@ def train_column(
       the mirrored images when ``augment``; random flips then cost nothing) and cached in
       ``cache_dir`` (default ``out_dir/feature_cache``). Otherwise images pass the encoder every
       step, with :class:`preprocess.Augment` when ``augment``.
+    - ``augmented_views`` (feature cache only): the cache also holds that many augmented copies of
+      every training image (shifted, scaled, rotated, brightened, flipped: :class:`preprocess.Augment`);
+      each training sample is then its own maps, its mirror's or one of the copies, equally likely. The
+      columns learn off-centre faces for ``augmented_views`` encoder passes once.
     - Validation loss drives ``ReduceLROnPlateau`` (factor ``lr_factor`` after ``patience_lr``
       epochs without improvement, floor ``min_lr``); validation accuracy drives early stopping
       (``early_stopping`` epochs without a new best) and the best weights that are restored.
@@ -626,6 +636,13 @@ def train_column(
         raise TrainingError(f"the EMA decay must be in (0, 1), not {ema_decay}")
     if ema_decay is not None and train_encoder:
         raise TrainingError("weight averaging (EMA) needs a frozen encoder (no train_encoder)")
+    if augmented_views < 0:
+        raise TrainingError(f"augmented_views must be >= 0, not {augmented_views}")
+    if augmented_views and (train_encoder or not use_feature_cache or not augment):
+        raise TrainingError(
+            "augmented views are cached encoder maps: they need the feature cache, a frozen encoder and "
+            "augmentation on (without the cache every step is augmented anyway)"
+        )
     if soft_targets and (train.soft_labels is None or train.soft_labels.shape[1] != len(spec.labels)):
         raise TrainingError(f"soft targets need label distributions with {len(spec.labels)} columns")
     sample_weights = group_balance_weights(train, balance_by) if balance_by else None
@@ -651,6 +668,7 @@ def train_column(
                     dev,
                     progress,
                     write=ctx.is_main,
+                    views=augmented_views,
                 )
                 val_feats = cached_features(
                     model.encoder,
@@ -827,7 +845,7 @@ def train_column(
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience_lr": patience_lr,
             "early_stopping": early_stopping, "train_encoder": bool(train_encoder), "augment": bool(augment),
             "soft_targets": bool(soft_targets), "balance_by": list(balance_by), "seed": seed,
-            "ema_decay": ema_decay,
+            "ema_decay": ema_decay, "augmented_views": augmented_views,
             "world_size": ctx.world_size,
             "train_samples": len(train), "val_samples": len(val),
         })  # fmt: skip
