@@ -220,6 +220,8 @@ def test_evaluate_prints_and_writes_json_with_subgroups(data, gender_model, caps
             str(out_json),
             "--plots",
             str(plots),
+            "--shift-test",
+            "2",
             "--device",
             "cpu",
             "-q",
@@ -228,11 +230,20 @@ def test_evaluate_prints_and_writes_json_with_subgroups(data, gender_model, caps
     assert code == 0
     text = capsys.readouterr().out
     assert "accuracy" in text and "race \\ gender" in text and "Largest gap" in text
+    assert "faces shifted 2 px right / left / down / up" in text
+    assert "label unchanged by every 2 px shift" in text
     report = json.loads(out_json.read_text())
     assert report["num_samples"] == 30 and set(report["per_class_recall"]) == {"male", "female"}
     assert [s["attributes"] for s in report["subgroups"]] == [["race", "gender"], ["race"], ["gender"]]
     assert sum(r["count"] for r in report["subgroups"][0]["rows"]) == 30
     assert {p.name for p in plots.glob("*.png")} >= {"gender_confusion.png", "gender_reliability.png"}
+    shift = report["shift"]
+    assert shift["pixels"] == 2 and set(shift["accuracy"]) == {"right", "left", "down", "up"}
+    assert all(0.0 <= a <= 1.0 for a in shift["accuracy"].values()) and 0.0 <= shift["unchanged"] <= 1.0
+    # a shift of half the face or more is refused with one line
+    bad = ["evaluate", "--checkpoint", str(gender_model), "--task", "gender", "--data", str(data["utkface"])]
+    assert main([*bad, "--shift-test", "32", "--device", "cpu", "-q"]) == 2
+    assert "the shift must be 1..31 pixels, got 32" in _one_line_error(capsys)
 
 
 def test_ablation_laterals_with_two_runs(data, encoder, capsys):

@@ -171,3 +171,15 @@ def test_gap_interval_holds_the_gap_and_shrinks_with_more_faces():
     assert rows.gap_ci is not None and rows.gap_ci[0] <= rows.largest_gap <= rows.gap_ci[1]
     assert "95% bootstrap interval" in rows.to_markdown()
     assert all(r.ci_low <= r.accuracy <= r.ci_high for r in rows.rows)
+
+
+def test_shift_images_moves_content_and_replicates_the_edge():
+    from facial_perception.core.evaluation import shift_images
+
+    faces = np.arange(2 * 5 * 5, dtype=np.uint8).reshape(2, 5, 5)
+    right = shift_images(faces, 2, 0)
+    assert np.array_equal(right[:, :, 2:], faces[:, :, :3])  # content moved 2 px right
+    assert np.array_equal(right[:, :, 0], faces[:, :, 0]) and np.array_equal(right[:, :, 1], faces[:, :, 0])
+    up = shift_images(faces, 0, -1)
+    assert np.array_equal(up[:, :4], faces[:, 1:]) and np.array_equal(up[:, 4], faces[:, 4])
+    assert np.array_equal(shift_images(faces, 0, 0), faces) and right.flags.c_contiguous

@@ -531,6 +531,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         image_cache=args.image_cache,
         min_group_count=args.min_group,
+        shift_pixels=args.shift_test,
         progress=not args.quiet,
     )
     print(report.to_markdown(), end="")
@@ -940,6 +941,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plots", metavar="DIR", help="write confusion / reliability / subgroup PNGs here")
+    p.add_argument(
+        "--shift-test",
+        type=_non_negative_int,
+        default=0,
+        metavar="PX",
+        help="also shift every face PX pixels (at the model's input size) right, left, down and up: "
+        "accuracy of each, and the share of faces whose label no shift changes (default 0 = off)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=128)
     _add_runtime(p)
     p.set_defaults(func=cmd_evaluate)

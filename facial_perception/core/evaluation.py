@@ -387,10 +387,12 @@ class EvaluationReport:
     subgroups: list[SubgroupTable] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     accuracy_ci: tuple[float, float] | None = None  # 95 % Wilson interval
+    shift: ShiftRobustness | None = None  # the same faces shifted by a few pixels (evaluate --shift-test)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k not in ("calibration", "subgroups")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("calibration", "subgroups", "shift")}
         data["calibration"] = self.calibration.to_dict() if self.calibration else None
+        data["shift"] = asdict(self.shift) if self.shift else None
         data["subgroups"] = [s.to_dict() for s in self.subgroups]
         return jsonable(data)
 
@@ -418,6 +420,13 @@ class EvaluationReport:
         if self.calibration is not None:
             lines.append(f"| ECE ({len(self.calibration.bin_count)} bins) | {self.calibration.ece:.3f} |")
             lines.append(f"| mean confidence | {_pct(self.calibration.mean_confidence)} |")
+        if self.shift is not None:
+            px, shifted = self.shift.pixels, self.shift.accuracy
+            lines.append(
+                f"| accuracy, faces shifted {px} px right / left / down / up | "
+                + " / ".join(_pct(shifted[k]) for k in SHIFT_DIRECTIONS) + " |"
+            )
+            lines.append(f"| label unchanged by every {px} px shift | {_pct(self.shift.unchanged)} |")
         lines += ["", "| class | recall | n |", "|---|---|---|"]
         for name in self.labels:
             recall = _pct(self.per_class_recall.get(name))
@@ -425,6 +434,55 @@ class EvaluationReport:
         for table in self.subgroups:
             lines += ["", f"#### accuracy per {' x '.join(table.attributes)}", "", table.to_markdown()]
         return "\n".join(lines) + "\n"
+
+
+#: The four shifts of ``evaluate --shift-test``: (dx, dy) per pixel of shift.
+SHIFT_DIRECTIONS: dict[str, tuple[int, int]] = {
+    "right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)
+}
+
+
+@dataclass
+class ShiftRobustness:
+    """How much a task's answers depend on where exactly the face sits in the crop.
+
+    A live detector's crops never align faces exactly as the dataset's crops do: the same faces
+    shifted by ``pixels`` (at the model's input size, borders replicated) in each direction, the
+    accuracy of each shift, and the share of faces whose label is the same in all five versions.
+    """
+
+    pixels: int
+    accuracy: dict[str, float]
+    unchanged: float
+
+
+def shift_images(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """uint8 faces (N, S, S) moved by (dx, dy) pixels (content moves right/down for positive values),
+    the uncovered border filled by replicating the edge row/column."""
+    h, w = images.shape[-2:]
+    pad = max(abs(dx), abs(dy))
+    if pad == 0:
+        return images.copy()
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    return np.ascontiguousarray(padded[:, pad - dy : pad - dy + h, pad - dx : pad - dx + w])
+
+
+def shift_robustness(
+    model: Any, task: str, images: np.ndarray, labels: np.ndarray, pixels: int, base_probs: np.ndarray,
+    device: Any = "cpu", batch_size: int = 128, progress: bool = False,
+) -> ShiftRobustness:
+    """:class:`ShiftRobustness` of ``task`` on ``images`` (``base_probs``: the unshifted answers)."""
+    if pixels < 1 or pixels >= images.shape[-1] // 2:
+        raise EvaluationError(f"the shift must be 1..{images.shape[-1] // 2 - 1} pixels, got {pixels}")
+    base = base_probs.argmax(axis=1)
+    unchanged = np.ones(len(base), dtype=bool)
+    accuracy: dict[str, float] = {}
+    for name, (dx, dy) in SHIFT_DIRECTIONS.items():
+        moved = shift_images(images, dx * pixels, dy * pixels)
+        pred = predict_probabilities(model, task, moved, device, batch_size, progress).argmax(axis=1)
+        accuracy[name] = float((pred == labels).mean())
+        unchanged &= pred == base
+    return ShiftRobustness(int(pixels), accuracy, float(unchanged.mean()))  # fmt: skip
 
 
 def evaluate_predictions(
@@ -553,6 +611,7 @@ def evaluate_checkpoint(
     ordinal: bool | None = None,
     n_bins: int = 15,
     min_group_count: int = 1,
+    shift_pixels: int = 0,
     progress: bool = True,
 ) -> EvaluationReport:
     """Evaluate one task of a checkpoint on a dataset folder; optionally write JSON and PNGs.
@@ -561,7 +620,7 @@ def evaluate_checkpoint(
     know is an error). ``subgroups="auto"`` reports race x gender, race and gender when the
     dataset carries those attributes (UTKFace); ``"race,gender"`` asks for them explicitly;
     ``None`` skips subgroup tables. ``ordinal`` (default: tasks named ``age*``) adds
-    within-one-group accuracy.
+    within-one-group accuracy. ``shift_pixels`` > 0 adds :class:`ShiftRobustness` (four more passes).
     """
     from facial_perception.core.checkpoint import load_model
     from facial_perception.core.datasets import load_images
@@ -619,6 +678,10 @@ def evaluate_checkpoint(
             "training": (meta.get("training") or {}).get(task) if isinstance(meta, Mapping) else None,
         },
     )
+    if shift_pixels:
+        report.shift = shift_robustness(
+            model, task, images, labels, shift_pixels, probs, dev, batch_size, progress
+        )
     if out_json is not None:
         report.to_json(out_json)
     if plots_dir is not None:
