@@ -204,6 +204,21 @@ def test_train_task_then_a_lateral_column(data, gender_model):
     assert set(meta2["training"]) == {"gender", "age"}  # earlier columns keep their metadata
 
 
+def test_train_task_shares_a_feature_cache_with_augmented_views(data, encoder, capsys):
+    shared = data["tmp"] / "shared_features"
+    runs = []
+    args = ["train-task", "--checkpoint", str(encoder), "--task", "gender", "--data", str(data["utkface"])]
+    for seed in ("1", "2"):  # two ensemble members: the second reads the maps the first computed
+        out = data["tmp"] / f"views_s{seed}.safetensors"
+        assert main([*args, "--feature-cache", str(shared), "--augmented-views", "1", "--seed", seed,
+                     *_one_epoch_into(out)]) == 0  # fmt: skip
+        runs.append({p.name: p.stat().st_mtime_ns for p in shared.glob("*.safetensors")})
+        assert load_model(out)[1]["training"]["gender"]["augmented_views"] == 1
+    assert runs[0] == runs[1] and any("views1" in name for name in runs[0])  # computed once, then read
+    assert main([*args, "--augmented-views", "1", "--no-feature-cache", *_one_epoch_into(out)]) == 2
+    assert "augmented views are cached encoder maps" in _one_line_error(capsys)
+
+
 def test_evaluate_prints_and_writes_json_with_subgroups(data, gender_model, capsys):
     out_json = data["tmp"] / "eval.json"
     plots = data["tmp"] / "plots"

@@ -168,6 +168,12 @@ def _add_column_training(p: argparse.ArgumentParser, feature_cache: bool = True)
             help="run the frozen encoder every step (no feature cache)",
         )
         p.add_argument(
+            "--feature-cache",
+            metavar="DIR",
+            help="keep the frozen encoder's maps here (default: WORK_DIR/feature_cache): columns trained "
+            "on the same encoder and images (ensemble members, other seeds) then compute them once",
+        )
+        p.add_argument(
             "--augmented-views",
             type=_non_negative_int,
             default=0,
@@ -382,6 +388,7 @@ def cmd_train_task(args: argparse.Namespace) -> int:
             balance_by=args.balance_by,
             ema_decay=args.ema,
             augmented_views=args.augmented_views,
+            cache_dir=args.feature_cache,
             workers=args.workers if args.loader_workers else 0,
             checkpoint_path=out,
             **_schedule(args),
@@ -578,7 +585,15 @@ def cmd_ablation(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         tasks.append(ablation.task_data_from_split(name, train, val))
-    kwargs = {**_schedule(args, one_run=False), "use_feature_cache": not args.no_feature_cache}
+    kwargs = {
+        **_schedule(args, one_run=False),
+        "use_feature_cache": not args.no_feature_cache,
+        "augmented_views": args.augmented_views,
+    }
+    if args.feature_cache:
+        kwargs["cache_dir"] = args.feature_cache
+    if args.experiment == "encoder" and args.augmented_views:
+        raise CLIError("--augmented-views needs a frozen encoder; the encoder ablation also re-trains it")
     if args.experiment == "encoder":
         result = ablation.frozen_vs_retrained(model, tasks, args.out, args.runs, args.seed, **kwargs)
     elif args.experiment == "laterals":
