@@ -4,7 +4,8 @@
 # `facial-perception evaluate` / `fewshot` commands. Writes JSON + PNG to docs/model_card/.
 #
 # env: DATA (../shared/datasets), RUNS (./runs), MODEL (the shipped default), FEWSHOT_MODEL (identity column
-#      trained without 20 % of the people; made here when missing), OUT (docs/model_card)
+#      trained without 20 % of the people; made here when missing), OUT (docs/model_card), SHIFT_PX (4),
+#      COLUMN_VIEWS (0: augmented views of the few-shot column, as scripts/train_default_models.sh)
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA=$(realpath "${DATA:-$REPO/../shared/datasets}")
@@ -14,6 +15,8 @@ FEWSHOT_MODEL=${FEWSHOT_MODEL:-$RUNS/default/fewshot_identity.safetensors}
 OUT=${OUT:-$REPO/docs/model_card}
 FP=(python -m facial_perception.core.cli)
 COMMON=(--workers 2 --image-cache "$RUNS/cache")
+# every task also on its faces shifted 4 px (of 64) each way: how much a label depends on the crop's alignment
+SHIFT=(--shift-test "${SHIFT_PX:-4}")
 set +u; . "${FP_VENV:-$REPO/.venv}/bin/ros_env.sh"; set -u
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
@@ -23,13 +26,13 @@ mkdir -p "$OUT"
   --val-fraction 0.2 --by-person --seed 0
 
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task emotion --data "$DATA/ferplus/FER2013Valid" \
-  --out-json "$OUT/emotion.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/emotion.md"
+  --out-json "$OUT/emotion.json" --plots "$OUT" "${SHIFT[@]}" "${COMMON[@]}" -q | tee "$OUT/emotion.md"
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task gender --target gender --data "$RUNS/splits/utkface/val" \
-  --subgroups race,gender --out-json "$OUT/gender.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/gender.md"
+  --subgroups race,gender --out-json "$OUT/gender.json" --plots "$OUT" "${SHIFT[@]}" "${COMMON[@]}" -q | tee "$OUT/gender.md"
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task age --target age8 --data "$RUNS/splits/utkface/val" \
-  --subgroups race,gender --out-json "$OUT/age.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/age.md"
+  --subgroups race,gender --out-json "$OUT/age.json" --plots "$OUT" "${SHIFT[@]}" "${COMMON[@]}" -q | tee "$OUT/age.md"
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task identity --data "$RUNS/splits/lfw_identity/val" \
-  --out-json "$OUT/identity.json" --plots "$OUT" "${COMMON[@]}" -q | tee "$OUT/identity.md"
+  --out-json "$OUT/identity.json" --plots "$OUT" "${SHIFT[@]}" "${COMMON[@]}" -q | tee "$OUT/identity.md"
 
 # few-shot: an identity column trained on 80 % of the 62 people, then 5 photos of each unseen person
 # enrolled and the rest of their photos identified (nearest enrolled mean, cosine)
@@ -38,6 +41,7 @@ if [ ! -f "$FEWSHOT_MODEL" ]; then
   "${FP[@]}" columns --checkpoint "$MODEL" --drop identity --out "$FEWSHOT_MODEL.base.safetensors" -q
   "${FP[@]}" train-task --checkpoint "$FEWSHOT_MODEL.base.safetensors" --task identity \
     --data "$RUNS/splits/lfw_identity/train" --holdout-people 0.2 --epochs 80 --lr 1e-3 --lr-patience 3 --patience 12 \
+    --augmented-views "${COLUMN_VIEWS:-0}" \
     --out "$FEWSHOT_MODEL" --work-dir "$RUNS/default/fewshot_identity" --seed "${COLUMN_SEED:-2}" "${COMMON[@]}" -q
 fi
 "${FP[@]}" fewshot --checkpoint "$FEWSHOT_MODEL" --data "$RUNS/splits/lfw_identity/train" --holdout-fraction 0.2 \
