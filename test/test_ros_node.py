@@ -265,7 +265,8 @@ def test_image_in_faces_out_with_header_and_lifecycle(harness, tmp_path):
 def test_malformed_images_never_stop_the_node(harness, tmp_path):
     # also the two-thread path (encoder_stage false: the whole model in one thread); bad frames fail
     # in the first stage, before any hand-over, whatever the number of stages
-    node = NodeUnderTest(harness, tmp_path, encoder_stage=False)
+    # "checkpoint" is no parameter of the node (model_path is): a warning names it, the node runs on
+    node = NodeUnderTest(harness, tmp_path, encoder_stage=False, checkpoint="/nowhere.safetensors")
     try:
         node.up()
         harness.wait_for_subscriber(harness.raw_pub)
@@ -326,6 +327,7 @@ def test_malformed_images_never_stop_the_node(harness, tmp_path):
         assert result.header.frame_id == "after_fuzz" and len(result.faces) == 2
         assert all(f.header.frame_id != "bad" for f in harness.faces)
         assert "skipping bad frame" in node.log_text()
+        assert "ignoring unknown parameter(s) checkpoint: this node has no such parameter" in node.log_text()
     finally:
         node.stop()
 

@@ -363,6 +363,7 @@ class PerceptionNode(LifecycleNode):
         super().__init__(NODE_NAME, **kwargs)
         for param in PARAMETERS:
             self.declare_parameter(param.name, param.default, _descriptor(param))
+        self._warn_unknown_overrides()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._configured = False
         self._service_group = MutuallyExclusiveCallbackGroup()  # quick services
@@ -396,6 +397,24 @@ class PerceptionNode(LifecycleNode):
         self._last_process = 0.0
 
     # ---------------------------------------------------------------------------------- parameters
+    def _warn_unknown_overrides(self) -> None:
+        """One warning for ``-p`` / params-file values that name no parameter of this node.
+
+        rclpy keeps such overrides silently, so a typo (``checkpoint`` for ``model_path``) would run the
+        node with the default. ``qos_overrides.*`` are declared later, with the publishers.
+        """
+        overrides = getattr(self, "_parameter_overrides", {})  # rclpy's; no public accessor
+        unknown = sorted(
+            name
+            for name in overrides
+            if not self.has_parameter(name) and not name.startswith("qos_overrides.")
+        )
+        if unknown:
+            self.get_logger().warning(
+                f"ignoring unknown parameter(s) {', '.join(unknown)}: this node has no such parameter "
+                f"(its parameters: ros2 param list /{NODE_NAME}; docs/ROS_NODE.md)"
+            )
+
     def _p(self, name: str) -> Any:
         return self.get_parameter(name).value
 
