@@ -20,10 +20,8 @@ SHIFT=(--shift-test "${SHIFT_PX:-4}")
 set +u; . "${FP_VENV:-$REPO/.venv}/bin/ros_env.sh"; set -u
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
-# the validation splits: deterministic, the same files scripts/train_default_models.sh trains around (seconds)
-[ -d "$RUNS/splits/utkface/val" ] || "${FP[@]}" split --data "$DATA/utkface" --out "$RUNS/splits/utkface" --val-fraction 0.1 --seed 0
-[ -d "$RUNS/splits/lfw_identity/val" ] || "${FP[@]}" split --data "$DATA/lfw_identity" --out "$RUNS/splits/lfw_identity" \
-  --val-fraction 0.2 --by-person --seed 0
+# the validation splits the training script trained around (made here when missing, in seconds)
+. "$REPO/scripts/make_splits.sh"
 
 "${FP[@]}" evaluate --checkpoint "$MODEL" --task emotion --data "$DATA/ferplus/FER2013Valid" \
   --out-json "$OUT/emotion.json" --plots "$OUT" "${SHIFT[@]}" "${COMMON[@]}" -q | tee "$OUT/emotion.md"

@@ -61,9 +61,7 @@ mark_done() { touch "$OUT/.done_$1"; }
 
 # 0. deterministic validation splits carved out of the training data (FER+ has its own: FER2013Valid)
 step "splits"
-[ -d "$RUNS/splits/utkface/val" ] || "${FP[@]}" split --data "$DATA/utkface" --out "$RUNS/splits/utkface" --val-fraction 0.1 --seed 0
-[ -d "$RUNS/splits/lfw_identity/val" ] || "${FP[@]}" split --data "$DATA/lfw_identity" --out "$RUNS/splits/lfw_identity" \
-  --val-fraction 0.2 --by-person --seed 0
+. "$REPO/scripts/make_splits.sh"
 
 # 1. the facial encoder, unsupervised (BEGAN), on unlabeled faces of all three sources (training parts only)
 step "BEGAN encoder ($BEGAN_STEPS steps)"
