@@ -551,6 +551,11 @@ def test_user_mistakes_exit_2_with_one_line(data, gender_model, capsys, tmp_path
         main(["train-encoder", "--data", "x", "--out", "y", "--steps", "0"])
     assert exc.value.code == 2
     assert "positive integer" in _one_line_error(capsys)
+    ablation = ["ablation", "encoder", "--checkpoint", str(gender_model)]
+    ablation += ["--data", f"gender={data['utkface']}"]
+    assert main([*ablation, "--augmented-views", "1", "--out", str(tmp_path / "abl"), *TINY]) == 2
+    assert "--augmented-views needs a frozen encoder" in _one_line_error(capsys)
+    assert not (tmp_path / "abl").exists()
 
 
 def test_module_entry_point_error_has_no_traceback(tmp_path):

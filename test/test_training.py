@@ -177,6 +177,13 @@ def test_augmented_views_are_the_encoder_maps_of_augmented_copies(task_data, tmp
     assert torch.equal(again.views, feats.views)
     plain = cached_features(model.encoder, train.images, cache, flip=True, progress=False)
     assert plain.num_views == 0 and len(list(cache.glob("*.safetensors"))) == 2
+    # an entry that lost its views (an old or foreign file under the views name) is computed again
+    from safetensors.torch import save_file
+
+    views_file = next(p for p in cache.glob("*.safetensors") if "views2" in p.name)
+    save_file({"features": feats.features, "flipped": feats.flipped}, str(views_file))
+    again = cached_features(model.encoder, train.images, cache, flip=True, progress=False, views=2)
+    assert again.num_views == 2 and torch.equal(again.views, feats.views)
     # batch(): view k >= 0 picks copy k of that image, -1 keeps its own (or mirrored) maps
     idx = torch.tensor([3, 5, 7])
     got = feats.batch(idx, torch.tensor([True, False, False]), torch.tensor([-1, 0, 1]))

@@ -567,6 +567,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     from facial_perception.core import ablation
     from facial_perception.core.training import load_task_split
 
+    if args.experiment == "encoder" and args.augmented_views:
+        raise CLIError("--augmented-views needs a frozen encoder; the encoder ablation also re-trains it")
     specs = _parse_task_data(args.data)
     model = _load_base(args)
     size = model.config.input_size
@@ -592,8 +594,6 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     }
     if args.feature_cache:
         kwargs["cache_dir"] = args.feature_cache
-    if args.experiment == "encoder" and args.augmented_views:
-        raise CLIError("--augmented-views needs a frozen encoder; the encoder ablation also re-trains it")
     if args.experiment == "encoder":
         result = ablation.frozen_vs_retrained(model, tasks, args.out, args.runs, args.seed, **kwargs)
     elif args.experiment == "laterals":

@@ -8,11 +8,10 @@ as float16 and :func:`cached_features` keeps them on disk keyed by a hash of the
 and of the image bytes, so a second run (an ablation, a resumed job, another column on the same
 data) skips the encoder entirely.
 
-Why the augmented views: a column trained on the maps of perfectly aligned crops only learns to
-read the map of a perfectly aligned face; shifted by 2 pixels of 64, the shipped v5 gender columns
-changed their answer for 5-8 % of the UTKFace validation faces (docs/MODEL_CARD.md). A few cached
-views teach the columns the maps of faces that sit slightly off, as a live detector's crops do,
-for a few extra encoder passes once instead of one per step.
+Why the augmented views: a column trained on the maps of aligned crops only learns to read the map
+of an aligned face; shifted by 4 pixels of 64, 16 % of the shipped v5 gender labels change
+(``evaluate --shift-test 4``, docs/MODEL_CARD.md). Columns that also see the maps of a few cached
+augmented copies change half as many, for a few extra encoder passes once instead of one per step.
 """
 
 from __future__ import annotations
@@ -246,7 +245,10 @@ def cached_features(
         check_memory(path.stat().st_size, memory_limit)
         try:
             tensors = load_file(str(path))
-            return FeatureSet(tensors["features"], tensors.get("flipped"), tensors.get("views"))
+            loaded = FeatureSet(tensors["features"], tensors.get("flipped"), tensors.get("views"))
+            if loaded.num_views != views or (loaded.flipped is None) == flip:
+                raise KeyError("the entry does not hold what its name says")  # recomputed below
+            return loaded
         except (SafetensorError, OSError, KeyError, RuntimeError):
             if not write:
                 raise FeatureCacheError(f"feature cache file {path} is unreadable") from None
