@@ -29,16 +29,16 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
 . "$REPO/scripts/make_splits.sh"
 
-baseline() {  # task target epochs train val [train-task options...]
-  local task=$1 target=$2 epochs=$3 train=$4 val=$5; shift 5
+baseline() {  # task target(- = the dataset's only label) epochs train val
+  local task=$1 target=$2 epochs=$3 train=$4 val=$5
   [ -f "$OUT/$task.json" ] && { echo "$task: done ($OUT/$task.json)"; return; }
   printf '\n=== %s  baseline %s (%s epochs)\n' "$(date -u +%H:%M:%S)" "$task" "$epochs"
-  local start=$SECONDS
-  "${FP[@]}" train-task --config "$CONFIG" --train-encoder --task "$task" --data "$train" --val-data "$val" \
-    --epochs "$epochs" --lr 1e-3 --lr-patience 3 --patience 8 --out "$OUT/$task.safetensors" \
-    --work-dir "$OUT/$task" "${COMMON[@]}" -q "$@"
+  local start=$SECONDS tgt=()
+  [ "$target" = - ] || tgt=(--target "$target")
+  "${FP[@]}" train-task --config "$CONFIG" --train-encoder --task "$task" "${tgt[@]}" --data "$train" \
+    --val-data "$val" --epochs "$epochs" --lr 1e-3 --lr-patience 3 --patience 8 --out "$OUT/$task.safetensors" \
+    --work-dir "$OUT/$task" "${COMMON[@]}" -q
   echo "$task: trained in $(( (SECONDS - start) / 60 )) min (this run)"
-  local tgt=(); [ "$target" = - ] || tgt=(--target "$target")
   "${FP[@]}" evaluate --checkpoint "$OUT/$task.safetensors" --task "$task" "${tgt[@]}" --data "$val" \
     --image-cache "$RUNS/cache" --out-json "$OUT/$task.json" -q > "$OUT/$task.md"
   grep -E '^\| accuracy|Largest gap \(race\)' "$OUT/$task.md" || true
@@ -46,8 +46,8 @@ baseline() {  # task target epochs train val [train-task options...]
 
 for task in $TASKS; do
   case $task in
-    gender) baseline gender gender "${GENDER_EPOCHS:-15}" "$RUNS/splits/utkface/train" "$RUNS/splits/utkface/val" --target gender ;;
-    age) baseline age age8 "${AGE_EPOCHS:-15}" "$RUNS/splits/utkface/train" "$RUNS/splits/utkface/val" --target age8 ;;
+    gender) baseline gender gender "${GENDER_EPOCHS:-15}" "$RUNS/splits/utkface/train" "$RUNS/splits/utkface/val" ;;
+    age) baseline age age8 "${AGE_EPOCHS:-15}" "$RUNS/splits/utkface/train" "$RUNS/splits/utkface/val" ;;
     emotion) baseline emotion - "${EMOTION_EPOCHS:-12}" "$DATA/ferplus/FER2013Train" "$DATA/ferplus/FER2013Valid" ;;
     identity) baseline identity - "${IDENTITY_EPOCHS:-100}" "$RUNS/splits/lfw_identity/train" "$RUNS/splits/lfw_identity/val" ;;
     *) echo "unknown task: $task" >&2; exit 2 ;;
