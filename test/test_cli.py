@@ -351,6 +351,65 @@ def test_fewshot_on_people_held_out_from_training(data, gender_model, capsys):
     assert len(held_people) == 2 and not held_people & set(model.specs["identity"].labels)
 
 
+def test_columns_standalone_averages_an_end_to_end_network_until_dropped(data, encoder, gender_model, capsys):
+    tmp = data["tmp"]
+    plain = tmp / "gender_plain_cnn.safetensors"
+    train = [
+        "train-task",
+        "--config",
+        "lite",
+        "--train-encoder",
+        "--task",
+        "gender",
+        "--data",
+        str(data["utkface"]),
+    ]
+    assert main([*train, "--seed", "3", *_one_epoch_into(plain)]) == 0
+    joined = tmp / "gender_with_standalone.safetensors"
+    edit = ["columns", "--checkpoint", str(gender_model), "--out", str(joined)]
+    assert main([*edit, "--standalone", "gender", str(plain)]) == 0
+    assert "gender (laterals: none; 1 standalone)" in capsys.readouterr().out
+    model, meta = load_model(joined)
+    original, _ = load_model(gender_model)
+    network, _ = load_model(plain)
+    assert (
+        len(model.standalone["gender"]) == 1
+        and meta["training"]["gender"]["standalone_members"][0]["seed"] == 3
+    )
+    x = torch.rand(4, 1, original.config.input_size, original.config.input_size) * 2 - 1
+    with torch.inference_mode():
+        mean = (original.predict(x)["gender"].probabilities + network.predict(x)["gender"].probabilities) / 2
+        torch.testing.assert_close(model.predict(x)["gender"].probabilities, mean)
+    assert main(["info", "--checkpoint", str(joined)]) == 0
+    assert "standalone gender member (own lite encoder)" in capsys.readouterr().out
+    report = tmp / "standalone_eval.json"
+    evaluate = ["evaluate", "--checkpoint", str(joined), "--task", "gender", "--target", "gender"]
+    assert main([*evaluate, "--data", str(data["utkface"]), "--out-json", str(report), *TINY]) == 0
+    assert json.loads(report.read_text())["num_samples"] == 30
+
+    dropped = tmp / "gender_standalone_dropped.safetensors"
+    assert (
+        main(["columns", "--checkpoint", str(joined), "--out", str(dropped), "--drop-standalone", "gender"])
+        == 0
+    )
+    again, meta_again = load_model(dropped)
+    assert not again.standalone and "standalone_members" not in meta_again["training"]["gender"]
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            again.predict(x)["gender"].probabilities, original.predict(x)["gender"].probabilities
+        )
+
+    refused = tmp / "refused_standalone.safetensors"
+    bad = ["columns", "--checkpoint", str(gender_model), "--out", str(refused)]
+    assert main([*bad, "--standalone", "gender", str(encoder)]) == 2
+    assert "has no column 'gender'" in _one_line_error(capsys)
+    assert main([*bad, "--standalone", "gender"]) == 2
+    assert "needs at least one checkpoint" in _one_line_error(capsys)
+    assert main([*bad, "--drop-standalone", "gender"]) == 2
+    assert "has no standalone members" in _one_line_error(capsys)
+    assert not refused.exists()
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

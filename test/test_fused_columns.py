@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -72,6 +73,28 @@ def test_fused_columns_average_ensemble_members_like_the_network(tasks: list[str
     for name, out in expected.items():
         torch.testing.assert_close(fused[name].logits, out.logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fused[name].embedding, out.embedding, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_predictor_averages_standalone_members_like_the_network(fuse: bool) -> None:
+    """The predictor's split halves (encode in one thread, columns in another) carry the standalone
+    members' own encoder maps along; a subset without their task does not run them."""
+    net = _trained_looking(TINY)
+    plain = _trained_looking(TINY, [dataclasses.replace(SPECS[1], laterals=[])], seed=5)
+    net.add_standalone("gender", plain)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expected = net.predict(x)
+    predictor = FacePredictor(net, device="cpu", fuse_columns=fuse)
+    got = np.stack([face.tasks["gender"].probabilities for face in predictor.predict(x)])
+    np.testing.assert_allclose(got, expected["gender"].probabilities.numpy(), atol=1e-5)
+    without = copy.deepcopy(net)
+    without.drop_standalone("gender")
+    with torch.no_grad():
+        column_alone = without.predict(x)["gender"].probabilities.numpy()
+    assert not np.allclose(got, column_alone, atol=1e-3)  # the member did count
+    encoded = FacePredictor(net, device="cpu", tasks=["age"], fuse_columns=fuse).encode(x)
+    assert all(chunk.standalone is None for chunk in encoded.chunks)
 
 
 def test_fused_columns_of_the_lite_model_in_channels_last() -> None:

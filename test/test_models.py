@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -317,6 +318,93 @@ def test_ensemble_column_averages_its_members_and_survives_a_checkpoint(tmp_path
         TaskSpec("e", ["x", "y"], members=0)
     assert "members" not in specs[0].to_dict()  # single columns: the metadata earlier versions read
     assert TaskSpec.from_dict(net.specs["b"].to_dict()).members == 3
+
+
+def test_standalone_member_weighs_as_much_as_the_column_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    from facial_perception.core.checkpoint import (
+        CheckpointError,
+        _serialize,
+        load_model,
+        read_checkpoint,
+        save_model,
+    )
+
+    torch.manual_seed(5)
+    specs = [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"], mirror_average=True)]
+    net = ProgressiveNet(TINY, specs).eval()
+    wider = dataclasses.replace(TINY, column=dataclasses.replace(TINY.column, fc_dim=20))
+    alone = [ProgressiveNet(config, [TaskSpec("b", ["p", "q", "r"])]).eval() for config in (TINY, wider)]
+    x = torch.randn(4, 1, 16, 16)
+
+    def probs(model: ProgressiveNet, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(images, ["b"])["b"].logits, dim=1)
+
+    with torch.inference_mode():
+        column_only = net.predict(x)
+    for member in alone:
+        net.add_standalone("b", member)
+    assert list(net.standalone) == ["b"] and len(net.standalone["b"]) == 2
+    with torch.inference_mode():
+        got = net.predict(x)
+        faces = (probs(net, x) + probs(alone[0], x) + probs(alone[1], x)) / 3
+        mirrors = (probs(net, x.flip(-1)) + probs(alone[0], x.flip(-1)) + probs(alone[1], x.flip(-1))) / 3
+    torch.testing.assert_close(got["b"].probabilities, (faces + mirrors) / 2)
+    torch.testing.assert_close(got["a"].probabilities, column_only["a"].probabilities)  # others untouched
+    torch.testing.assert_close(got["b"].embedding, column_only["b"].embedding)  # the column's embedding
+    with torch.inference_mode():  # forward (training, feature caches) runs the columns only
+        torch.testing.assert_close(torch.softmax(net(x)["b"].logits, dim=1), probs(net, x))
+        torch.testing.assert_close(
+            net(x)["b"].logits, net.forward_features(net.encoder.forward_features(x))["b"].logits
+        )
+
+    net.train()  # standalone members stay frozen: no gradient, BatchNorm statistics never updated
+    assert not any(p.requires_grad for p in net.standalone.parameters())
+    assert not any(m.training for m in net.standalone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    net.eval()
+
+    path = tmp_path / "standalone.safetensors"
+    save_model(path, net)
+    assert [c["column"]["fc_dim"] for c in read_checkpoint(path).meta["standalone"]["b"]] == [12, 20]
+    loaded, _meta = load_model(path)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(x)["b"].probabilities, got["b"].probabilities)
+    loaded.rename_column("b", "who")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(x)["who"].probabilities, got["b"].probabilities)
+    loaded.drop_standalone("who")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(x)["who"].probabilities, column_only["b"].probabilities)
+    save_model(tmp_path / "plain.safetensors", loaded)
+    assert (
+        "standalone" not in read_checkpoint(tmp_path / "plain.safetensors").meta
+    )  # what earlier versions read
+
+    with pytest.raises(ModelError, match="other labels"):
+        net.add_standalone("a", ProgressiveNet(TINY, [TaskSpec("a", ["x", "z"])]))
+    with pytest.raises(ModelError, match="must stand alone"):
+        net.add_standalone("b", ProgressiveNet(TINY, specs))
+    with pytest.raises(ModelError, match="no column 'a'"):
+        net.add_standalone("a", alone[0])
+    bigger = dataclasses.replace(TINY, encoder=dataclasses.replace(TINY.encoder, input_size=32))
+    with pytest.raises(ModelError, match="reads 1x32px faces"):
+        net.add_standalone("b", ProgressiveNet(bigger, [TaskSpec("b", ["p", "q", "r"])]))
+    assert len(net.standalone["b"]) == 2  # nothing half-added
+    with pytest.raises(ModelError, match="lacks the encoder maps"):  # features of another network
+        net.predict_encoded(ProgressiveNet(TINY, specs).eval().encode(x))
+    net.remove_column("b")
+    assert "b" not in net.standalone
+
+    # a checkpoint whose standalone list names no column, or holds no config: one line
+    broken = tmp_path / "broken.safetensors"
+    contents = read_checkpoint(path)
+    for listed, fragment in (
+        ({"zzz": []}, "column 'zzz'"),
+        ({"b": [{"name": 1}]}, "invalid standalone member"),
+    ):
+        meta = {k: v for k, v in contents.meta.items() if k != "sha256"}
+        broken.write_bytes(_serialize(contents.tensors, {**meta, "standalone": listed}))
+        with pytest.raises(CheckpointError, match=fragment):
+            load_model(broken)
 
 
 def test_task_subsets_run_their_lateral_sources_and_cached_features_match() -> None:

@@ -117,6 +117,9 @@ def save_model(
         "tasks": [model.specs[name].to_dict() for name in model.task_names],
         "training": _json_ready(dict(training_metadata or {}), "training metadata"),
     }
+    standalone = model.standalone_configs()
+    if standalone:  # files without standalone members keep the metadata that earlier versions read
+        meta["standalone"] = {name: [c.to_dict() for c in configs] for name, configs in standalone.items()}
     tensors = _cpu_tensors("model.", model.state_dict())
     tensors.update(_cpu_tensors("extra.", extra_tensors or {}))
     return atomic_write(path, _serialize(tensors, meta))
@@ -223,6 +226,26 @@ def _config_and_specs(contents: CheckpointContents) -> tuple[ModelConfig, list[T
     return config, specs
 
 
+def _add_standalone_members(model: ProgressiveNet, contents: CheckpointContents) -> None:
+    """Rebuild the standalone members listed in the metadata (random weights; the file's come next)."""
+    listed = contents.meta.get("standalone", {})
+    if not isinstance(listed, Mapping):
+        raise CheckpointError(f"{contents.path}: invalid standalone member list (not an object)")
+    for name, configs in listed.items():
+        if name not in model.specs or not isinstance(configs, list):
+            raise CheckpointError(f"{contents.path}: invalid standalone members for column {name!r}")
+        spec = model.specs[name]
+        for data in configs:
+            try:
+                member = ProgressiveNet(
+                    ModelConfig.from_dict(data), [TaskSpec(name, spec.labels, kind=spec.kind)]
+                )
+                model.add_standalone(name, member)
+            except (ConfigError, ModelError, TypeError) as exc:
+                problem = f"invalid standalone member of {name!r} ({exc})"
+                raise CheckpointError(f"{contents.path}: {problem}") from exc
+
+
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """load_state_dict with a one-line explanation of the first mismatch."""
     own = module.state_dict()
@@ -270,6 +293,7 @@ def load_model(
             model = ProgressiveNet(config, specs)
         except ModelError as exc:
             raise CheckpointError(f"{contents.path}: invalid task list ({exc})") from exc
+        _add_standalone_members(model, contents)
         _load_strict(model, contents.section("model."), contents.path)
     else:
         raise CheckpointError(f"{contents.path}: unknown checkpoint kind {kind!r}")

@@ -267,16 +267,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     from facial_perception.core.config import get_config
     from facial_perception.core.flops import format_model_info, model_info
 
-    specs = None
+    specs, standalone = None, None
     if args.checkpoint:
         model = load_model_or_encoder(args.checkpoint)
         config, specs = model.config, list(model.specs.values()) or None
+        standalone = model.standalone_configs()
     else:
         config = get_config(args.config or "lite")
     if args.print_config:  # a starting point for a custom config file (e.g. other column widths)
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    info = model_info(config, specs)
+    info = model_info(config, specs, standalone)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -677,6 +678,12 @@ def cmd_columns(args: argparse.Namespace) -> int:
                 meta[new] = meta.pop(old)
         for task, *files in args.ensemble or []:
             _join_members(model, meta, task, files, args.checkpoint)
+        for task, *files in args.standalone or []:
+            _add_standalone(model, meta, task, files)
+        for name in args.drop_standalone or []:
+            model.drop_standalone(name)
+            if isinstance(meta.get(name), dict):
+                meta[name] = {k: v for k, v in meta[name].items() if k != "standalone_members"}
         for pair in args.keep_members or []:
             name, sep, count = pair.partition("=")
             if not sep or not count.isdigit():
@@ -695,7 +702,8 @@ def cmd_columns(args: argparse.Namespace) -> int:
     columns = ", ".join(
         f"{name} (laterals: {', '.join(model.specs[name].laterals) or 'none'}"
         f"{'; mirror averaging' if model.specs[name].mirror_average else ''}"
-        f"{f'; {model.specs[name].members} members' if model.specs[name].members > 1 else ''})"
+        f"{f'; {model.specs[name].members} members' if model.specs[name].members > 1 else ''}"
+        f"{f'; {len(model.standalone[name])} standalone' if name in model.standalone else ''})"
         for name in model.task_names
     )
     _say(args, f"{args.out}: {columns or 'no columns'}")
@@ -744,6 +752,26 @@ def _join_members(model: Any, meta: dict[str, Any], task: str, files: list[str],
         joined.append((getattr(other, "training_meta", {}) or {}).get(task, {}))
     entry = dict(meta.get(task, {}))
     entry["joined_members"] = list(entry.get("joined_members", [])) + joined
+    meta[task] = entry
+
+
+def _add_standalone(model: Any, meta: dict[str, Any], task: str, files: list[str]) -> None:
+    """Average ``model``'s ``task`` column with the ``task`` column (and own encoder) of each file
+    (``columns --standalone``): networks trained end to end on the task alone."""
+    from facial_perception.core.progressive import ModelError
+
+    if not files:
+        raise CLIError(f"--standalone {task} needs at least one checkpoint holding a {task!r} column")
+    trained = []
+    for path in files:
+        other = load_model_or_encoder(path)
+        try:
+            model.add_standalone(task, other)
+        except ModelError as exc:
+            raise CLIError(f"{path}: {exc}") from exc
+        trained.append((getattr(other, "training_meta", {}) or {}).get(task, {}))
+    entry = dict(meta.get(task, {}))
+    entry["standalone_members"] = list(entry.get("standalone_members", [])) + trained
     meta[task] = entry
 
 
@@ -1026,6 +1054,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="join the TASK columns of these checkpoints (other seeds on the same encoder) to this one's: "
         "their probabilities are averaged at inference (repeatable; after --rename)",
     )  # fmt: skip
+    p.add_argument(
+        "--standalone", nargs="+", action="append", metavar=("TASK", "FILE"),
+        help="average the TASK column at inference with the TASK column of these checkpoints, networks "
+        "with their own encoder trained end to end on the task alone (train-task --train-encoder); each "
+        "weighs as much as the whole column (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--drop-standalone", nargs="+", metavar="TASK", help="forget these columns' standalone members"
+    )
     p.add_argument(
         "--keep-members", nargs="+", metavar="TASK=COUNT",
         help="keep the first COUNT members of an ensemble column (1: a single column again; faster)",

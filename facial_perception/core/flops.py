@@ -9,7 +9,7 @@ allocates no weights even for large configs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -56,10 +56,16 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def model_info(config: ModelConfig | str, specs: Sequence[TaskSpec] | None = None) -> dict[str, Any]:
+def model_info(
+    config: ModelConfig | str,
+    specs: Sequence[TaskSpec] | None = None,
+    standalone: Mapping[str, Sequence[ModelConfig]] | None = None,
+) -> dict[str, Any]:
     """Parameters and GFLOP per face of encoder, each column, the shared model and N independent models.
 
-    ``specs`` defaults to the four tasks as a progressive chain (gender, age, emotion, identity-62).
+    ``specs`` defaults to the four tasks as a progressive chain (gender, age, emotion, identity-62);
+    ``standalone``: per task, the configs of its standalone members (``ProgressiveNet.standalone_configs``),
+    networks with their own encoder that inference runs besides the shared one.
     """
     config = get_config(config)
     specs = list(specs) if specs is not None else default_task_specs()
@@ -90,6 +96,19 @@ def model_info(config: ModelConfig | str, specs: Sequence[TaskSpec] | None = Non
         independent_macs += count_macs(single, lambda m=single: m(image))
         independent_params += _params(single.encoder.features) + _params(single.columns[alone.name])
 
+    standalone_rows = []
+    for name, configs in (standalone or {}).items():
+        spec = next(s for s in specs if s.name == name)
+        alone = replace(spec, laterals=[], members=1, mirror_average=False)
+        for member_config in configs:
+            with torch.device("meta"):
+                member = ProgressiveNet(member_config, [alone]).eval()
+            macs = count_macs(member, lambda m=member: m(image))
+            member_params = _params(member.encoder.features) + _params(member.columns[name])
+            standalone_rows.append({"task": name, "config": member_config.name, "params": member_params,
+                                    "gflop": 2.0 * macs / 1e9})  # fmt: skip
+    standalone_gflop = sum(row["gflop"] for row in standalone_rows)
+
     encoder_feature_params = _params(net.encoder.features)
     column_params = {name: _params(col) for name, col in net.columns.items()}
     shared_macs = encoder_macs + sum(column_macs.values())
@@ -106,6 +125,7 @@ def model_info(config: ModelConfig | str, specs: Sequence[TaskSpec] | None = Non
             "generator": _params(began.generator),
             "columns": column_params,
             "inference_total": encoder_feature_params + sum(column_params.values()),
+            "standalone_total": sum(row["params"] for row in standalone_rows),
             "independent_total": independent_params,
         },
         "gflop_per_face": {
@@ -114,8 +134,10 @@ def model_info(config: ModelConfig | str, specs: Sequence[TaskSpec] | None = Non
             "shared_total": gflop(shared_macs),
             "independent_total": gflop(independent_macs),
             # columns with mirror averaging run the whole network a second time on the mirror image
-            "inference": gflop(shared_macs) * (2 if any(s.mirror_average for s in specs) else 1),
+            "inference": (gflop(shared_macs) + standalone_gflop)
+            * (2 if any(s.mirror_average for s in specs) else 1),
         },
+        "standalone": standalone_rows,
     }
 
 
@@ -139,6 +161,11 @@ def format_model_info(info: dict[str, Any]) -> str:
                 gflop["columns"][name],
             )
         )
+    standalone = info.get("standalone", [])
+    for row in standalone:
+        rows.append(
+            (f"standalone {row['task']} member (own {row['config']} encoder)", row["params"], row["gflop"])
+        )
     rows.append(("shared encoder + columns", params["inference_total"], gflop["shared_total"]))
     rows.append(
         (
@@ -150,6 +177,9 @@ def format_model_info(info: dict[str, Any]) -> str:
     mirrored = [t["name"] for t in info["tasks"] if t.get("mirror_average")]
     if mirrored:
         rows.append((f"inference with mirror averaging ({', '.join(mirrored)})", "", gflop["inference"]))
+    elif standalone:
+        total = params["inference_total"] + params["standalone_total"]
+        rows.append(("inference (shared model + standalone members)", total, gflop["inference"]))
     width = max(len(r[0]) for r in rows)
     lines = [
         f"config {info['config']}: input {info['input']}, shared feature map {info['feature_map']}",
