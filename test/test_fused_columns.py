@@ -78,7 +78,8 @@ def test_fused_columns_average_ensemble_members_like_the_network(tasks: list[str
 @pytest.mark.parametrize("fuse", [True, False])
 def test_predictor_averages_standalone_members_like_the_network(fuse: bool) -> None:
     """The predictor's split halves (encode in one thread, columns in another) carry the standalone
-    members' own encoder maps along; a subset without their task does not run them."""
+    members' own encoder maps along; a subset without their task, or standalone_members False, does
+    not run them."""
     net = _trained_looking(TINY)
     plain = _trained_looking(TINY, [dataclasses.replace(SPECS[1], laterals=[])], seed=5)
     net.add_standalone("gender", plain)
@@ -94,7 +95,11 @@ def test_predictor_averages_standalone_members_like_the_network(fuse: bool) -> N
         column_alone = without.predict(x)["gender"].probabilities.numpy()
     assert not np.allclose(got, column_alone, atol=1e-3)  # the member did count
     encoded = FacePredictor(net, device="cpu", tasks=["age"], fuse_columns=fuse).encode(x)
-    assert all(chunk.standalone is None for chunk in encoded.chunks)
+    assert all(not chunk.standalone for chunk in encoded.chunks)
+    faster = FacePredictor(net, device="cpu", fuse_columns=fuse, standalone_members=False)
+    alone = np.stack([face.tasks["gender"].probabilities for face in faster.predict(x)])
+    np.testing.assert_allclose(alone, column_alone, atol=1e-5)  # the columns alone, members kept in the model
+    assert len(faster.model.standalone["gender"]) == 1
 
 
 def test_fused_columns_of_the_lite_model_in_channels_last() -> None:

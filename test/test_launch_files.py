@@ -48,6 +48,7 @@ PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "overlap_stages": (Parameter.Type.BOOL, None),
     "encoder_stage": (Parameter.Type.BOOL, None),
     "fuse_columns": (Parameter.Type.BOOL, None),
+    "standalone_members": (Parameter.Type.BOOL, None),
     "model_path": (Parameter.Type.STRING, None),
     "detector": (Parameter.Type.STRING, {"blazeface", "blazeface_full", "haar", "auto"}),
     "detection_threshold": (Parameter.Type.DOUBLE, (0.0, 1.0)),

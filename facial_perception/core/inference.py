@@ -73,7 +73,8 @@ class FacePredictor:
 
     ``fuse_columns`` (default): the frozen columns run as one stack of wide layers
     (:class:`FusedColumns`: the same results, far fewer tensor ops per batch); False runs them one
-    by one as in training.
+    by one as in training. ``standalone_members`` False: columns with standalone members
+    (:meth:`ProgressiveNet.add_standalone`) answer alone, without their members' encoder passes.
     """
 
     def __init__(
@@ -85,9 +86,11 @@ class FacePredictor:
         max_batch: int = 64,
         mirror_average: bool = True,
         fuse_columns: bool = True,
+        standalone_members: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         self.fuse_columns = bool(fuse_columns)
+        self.standalone_members = bool(standalone_members)
         # False: ignore the columns' mirror averaging (each face once through the network: faster)
         self.mirror_average = bool(mirror_average)
         self.half = self.device.type == "cuda" if half is None else bool(half)
@@ -111,6 +114,7 @@ class FacePredictor:
         max_batch: int = 64,
         mirror_average: bool = True,
         fuse_columns: bool = True,
+        standalone_members: bool = True,
     ) -> FacePredictor:
         """Load a ``.safetensors`` model (raises ``CheckpointError`` on a bad file)."""
         from facial_perception.core.checkpoint import load_model
@@ -124,6 +128,7 @@ class FacePredictor:
             max_batch=max_batch,
             mirror_average=mirror_average,
             fuse_columns=fuse_columns,
+            standalone_members=standalone_members,
         )
         predictor.metadata = {k: v for k, v in meta.items() if k != "extra_tensors"}
         return predictor
@@ -210,7 +215,9 @@ class FacePredictor:
                 x = batch[start : start + self.max_batch].to(self.device, dtype=dtype, non_blocking=True)
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
-                encoded = model.encode(x, self._tasks, mirror=self.mirror_average)
+                encoded = model.encode(
+                    x, self._tasks, mirror=self.mirror_average, standalone=self.standalone_members
+                )
                 if columns is not None:
                     encoded = encoded._replace(features=columns.stem(encoded.features))
                 chunks.append(encoded)

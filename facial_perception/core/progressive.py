@@ -166,7 +166,8 @@ class EncodedFaces(NamedTuple):
     encoder's map; ``FacePredictor`` also runs its fused columns' first layer on it:
     ``FusedColumns.stem``);
     ``tasks`` are the columns to report; ``standalone`` holds, per reported task with standalone
-    members (:meth:`ProgressiveNet.add_standalone`), each member's own encoder map of the same batch.
+    members (:meth:`ProgressiveNet.add_standalone`), each member's own encoder map of the same batch
+    (None: encoded without them, the columns alone answer).
     """
 
     features: torch.Tensor
@@ -699,10 +700,15 @@ class ProgressiveNet(nn.Module):
         return self.forward_features(self.encoder.forward_features(x), tasks)
 
     def encode(
-        self, x: torch.Tensor, tasks: Iterable[str] | None = None, mirror: bool = True
+        self,
+        x: torch.Tensor,
+        tasks: Iterable[str] | None = None,
+        mirror: bool = True,
+        standalone: bool = True,
     ) -> EncodedFaces:
         """Inference, first half: the encoder's feature maps of a batch ``x`` (and of its mirror images
-        when a requested column averages over them; see :meth:`predict`).
+        when a requested column averages over them; see :meth:`predict`), and those of the requested
+        columns' standalone members unless ``standalone`` is False (faster: the columns alone answer).
 
         Split from :meth:`predict_encoded` so that a pipeline can run the encoder of one batch in
         one thread while the columns of the previous batch run in another.
@@ -715,13 +721,14 @@ class ProgressiveNet(nn.Module):
             if x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4:
                 both = both.contiguous(memory_format=torch.channels_last)
             x = both
-        standalone = {
-            name: tuple(member.encoder.forward_features(x) for member in self.standalone[name])
-            for name in keep
-            if name in self.standalone
-        }
-        features = self.encoder.forward_features(x)
-        return EncodedFaces(features, count, mirrored, tuple(keep), standalone or None)
+        maps = None
+        if standalone:
+            maps = {
+                name: tuple(member.encoder.forward_features(x) for member in self.standalone[name])
+                for name in keep
+                if name in self.standalone
+            }
+        return EncodedFaces(self.encoder.forward_features(x), count, mirrored, tuple(keep), maps)
 
     def predict_encoded(
         self,
@@ -745,7 +752,7 @@ class ProgressiveNet(nn.Module):
                 )
         for name, out in outputs.items():
             probs = torch.softmax(out.logits.float(), dim=1)
-            if name in self.standalone:
+            if name in self.standalone and encoded.standalone is not None:
                 probs = self._with_standalone(name, probs, encoded)
             if mirrored:
                 probs = (probs[:n] + probs[n:]) / 2 if self.specs[name].mirror_average else probs[:n]
@@ -755,7 +762,7 @@ class ProgressiveNet(nn.Module):
     def _with_standalone(self, name: str, probs: torch.Tensor, encoded: EncodedFaces) -> torch.Tensor:
         """The mean of the column's probabilities and of each standalone member's (equal weights)."""
         members = self.standalone[name]
-        maps = (encoded.standalone or {}).get(name)
+        maps = encoded.standalone.get(name) if encoded.standalone is not None else None
         if maps is None or len(maps) != len(members):
             raise ModelError(
                 f"the encoded batch lacks the encoder maps of {name!r}'s standalone members:"
@@ -768,13 +775,18 @@ class ProgressiveNet(nn.Module):
         return torch.stack(parts).mean(dim=0)
 
     def predict(
-        self, x: torch.Tensor, tasks: Iterable[str] | None = None, mirror: bool = True
+        self,
+        x: torch.Tensor,
+        tasks: Iterable[str] | None = None,
+        mirror: bool = True,
+        standalone: bool = True,
     ) -> dict[str, TaskProbabilities]:
         """Inference: class probabilities (float32) and embeddings of ``tasks`` for a batch ``x``.
 
         Columns whose spec asks for ``mirror_average`` get the mean of the probabilities of the
         faces and of their mirror images (one forward pass over both) unless ``mirror`` is False
-        (faster: faces only); embeddings always come from the faces as given. Call under
+        (faster: faces only); embeddings always come from the faces as given. Columns with standalone
+        members average theirs in too unless ``standalone`` is False. Call under
         ``torch.inference_mode()`` in eval mode.
         """
-        return self.predict_encoded(self.encode(x, tasks, mirror))
+        return self.predict_encoded(self.encode(x, tasks, mirror, standalone))
