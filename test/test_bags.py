@@ -548,8 +548,8 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
     from facial_perception.core.cli import main as core_main
 
-    # the shipped model (v5) averages no column over mirror images; v4 did: a checkpoint that asks for it
-    # makes the same run measure it without, too
+    # the shipped model (v6) averages no column over mirror images; v4 did: a checkpoint that asks for it
+    # makes the same run measure it without, too (and the standalone gender member: without it)
     mirrored = tmp_path / "mirrored.safetensors"
     edit = ["columns", "--checkpoint", str(DEFAULT_MODEL), "--out", str(mirrored), "-q"]
     assert core_main([*edit, "--mirror-average", "emotion", "gender", "age"]) == 0
@@ -582,8 +582,11 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     # every configuration was measured in the same rounds, so each has its own paired ratios
     assert r["interleaved_configurations"] == [
         "default", "detector:haar", "detect_every:2", "two_threads", "first_stage_thread", "unfused_columns",
-        "without_mirror",
+        "without_mirror", "without_standalone",
     ]
+    alone = r["without_standalone"]  # the shipped model averages gender with a standalone member
+    assert alone["standalone_tasks"] == ["gender"] and alone["ratio"] > 0
+    assert f"| columns alone | {alone['offline_fps']:.1f} |" in text
     threaded = r["first_stage_thread"]  # read, detect and track in a thread instead of a worker process
     assert r["first_stage_process"] and not threaded["first_stage_process"] and threaded["ratio"] > 0
     assert f"| thread | {threaded['offline_fps']:.1f} |" in text

@@ -139,6 +139,11 @@ def add_subcommands(subparsers: Any) -> None:
         help="faces only: ignore the columns' mirror averaging (the node's mirror_average false)",
     )
     off.add_argument(
+        "--no-standalone",
+        action="store_true",
+        help="the columns alone: ignore their standalone members (the node's standalone_members false)",
+    )
+    off.add_argument(
         "--cpu-threads",
         type=int,
         default=1,
@@ -214,6 +219,11 @@ def add_subcommands(subparsers: Any) -> None:
         "--no-compare-mirror",
         action="store_true",
         help="skip the same-run measurement of the model with mirror averaging off",
+    )
+    bench.add_argument(
+        "--no-compare-standalone",
+        action="store_true",
+        help="skip the same-run measurement of the model without its standalone members",
     )
     bench.add_argument("--json-out", default="docs/benchmark_bags.json")
     bench.add_argument("--markdown", default="docs/BENCHMARK_BAGS.md")
@@ -297,6 +307,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             fuse_columns=not args.no_fuse_columns,
             cpu_threads=max(0, args.cpu_threads),
             mirror_average=not args.no_mirror_average,
+            standalone_members=not args.no_standalone,
             detect_every=args.detect_every,
         )
         evaluation = evaluate_offline(
@@ -395,6 +406,12 @@ def _benchmark(args: argparse.Namespace) -> int:
         )
         if mirror_tasks:  # the model averages some columns over mirror images: measure it without, too
             configs["without_mirror"] = PipelineSettings(checkpoint=args.checkpoint, mirror_average=False)
+        standalone_tasks = (
+            [] if args.no_compare_standalone else _standalone_columns(_model_path(args.checkpoint))
+        )
+        if standalone_tasks:  # columns with standalone members (own encoders): measure them without, too
+            alone = PipelineSettings(checkpoint=args.checkpoint, standalone_members=False)
+            configs["without_standalone"] = alone
         measured = dict(
             zip(
                 configs,
@@ -418,6 +435,11 @@ def _benchmark(args: argparse.Namespace) -> int:
         result["without_mirror"] = (
             compared["without_mirror"] | {"mirror_tasks": mirror_tasks}
             if "without_mirror" in compared
+            else None
+        )
+        result["without_standalone"] = (
+            compared["without_standalone"] | {"standalone_tasks": standalone_tasks}
+            if "without_standalone" in compared
             else None
         )
         result["interleaved_configurations"] = list(configs)
@@ -462,6 +484,16 @@ def _mirror_averaged_columns(model_path: str) -> list[str]:
         return []
     model, _ = load_model(model_path)
     return [name for name in model.task_names if model.specs[name].mirror_average]
+
+
+def _standalone_columns(model_path: str) -> list[str]:
+    """Columns of the checkpoint at ``model_path`` with standalone members ([] for an untrained stand-in)."""
+    from facial_perception.core.checkpoint import load_model
+
+    if not Path(model_path).is_file():
+        return []
+    model, _ = load_model(model_path)
+    return list(model.standalone)
 
 
 def _model_table(intro: str, column: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -527,6 +559,16 @@ def _mirror_table(r: dict[str, Any]) -> str:
     tasks = ", ".join((r.get("without_mirror") or {}).get("mirror_tasks", []))
     labels = (f"as benchmarked: mirror averaging on {tasks}", "mirror averaging off")
     return _versus_table(r, "without_mirror", intro, "model", labels)
+
+
+def _standalone_table(r: dict[str, Any]) -> str:
+    intro = (
+        "The same model without its standalone members (networks with an encoder of their own, averaged "
+        "with their column; docs/MODEL_CARD.md), same bag, same run:"
+    )
+    tasks = ", ".join((r.get("without_standalone") or {}).get("standalone_tasks", []))
+    labels = (f"as benchmarked: standalone members of {tasks}", "columns alone")
+    return _versus_table(r, "without_standalone", intro, "model", labels)
 
 
 def _versus_table(r: dict[str, Any], key: str, intro: str, column: str, labels: tuple[str, str]) -> str:
@@ -668,7 +710,7 @@ Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}
 | latency per frame p50 / p90 (ms, overlapped) | {r["latency_ms"]["p50"]:.1f} / {r["latency_ms"]["p90"]:.1f} |
 
 Mean time per stage (ms, overlapped run; the stages run at the same time on {r["cores"]} cores): {stages}.
-{_model_comparison_tables(r)}{_mirror_table(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
+{_model_comparison_tables(r)}{_mirror_table(r)}{_standalone_table(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
 {_verdict_paragraph(r)}
 What was tried (measured on this machine; earlier runs of this file are in git): BlazeFace on the
 LiteRT interpreter instead of the mediapipe graph (same faces, ~1 ms less per frame: the default

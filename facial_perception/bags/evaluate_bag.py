@@ -515,6 +515,7 @@ class PipelineSettings:
     mirror_average: bool = True  # the columns' mirror averaging (the node's parameter of the same name)
     detect_every: int = 1  # run the detector on every n-th frame, track in between (the node's parameter)
     fuse_columns: bool = True  # the columns as one stack of wide layers (FusedColumns; the node's parameter)
+    standalone_members: bool = True  # columns averaged with their standalone members (the node's parameter)
 
 
 #: The trained default model shipped inside the package (the node uses the same file).
@@ -543,6 +544,7 @@ def load_predictor(settings: PipelineSettings | None = None) -> tuple[Any, str]:
                 device=settings.device,
                 mirror_average=settings.mirror_average,
                 fuse_columns=settings.fuse_columns,
+                standalone_members=settings.standalone_members,
             )
             return predictor, str(path)
         from facial_perception.core.config import get_config
