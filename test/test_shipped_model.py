@@ -45,6 +45,11 @@ def test_shipped_checkpoint_is_small_and_complete() -> None:
         assert all(0.5 < m["best_val_acc"] <= 1.0 for m in members)
         seeds = {meta["training"][task]["seed"], *(m["seed"] for m in members)}
         assert len(seeds) == model.specs[task].members  # every member another seed
+    # v6: gender is averaged with a plain CNN that has its own encoder, trained end to end on gender alone
+    assert list(model.standalone) == ["gender"] and len(model.standalone["gender"]) == 1
+    (standalone,) = meta["training"]["gender"]["standalone_members"]
+    assert standalone["train_encoder"] and 0.5 < standalone["best_val_acc"] <= 1.0
+    assert model.standalone["gender"][0].config.name == "lite"
 
 
 def test_sensible_labels_on_real_photos(predictor, real_faces: list[np.ndarray]) -> None:
