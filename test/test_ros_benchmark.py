@@ -32,4 +32,7 @@ def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path:
     (fused,) = [c for c in result["comparisons"] if c["kind"] == "fuse_columns"]
     assert result["settings"]["fuse_columns"] is True and fused["settings"]["fuse_columns"] is False
     assert fused["summary"]["results_received"] > 0 and "## Fused columns or one by one" in text
+    (alone,) = [c for c in result["comparisons"] if c["kind"] == "standalone_members"]
+    assert result["settings"]["standalone_members"] and alone["settings"]["standalone_members"] is False
+    assert alone["summary"]["results_received"] > 0 and "## Standalone members" in text
     assert "Fast DDS transports" not in text  # --compare-transports with no names: no such run

@@ -457,8 +457,9 @@ class ProgressiveNet(nn.Module):
         the shared frozen encoder, which all err together. Why weigh each such member as much as the
         whole column (ensemble): on our gender validation split, one end-to-end network averaged 50/50
         with the four-member gender column scored 92.5 % (another seed: 92.4 %), against 91.7 and 91.3 %
-        alone, and 92.1-92.2 % when it counted as a fifth member (docs/MODEL_CARD.md). Its encoder and that column (which must have no laterals) are
-        copied in and frozen; they cost one more encoder pass per face for this task.
+        alone, and 92.1-92.2 % when it counted as a fifth member (docs/MODEL_CARD.md). Its encoder and
+        that column (which must have no laterals) are copied in and frozen; they cost one more encoder
+        pass per face for this task.
         """
         if name not in self.columns:
             raise ModelError(f"no column named {name!r} (columns: {self.task_names})")

@@ -126,7 +126,7 @@ PARAMETERS: tuple[_Param, ...] = (
         "mirror_average",
         True,
         "Average a column's probabilities over the face and its mirror image where the model asks for it "
-        "(v4: emotion, gender, age; v5: none, about twice the model's time per face); false: faces only",
+        "(v4: emotion, gender, age; v5, v6: none; about twice the model's time per face); false: faces only",
     ),
     _Param(
         "standalone_members",

@@ -262,7 +262,7 @@ def run_benchmark(
     ``node_transports`` sets ``FASTDDS_BUILTIN_TRANSPORTS`` for the node process only ("" = the node's
     own choice); the publisher, like a camera driver, keeps the environment's transports.
     ``overrides`` are node parameters set for this run (the comparisons: ``mirror_average``,
-    ``encoder_stage``, ``fuse_columns``).
+    ``encoder_stage``, ``fuse_columns``, ``standalone_members``).
     """
     from facial_perception.core.benchmark import machine_summary
     from facial_perception.ros.perception_node import select_model
@@ -278,6 +278,7 @@ def run_benchmark(
         "mirror_average": True,
         "encoder_stage": True,
         "fuse_columns": True,
+        "standalone_members": True,
         **(overrides or {}),
     }
     if args.model_path:
@@ -297,6 +298,7 @@ def run_benchmark(
         "mirror_average": params["mirror_average"],
         "encoder_stage": params["encoder_stage"],
         "fuse_columns": params["fuse_columns"],
+        "standalone_members": params["standalone_members"],
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()}, {machine_summary()}",
@@ -539,6 +541,13 @@ _PARAMETER_COMPARISONS = (
         "over the face and its mirror image: twice the model's work per face (the v4 model asked for it "
         "on emotion, gender and age; v5 on none: docs/MODEL_CARD.md#ensemble-columns).",
     ),
+    (
+        "standalone_members",
+        "Standalone members",
+        "With `true` (the default) columns with standalone members average their probabilities with "
+        "theirs: one more encoder pass per face for each (the v6 model: one for gender, +0.8 points of "
+        "validation accuracy; docs/MODEL_CARD.md#standalone-gender-member-v6); `false`: the columns alone.",
+    ),
 )
 
 
@@ -588,6 +597,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the second run with the node's mirror_average false",
     )
+    parser.add_argument(
+        "--no-compare-standalone",
+        action="store_true",
+        help="skip the run with the node's standalone_members false (the columns alone)",
+    )
     return parser
 
 
@@ -610,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "encoder_stage": args.no_compare_stages,
             "fuse_columns": args.no_compare_fused,
             "mirror_average": args.no_compare_mirror,
+            "standalone_members": args.no_compare_standalone,
         }
         for name, skip in skipped.items():
             if skip:
