@@ -401,14 +401,11 @@ def _benchmark(args: argparse.Namespace) -> int:
             configs["first_stage_thread"] = in_thread
         if not args.no_compare_fused:  # the columns one by one, as in training: what fusing them changes
             configs["unfused_columns"] = PipelineSettings(checkpoint=args.checkpoint, fuse_columns=False)
-        mirror_tasks = (
-            [] if args.no_compare_mirror else _mirror_averaged_columns(_model_path(args.checkpoint))
-        )
+        mirror_tasks, standalone_tasks = _columns_with_options(_model_path(args.checkpoint))
+        mirror_tasks = [] if args.no_compare_mirror else mirror_tasks
+        standalone_tasks = [] if args.no_compare_standalone else standalone_tasks
         if mirror_tasks:  # the model averages some columns over mirror images: measure it without, too
             configs["without_mirror"] = PipelineSettings(checkpoint=args.checkpoint, mirror_average=False)
-        standalone_tasks = (
-            [] if args.no_compare_standalone else _standalone_columns(_model_path(args.checkpoint))
-        )
         if standalone_tasks:  # columns with standalone members (own encoders): measure them without, too
             alone = PipelineSettings(checkpoint=args.checkpoint, standalone_members=False)
             configs["without_standalone"] = alone
@@ -476,24 +473,15 @@ def _model_path(checkpoint: str | None) -> str:
     return str(Path(checkpoint).expanduser()) if checkpoint else str(DEFAULT_MODEL)
 
 
-def _mirror_averaged_columns(model_path: str) -> list[str]:
-    """Columns of the checkpoint at ``model_path`` with mirror averaging ([] for an untrained stand-in)."""
+def _columns_with_options(model_path: str) -> tuple[list[str], list[str]]:
+    """(columns with mirror averaging, columns with standalone members) of the checkpoint at ``model_path``:
+    the options the benchmark also measures switched off ([], [] for an untrained stand-in)."""
     from facial_perception.core.checkpoint import load_model
 
     if not Path(model_path).is_file():
-        return []
+        return [], []
     model, _ = load_model(model_path)
-    return [name for name in model.task_names if model.specs[name].mirror_average]
-
-
-def _standalone_columns(model_path: str) -> list[str]:
-    """Columns of the checkpoint at ``model_path`` with standalone members ([] for an untrained stand-in)."""
-    from facial_perception.core.checkpoint import load_model
-
-    if not Path(model_path).is_file():
-        return []
-    model, _ = load_model(model_path)
-    return list(model.standalone)
+    return [name for name in model.task_names if model.specs[name].mirror_average], list(model.standalone)
 
 
 def _model_table(intro: str, column: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -551,24 +539,32 @@ def _model_comparison_tables(r: dict[str, Any]) -> str:
     )
 
 
-def _mirror_table(r: dict[str, Any]) -> str:
-    intro = (
+#: Options of the model measured switched off when the model uses them: result key -> (key of the
+#: columns using it, intro, label of the benchmarked model given those columns, label switched off).
+_MODEL_OPTIONS = {
+    "without_mirror": (
+        "mirror_tasks",
         "The same model with mirror averaging off (each face once through the network instead of twice; "
-        "docs/MODEL_CARD.md), same bag, same run:"
-    )
-    tasks = ", ".join((r.get("without_mirror") or {}).get("mirror_tasks", []))
-    labels = (f"as benchmarked: mirror averaging on {tasks}", "mirror averaging off")
-    return _versus_table(r, "without_mirror", intro, "model", labels)
-
-
-def _standalone_table(r: dict[str, Any]) -> str:
-    intro = (
+        "docs/MODEL_CARD.md), same bag, same run:",
+        "as benchmarked: mirror averaging on {tasks}",
+        "mirror averaging off",
+    ),
+    "without_standalone": (
+        "standalone_tasks",
         "The same model without its standalone members (networks with an encoder of their own, averaged "
-        "with their column; docs/MODEL_CARD.md), same bag, same run:"
-    )
-    tasks = ", ".join((r.get("without_standalone") or {}).get("standalone_tasks", []))
-    labels = (f"as benchmarked: standalone members of {tasks}", "columns alone")
-    return _versus_table(r, "without_standalone", intro, "model", labels)
+        "with their column; docs/MODEL_CARD.md), same bag, same run:",
+        "as benchmarked: standalone members of {tasks}",
+        "columns alone",
+    ),
+}
+
+
+def _model_option_tables(r: dict[str, Any]) -> str:
+    tables = []
+    for key, (columns_key, intro, on, off) in _MODEL_OPTIONS.items():
+        tasks = ", ".join((r.get(key) or {}).get(columns_key, []))
+        tables.append(_versus_table(r, key, intro, "model", (on.format(tasks=tasks), off)))
+    return "".join(tables)
 
 
 def _versus_table(r: dict[str, Any], key: str, intro: str, column: str, labels: tuple[str, str]) -> str:
@@ -710,7 +706,7 @@ Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}
 | latency per frame p50 / p90 (ms, overlapped) | {r["latency_ms"]["p50"]:.1f} / {r["latency_ms"]["p90"]:.1f} |
 
 Mean time per stage (ms, overlapped run; the stages run at the same time on {r["cores"]} cores): {stages}.
-{_model_comparison_tables(r)}{_mirror_table(r)}{_standalone_table(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
+{_model_comparison_tables(r)}{_model_option_tables(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
 {_verdict_paragraph(r)}
 What was tried (measured on this machine; earlier runs of this file are in git): BlazeFace on the
 LiteRT interpreter instead of the mediapipe graph (same faces, ~1 ms less per frame: the default
