@@ -2,7 +2,8 @@
 
 Layout of a model file: every tensor of the :class:`ProgressiveNet` under ``model.``, optional
 extra tensors (e.g. a BEGAN decoder) under ``extra.``, and the safetensors metadata key
-``facial_perception`` holding JSON ``{format_version, kind, config, tasks, training, sha256}``.
+``facial_perception`` holding JSON ``{format_version, kind, config, tasks, training, sha256}`` (plus
+``standalone``, the configs of the columns' standalone members, when there are any).
 ``sha256`` covers the tensor data, so bit rot and truncation are caught, not silently loaded.
 Loading never unpickles anything; training-state files (optimizer, scheduler, RNG) use
 ``torch.load(weights_only=True)``.
