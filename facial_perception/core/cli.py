@@ -750,9 +750,7 @@ def _join_members(model: Any, meta: dict[str, Any], task: str, files: list[str],
                 )
         model.join_members(task, [other.columns[task]])
         joined.append((getattr(other, "training_meta", {}) or {}).get(task, {}))
-    entry = dict(meta.get(task, {}))
-    entry["joined_members"] = list(entry.get("joined_members", [])) + joined
-    meta[task] = entry
+    _append_records(meta, task, "joined_members", joined)
 
 
 def _add_standalone(model: Any, meta: dict[str, Any], task: str, files: list[str]) -> None:
@@ -770,8 +768,13 @@ def _add_standalone(model: Any, meta: dict[str, Any], task: str, files: list[str
         except ModelError as exc:
             raise CLIError(f"{path}: {exc}") from exc
         trained.append((getattr(other, "training_meta", {}) or {}).get(task, {}))
+    _append_records(meta, task, "standalone_members", trained)
+
+
+def _append_records(meta: dict[str, Any], task: str, key: str, records: list[dict[str, Any]]) -> None:
+    """Add the training records of joined networks to ``meta[task][key]`` (a copy: the caller's stay)."""
     entry = dict(meta.get(task, {}))
-    entry["standalone_members"] = list(entry.get("standalone_members", [])) + trained
+    entry[key] = list(entry.get(key, [])) + records
     meta[task] = entry
 
 
