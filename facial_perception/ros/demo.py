@@ -30,9 +30,10 @@ from typing import Any
 import rclpy
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+
+from facial_perception.ros.executors import PooledExecutor
 
 __all__ = [
     "DemoError",
@@ -264,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
     node_log.unlink(missing_ok=True)
     process = start_perception_node(node_params, params_file, node_log)
     rclpy.init(args=["--ros-args", "--params-file", str(params_file)])
-    executor = MultiThreadedExecutor(num_threads=3)
+    executor = PooledExecutor(num_threads=3)
     nodes: list[Node] = []
     listener: DemoListener | None = None
     spinner = threading.Thread(target=executor.spin, daemon=True)

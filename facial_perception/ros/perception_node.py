@@ -43,7 +43,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.parameter import Parameter
@@ -83,6 +83,7 @@ from facial_perception.ros.conversions import (
     training_status_msg,
 )
 from facial_perception.ros.demo_camera import compressed_topic
+from facial_perception.ros.executors import PooledExecutor
 from facial_perception.srv import EnrolIdentity, ForgetIdentity, GetTrainingStatus, ListIdentities, ListTasks
 
 __all__ = ["NODE_NAME", "LatestFrame", "ModelSource", "PerceptionNode", "main", "select_model"]
@@ -1076,7 +1077,7 @@ def prefer_large_data_transport(environ: dict[str, str] | os._Environ[str] = os.
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """Run the node on a multi-threaded executor until Ctrl-C / SIGTERM."""
+    """Run the node on a thread-pool executor (:class:`PooledExecutor`) until Ctrl-C / SIGTERM."""
     chosen = prefer_large_data_transport()
     rclpy.init(args=list(args) if args is not None else sys.argv)
     node = PerceptionNode()
@@ -1084,7 +1085,7 @@ def main(args: Sequence[str] | None = None) -> int:
         node.get_logger().info(
             f"Fast DDS transports: {chosen} (for large images; set FASTDDS_BUILTIN_TRANSPORTS to choose)"
         )
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PooledExecutor(num_threads=4)
     executor.add_node(node)
     try:
         executor.spin()

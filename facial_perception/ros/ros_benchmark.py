@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_system_default
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
@@ -42,6 +41,7 @@ from facial_perception.msg import FaceArray
 from facial_perception.ros.conversions import rgb_to_image_msg, stamp_to_ns
 from facial_perception.ros.demo import REPO, DemoError, LifecycleClient, start_perception_node, stop_process
 from facial_perception.ros.demo_camera import make_frame
+from facial_perception.ros.executors import PooledExecutor
 
 __all__ = ["BenchmarkResult", "ProcessSampler", "main", "run_benchmark", "write_markdown"]
 
@@ -317,7 +317,7 @@ def run_benchmark(
     process = start_perception_node(params, log_path=log, env=node_env)
     rclpy.init()
     node = rclpy.create_node("fp_benchmark")
-    executor = MultiThreadedExecutor(num_threads=2)
+    executor = PooledExecutor(num_threads=2)
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     lock = threading.Lock()
