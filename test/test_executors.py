@@ -8,6 +8,7 @@ rclpy 9.1.2's ``MultiThreadedExecutor`` the same check counted ~46 returns per m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from rclpy.node import Node  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from facial_perception.ros.executors import PooledExecutor  # noqa: E402
+from facial_perception.ros.perception_node import EXECUTOR_ENV, executor_kind  # noqa: E402
 
 
 @pytest.fixture
@@ -107,6 +109,23 @@ def test_callback_error_is_raised_by_spin_once(ros_node: tuple[Node, PooledExecu
     node.create_timer(0.01, broken)
     with pytest.raises(ValueError, match="bad callback"):
         spin_until(executor, lambda: False, timeout_s=20.0)
+
+
+def test_node_executor_is_chosen_by_environment() -> None:
+    assert executor_kind({}) == "pooled"
+    assert executor_kind({EXECUTOR_ENV: "multi_threaded"}) == "multi_threaded"
+    with pytest.raises(ValueError, match="must be one of pooled, multi_threaded, got 'fast'"):
+        executor_kind({EXECUTOR_ENV: "fast"})
+
+
+def test_node_refuses_unknown_executor_with_one_line() -> None:
+    env = {**os.environ, EXECUTOR_ENV: "fast"}
+    cmd = [sys.executable, "-m", "facial_perception.ros.perception_node"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"perception_node: error: {EXECUTOR_ENV} must be one of pooled, multi_threaded, got 'fast'"
+    ]
 
 
 def test_num_threads_must_be_positive() -> None:

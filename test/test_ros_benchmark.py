@@ -35,4 +35,8 @@ def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path:
     (alone,) = [c for c in result["comparisons"] if c["kind"] == "standalone_members"]
     assert result["settings"]["standalone_members"] and alone["settings"]["standalone_members"] is False
     assert alone["summary"]["results_received"] > 0 and "## Standalone members" in text
+    (stock,) = [c for c in result["comparisons"] if c["kind"] == "executor"]
+    assert result["settings"]["node_executor"].startswith("pooled")
+    assert stock["settings"]["node_executor"] == "multi_threaded" and stock["summary"]["results_received"] > 0
+    assert "## Executor of the node" in text and "| multi_threaded |" in text
     assert "Fast DDS transports" not in text  # --compare-transports with no names: no such run

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.parameter import Parameter
@@ -1076,8 +1076,37 @@ def prefer_large_data_transport(environ: dict[str, str] | os._Environ[str] = os.
     return FASTDDS_TRANSPORTS
 
 
+#: Environment variable choosing the node's executor: ``pooled`` (default) or ``multi_threaded``.
+EXECUTOR_ENV = "FACIAL_PERCEPTION_EXECUTOR"
+EXECUTOR_THREADS = 4
+
+
+EXECUTORS: dict[str, Callable[[], Executor]] = {
+    "pooled": lambda: PooledExecutor(num_threads=EXECUTOR_THREADS),
+    "multi_threaded": lambda: MultiThreadedExecutor(num_threads=EXECUTOR_THREADS),
+}
+
+
+def executor_kind(environ: Mapping[str, str] = os.environ) -> str:
+    """The executor ``EXECUTOR_ENV`` asks for; ``multi_threaded`` (rclpy's own) is kept for comparison.
+
+    Why a choice at all: rclpy's ``MultiThreadedExecutor`` busy-waits in the rclpy releases we
+    target (docs/ROS_NODE.md); the variable lets the benchmark measure both in one run, and lets a
+    user whose rclpy is fixed go back to the stock executor.
+    """
+    kind = environ.get(EXECUTOR_ENV, "").strip() or "pooled"
+    if kind not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR_ENV} must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    return kind
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Run the node on a thread-pool executor (:class:`PooledExecutor`) until Ctrl-C / SIGTERM."""
+    try:
+        kind = executor_kind()
+    except ValueError as exc:
+        print(f"perception_node: error: {exc}", file=sys.stderr)
+        return 2
     chosen = prefer_large_data_transport()
     rclpy.init(args=list(args) if args is not None else sys.argv)
     node = PerceptionNode()
@@ -1085,7 +1114,9 @@ def main(args: Sequence[str] | None = None) -> int:
         node.get_logger().info(
             f"Fast DDS transports: {chosen} (for large images; set FASTDDS_BUILTIN_TRANSPORTS to choose)"
         )
-    executor = PooledExecutor(num_threads=4)
+    if kind != "pooled":
+        node.get_logger().info(f"executor: {kind} ({EXECUTOR_ENV})")
+    executor = EXECUTORS[kind]()
     executor.add_node(node)
     try:
         executor.spin()

@@ -255,17 +255,21 @@ def _expect(reports: Any, kind: str, timeout: float, camera: Any) -> Any:
 
 
 def run_benchmark(
-    args: argparse.Namespace, node_transports: str = "", overrides: Mapping[str, Any] | None = None
+    args: argparse.Namespace,
+    node_transports: str = "",
+    overrides: Mapping[str, Any] | None = None,
+    node_executor: str = "",
 ) -> BenchmarkResult:
     """Start the node, publish for warmup + duration seconds, collect results and resource samples.
 
     ``node_transports`` sets ``FASTDDS_BUILTIN_TRANSPORTS`` for the node process only ("" = the node's
     own choice); the publisher, like a camera driver, keeps the environment's transports.
     ``overrides`` are node parameters set for this run (the comparisons: ``mirror_average``,
-    ``encoder_stage``, ``fuse_columns``, ``standalone_members``).
+    ``encoder_stage``, ``fuse_columns``, ``standalone_members``); ``node_executor`` sets the node's
+    ``FACIAL_PERCEPTION_EXECUTOR`` ("" = the node's default, ``pooled``).
     """
     from facial_perception.core.benchmark import machine_summary
-    from facial_perception.ros.perception_node import select_model
+    from facial_perception.ros.perception_node import EXECUTOR_ENV, select_model
 
     workdir = Path(tempfile.mkdtemp(prefix="fp_benchmark_"))
     params: dict[str, Any] = {
@@ -308,12 +312,15 @@ def run_benchmark(
         "node_fastdds_transports": node_transports
         or os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA (node default)"),
         "publisher_fastdds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "DEFAULT (unset)"),
+        "node_executor": node_executor or os.environ.get(EXECUTOR_ENV, "") or "pooled (node default)",
     }
     result = BenchmarkResult(settings)
     log = workdir / "node.log"
     node_env = dict(os.environ)
     if node_transports:
         node_env["FASTDDS_BUILTIN_TRANSPORTS"] = node_transports
+    if node_executor:
+        node_env[EXECUTOR_ENV] = node_executor
     process = start_perception_node(params, log_path=log, env=node_env)
     rclpy.init()
     node = rclpy.create_node("fp_benchmark")
@@ -486,6 +493,28 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
             value = str(c["settings"].get(kind, True)).lower()
             cpu = _fmt(summ["cpu_percent_mean"])
             lines.append(f"| {value} | {_fmt(summ['processed_fps'])} | {lat} | {cpu} |")
+    executors = [c for c in result.comparisons if c.get("kind") == "executor"]
+    if executors:
+        lines += [
+            "",
+            "## Executor of the node (same run, one after the other)",
+            "",
+            "The node spins on the package's `PooledExecutor`; `multi_threaded` is rclpy's "
+            "`MultiThreadedExecutor`, whose spin thread loops while a callback waits in its pool "
+            "(ros2/rclpy#1452; docs/ROS_NODE.md). Chosen with `FACIAL_PERCEPTION_EXECUTOR` in the "
+            "node's environment.",
+            "",
+            "| node executor | processed fps | latency p50 / p95 / p99 (ms) | node CPU % | fps ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for c in [{"settings": st, "summary": s}, *executors]:
+            summ = c["summary"]
+            lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
+            ratio = summ["processed_fps"] / s["processed_fps"] if s["processed_fps"] else math.nan
+            lines.append(
+                f"| {c['settings'].get('node_executor', 'pooled')} | {_fmt(summ['processed_fps'])} | {lat} "
+                f"| {_fmt(summ['cpu_percent_mean'])} | {_fmt(ratio, 2)} |"
+            )
     if transports:
         lines += [
             "",
@@ -602,6 +631,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the run with the node's standalone_members false (the columns alone)",
     )
+    parser.add_argument(
+        "--no-compare-executor",
+        action="store_true",
+        help="skip the run with the node on rclpy's MultiThreadedExecutor",
+    )
     return parser
 
 
@@ -632,6 +666,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"benchmark: again with the node's {name} false", flush=True)
             other = run_benchmark(args, args.node_transports, {name: False})
             result.comparisons.append({"kind": name, "settings": other.settings, "summary": other.summary()})
+        if not args.no_compare_executor:
+            print("benchmark: again with the node on rclpy's MultiThreadedExecutor", flush=True)
+            other = run_benchmark(args, args.node_transports, node_executor="multi_threaded")
+            result.comparisons.append(
+                {"kind": "executor", "settings": other.settings, "summary": other.summary()}
+            )
     except DemoError as exc:
         print(f"ros_benchmark: error: {exc}", file=sys.stderr)
         return 1
