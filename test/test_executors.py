@@ -23,6 +23,7 @@ rclpy = pytest.importorskip("rclpy")
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup  # noqa: E402
 from rclpy.executors import Executor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
+from rclpy.task import Future  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from facial_perception.ros.executors import PooledExecutor  # noqa: E402
@@ -109,6 +110,26 @@ def test_callback_error_is_raised_by_spin_once(ros_node: tuple[Node, PooledExecu
     node.create_timer(0.01, broken)
     with pytest.raises(ValueError, match="bad callback"):
         spin_until(executor, lambda: False, timeout_s=20.0)
+
+
+def test_spin_until_future_complete_returns_when_a_callback_completes_it(
+    ros_node: tuple[Node, PooledExecutor],
+) -> None:
+    node, executor = ros_node
+    future = Future()
+    ticks: list[int] = []
+
+    def tick() -> None:
+        ticks.append(1)
+        if len(ticks) == 3:
+            future.set_result("done")
+
+    node.create_timer(0.01, tick)
+    executor.spin_until_future_complete(future, timeout_sec=20.0)
+    assert future.done() and future.result() == "done" and len(ticks) >= 3
+    late = Future()  # nobody completes this one: the timeout ends the wait
+    executor.spin_until_future_complete(late, timeout_sec=0.3)
+    assert not late.done()
 
 
 def test_node_executor_is_chosen_by_environment() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from rclpy.context import Context
@@ -28,6 +29,12 @@ from rclpy.executors import (
     ShutdownException,
     TimeoutException,
 )
+from rclpy.task import Future
+
+
+def _never() -> bool:
+    return False
+
 
 #: Longest wait for a queued callback to start before the spin thread looks for other work (s).
 QUEUED_WAIT_S = 0.05
@@ -55,11 +62,22 @@ class PooledExecutor(Executor):
 
     def spin_once(self, timeout_sec: float | None = None) -> None:
         """Wait for one ready callback (at most ``timeout_sec``) and hand it to the pool."""
+        self._dispatch_one(timeout_sec, _never)
+
+    def spin_once_until_future_complete(self, future: Future, timeout_sec: Any = None) -> None:
+        """As :meth:`spin_once`, but return as soon as ``future`` is done."""
+        future.add_done_callback(lambda _future: self.wake())
+        self._dispatch_one(timeout_sec, future.done)
+
+    # rclpy >= 9 (Kilted) drives ``spin_until_future_complete`` through this name.
+    _spin_once_until_future_complete = spin_once_until_future_complete
+
+    def _dispatch_one(self, timeout_sec: Any, condition: Callable[[], bool]) -> None:
         with self._lock:
             if self._errors:
                 raise self._errors.pop(0)
         try:
-            handler, _entity, _node = self.wait_for_ready_callbacks(timeout_sec=timeout_sec)
+            handler, _entity, _node = self.wait_for_ready_callbacks(timeout_sec, None, condition)
         except (ShutdownException, ExternalShutdownException, TimeoutException, ConditionReachedException):
             return
         with self._lock:
