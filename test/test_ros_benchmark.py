@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from facial_perception.ros.ros_benchmark import parse_param_override
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +19,7 @@ def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "BENCH.md"
     cmd = [sys.executable, "-m", "facial_perception.ros.ros_benchmark", "--duration", "3", "--warmup", "2"]
     cmd += ["--rate", "10", "--compare-transports", "--json", str(out_json), "--markdown", str(out_md)]
+    cmd += ["--compare-param", "cpu_threads=2"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out_json.read_text())
@@ -39,4 +44,46 @@ def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path:
     assert result["settings"]["node_executor"].startswith("pooled")
     assert stock["settings"]["node_executor"] == "multi_threaded" and stock["summary"]["results_received"] > 0
     assert "## Executor of the node" in text and "| multi_threaded |" in text
+    (threads,) = [c for c in result["comparisons"] if c["kind"] == "param"]
+    assert threads["name"] == "cpu_threads" and threads["settings"]["overrides"] == {"cpu_threads": 2}
+    assert threads["summary"]["results_received"] > 0 and result["settings"]["overrides"] == {}
+    assert "## Node parameter `cpu_threads`" in text and "| 1 (default) |" in text and "| 2 |" in text
     assert "Fast DDS transports" not in text  # --compare-transports with no names: no such run
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("cpu_threads=2", ("cpu_threads", 2)),
+        ("detection_threshold=0.6", ("detection_threshold", 0.6)),
+        ("fuse_columns=FALSE", ("fuse_columns", False)),
+        ("detector=haar", ("detector", "haar")),
+    ],
+)
+def test_parameter_overrides_take_the_type_of_the_default(text: str, expected: tuple) -> None:
+    assert parse_param_override(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cpu_threads", "wants NAME=VALUE"),
+        ("no_such=1", "the node has no parameter 'no_such'"),
+        ("cpu_threads=two", "cpu_threads takes a int value, got 'two'"),
+        ("fuse_columns=maybe", "fuse_columns takes a bool value"),
+    ],
+)
+def test_bad_parameter_overrides_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_param_override(text)
+
+
+def test_benchmark_refuses_a_bad_override_before_starting_anything(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "facial_perception.ros.ros_benchmark", "--compare-param", "no_such=1"]
+    cmd += ["--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "B.md")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "ros_benchmark: error: --compare-param: the node has no parameter 'no_such'"
+    ]
+    assert not (tmp_path / "b.json").exists()

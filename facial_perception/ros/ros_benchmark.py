@@ -14,6 +14,7 @@ Targets (lite model, 2 CPU cores): >= 25 fps processed, p99 latency <= 100 ms, R
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -313,6 +314,7 @@ def run_benchmark(
         or os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA (node default)"),
         "publisher_fastdds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "DEFAULT (unset)"),
         "node_executor": node_executor or os.environ.get(EXECUTOR_ENV, "") or "pooled (node default)",
+        "overrides": dict(overrides or {}),
     }
     result = BenchmarkResult(settings)
     log = workdir / "node.log"
@@ -493,6 +495,24 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
             value = str(c["settings"].get(kind, True)).lower()
             cpu = _fmt(summ["cpu_percent_mean"])
             lines.append(f"| {value} | {_fmt(summ['processed_fps'])} | {lat} | {cpu} |")
+    for name in dict.fromkeys(c["name"] for c in result.comparisons if c.get("kind") == "param"):
+        compared = [c for c in result.comparisons if c.get("kind") == "param" and c["name"] == name]
+        lines += [
+            "",
+            f"## Node parameter `{name}` (same run, one after the other)",
+            "",
+            f"| {name} | processed fps | latency p50 / p95 / p99 (ms) | node CPU % | fps ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for c in [{"settings": st, "summary": s}, *compared]:
+            summ = c["summary"]
+            value = c["settings"].get("overrides", {}).get(name, f"{_param_defaults().get(name)} (default)")
+            lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
+            ratio = summ["processed_fps"] / s["processed_fps"] if s["processed_fps"] else math.nan
+            lines.append(
+                f"| {value} | {_fmt(summ['processed_fps'])} | {lat} | {_fmt(summ['cpu_percent_mean'])} "
+                f"| {_fmt(ratio, 2)} |"
+            )
     executors = [c for c in result.comparisons if c.get("kind") == "executor"]
     if executors:
         lines += [
@@ -580,6 +600,38 @@ _PARAMETER_COMPARISONS = (
 )
 
 
+@functools.cache
+def _param_defaults() -> dict[str, Any]:
+    """The node's parameters and defaults (imported lazily: the node module loads torch)."""
+    from facial_perception.ros.perception_node import PARAMETERS
+
+    return {p.name: p.default for p in PARAMETERS}
+
+
+def parse_param_override(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` -> ``(name, value)`` typed like the node parameter's default; ValueError if unknown."""
+    name, sep, raw = text.partition("=")
+    name, raw = name.strip(), raw.strip()
+    if not sep or not name or not raw:
+        raise ValueError(f"--compare-param wants NAME=VALUE, got {text!r}")
+    if name not in _param_defaults():
+        raise ValueError(f"--compare-param: the node has no parameter {name!r}")
+    default = _param_defaults()[name]
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false"):
+                raise ValueError
+            return name, raw.lower() == "true"
+        if isinstance(default, int):
+            return name, int(raw)
+        if isinstance(default, float):
+            return name, float(raw)
+    except ValueError:
+        kind = type(default).__name__
+        raise ValueError(f"--compare-param: {name} takes a {kind} value, got {raw!r}") from None
+    return name, raw
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facial_perception ros_benchmark", description=__doc__.split("\n")[0]
@@ -632,6 +684,13 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the run with the node's standalone_members false (the columns alone)",
     )
     parser.add_argument(
+        "--compare-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also run with this node parameter set (repeatable; e.g. cpu_threads=2, detect_every=2)",
+    )
+    parser.add_argument(
         "--no-compare-executor",
         action="store_true",
         help="skip the run with the node on rclpy's MultiThreadedExecutor",
@@ -644,6 +703,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.duration <= 0 or args.rate <= 0:
         print("ros_benchmark: error: --duration and --rate must be positive", file=sys.stderr)
+        return 2
+    try:
+        extra = [parse_param_override(text) for text in args.compare_param]
+    except ValueError as exc:
+        print(f"ros_benchmark: error: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     try:
@@ -666,6 +730,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"benchmark: again with the node's {name} false", flush=True)
             other = run_benchmark(args, args.node_transports, {name: False})
             result.comparisons.append({"kind": name, "settings": other.settings, "summary": other.summary()})
+        for name, value in extra:
+            print(f"benchmark: again with the node's {name} {value!r}", flush=True)
+            other = run_benchmark(args, args.node_transports, {name: value})
+            result.comparisons.append(
+                {"kind": "param", "name": name, "settings": other.settings, "summary": other.summary()}
+            )
         if not args.no_compare_executor:
             print("benchmark: again with the node on rclpy's MultiThreadedExecutor", flush=True)
             other = run_benchmark(args, args.node_transports, node_executor="multi_threaded")
