@@ -19,7 +19,7 @@ def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "BENCH.md"
     cmd = [sys.executable, "-m", "facial_perception.ros.ros_benchmark", "--duration", "3", "--warmup", "2"]
     cmd += ["--rate", "10", "--compare-transports", "--json", str(out_json), "--markdown", str(out_md)]
-    cmd += ["--compare-param", "cpu_threads=2"]
+    cmd += ["--compare-param", "cpu_threads=2", "--param", "detection_threshold=0.5"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out_json.read_text())
@@ -47,6 +47,9 @@ def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path:
     (threads,) = [c for c in result["comparisons"] if c["kind"] == "param"]
     assert threads["name"] == "cpu_threads" and threads["settings"]["overrides"] == {"cpu_threads": 2}
     assert threads["summary"]["results_received"] > 0 and result["settings"]["overrides"] == {}
+    base = {"detection_threshold": 0.5}
+    assert result["settings"]["base_params"] == threads["settings"]["base_params"] == base
+    assert "Node parameters set in every run (`--param`): `detection_threshold=0.5`." in text
     assert "## Node parameter `cpu_threads`" in text and "| 1 (default) |" in text and "| 2 |" in text
     assert "Fast DDS transports" not in text  # --compare-transports with no names: no such run
 

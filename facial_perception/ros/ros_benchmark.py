@@ -284,6 +284,7 @@ def run_benchmark(
         "encoder_stage": True,
         "fuse_columns": True,
         "standalone_members": True,
+        **dict(getattr(args, "base_params", ())),
         **(overrides or {}),
     }
     if args.model_path:
@@ -314,6 +315,7 @@ def run_benchmark(
         or os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA (node default)"),
         "publisher_fastdds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "DEFAULT (unset)"),
         "node_executor": node_executor or os.environ.get(EXECUTOR_ENV, "") or "pooled (node default)",
+        "base_params": dict(getattr(args, "base_params", ())),
         "overrides": dict(overrides or {}),
     }
     result = BenchmarkResult(settings)
@@ -442,6 +444,13 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         f"cores), sampled each second with {st['resource_sampler']}. Machine load average (1 min) at "
         f"start / end: {st.get('load_average_1min_at_start', 'n/a')} / "
         f"{st.get('load_average_1min_at_end', 'n/a')}."
+        + (
+            " Node parameters set in every run (`--param`): "
+            + ", ".join(f"`{k}={v}`" for k, v in st["base_params"].items())
+            + "."
+            if st.get("base_params")
+            else ""
+        )
     )
     fps = f"{_fmt(s['processed_fps'])} (published {_fmt(s['published_fps'])})"
     latency = f"{_fmt(s['latency_p50_ms'])} / {_fmt(s['latency_p95_ms'])} / {_fmt(s['latency_p99_ms'])} ms"
@@ -506,7 +515,10 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
         ]
         for c in [{"settings": st, "summary": s}, *compared]:
             summ = c["summary"]
-            value = c["settings"].get("overrides", {}).get(name, f"{_param_defaults().get(name)} (default)")
+            base = st.get("base_params", {})
+            default = f"{_param_defaults().get(name)} (default)"
+            default = f"{base[name]} (--param)" if name in base else default
+            value = c["settings"].get("overrides", {}).get(name, default)
             lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
             ratio = summ["processed_fps"] / s["processed_fps"] if s["processed_fps"] else math.nan
             lines.append(
@@ -684,6 +696,13 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the run with the node's standalone_members false (the columns alone)",
     )
     parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set this node parameter in every run (repeatable), e.g. to compare in the other order",
+    )
+    parser.add_argument(
         "--compare-param",
         action="append",
         default=[],
@@ -706,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         extra = [parse_param_override(text) for text in args.compare_param]
+        args.base_params = [parse_param_override(text) for text in args.param]
     except ValueError as exc:
         print(f"ros_benchmark: error: {exc}", file=sys.stderr)
         return 2
