@@ -243,6 +243,7 @@ def test_image_in_faces_out_with_header_and_lifecycle(harness, tmp_path):
         values = processed()
         assert values["detector"] == "blazeface_full (litert)" and values["weights"] == "trained"
         assert values["tasks"].split(",") == _expected_task_order() and values["image_topic"] == TOPIC
+        assert values["executor"] == "PooledExecutor"
         assert float(values["fps"]) >= 0.0 and float(values["latency_p50_ms"]) > 0.0
 
         # deactivate: the node stops publishing results

@@ -863,6 +863,7 @@ class PerceptionNode(LifecycleNode):
             "tasks": ",".join(self.model.task_names) if self.model is not None else "",
             "image_topic": str(self._p("image_topic")),
             "training": self.trainer.status.state if self.trainer else "",
+            "executor": type(self.executor).__name__ if self.executor is not None else "",
         }
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
