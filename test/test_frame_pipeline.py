@@ -181,6 +181,11 @@ def test_gallery_enrolment_and_recognition(predictor, detector, frame: np.ndarra
     cancelled.cancel("operator cancelled")
     pipeline.process(frame)
     assert cancelled.error == "operator cancelled" and "nobody" not in gallery
+    waiting = [pipeline.start_enrolment(n, frames=5) for n in ("first", "second")]
+    assert pipeline.cancel_enrolments("camera stopped") == 2 and pipeline.cancel_enrolments("again") == 0
+    assert all(c.wait(0) and c.error == "camera stopped" for c in waiting)
+    pipeline.process(frame)
+    assert "first" not in gallery and "second" not in gallery
     with pytest.raises(FacePipelineError, match="non-empty name"):
         pipeline.start_enrolment("  ", frames=2)
     with pytest.raises(FacePipelineError, match="no gallery"):

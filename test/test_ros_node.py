@@ -555,3 +555,35 @@ def _expected_task_order() -> list[str]:
     if DEFAULT_MODEL.is_file():
         return load_model(DEFAULT_MODEL)[0].task_names
     return [spec.name for spec in default_task_specs()]
+
+
+def test_a_waiting_live_enrolment_ends_on_deactivate_and_on_sigint(harness, tmp_path):
+    """No camera frames: a live enrolment would wait out its 120 s; stopping the node ends it now."""
+    node = NodeUnderTest(harness, tmp_path)
+    client = harness.node.create_client(EnrolIdentity, "/facial_perception/enrol_identity")
+    try:
+        node.up()
+        assert client.wait_for_service(timeout_sec=30.0)
+
+        def start_enrolment() -> tuple[Any, threading.Event]:
+            request = EnrolIdentity.Request(name="nobody", num_frames=3, timeout_s=120.0)
+            future, answered = client.call_async(request), threading.Event()
+            future.add_done_callback(lambda _f: answered.set())
+            return future, answered
+
+        future, answered = start_enrolment()
+        assert not answered.wait(2.0), "answered although no frame arrived"  # the node is waiting
+        harness.lifecycle.change(Transition.TRANSITION_DEACTIVATE)
+        assert answered.wait(20.0), "deactivation left the enrolment waiting"
+        response = future.result()
+        assert not response.success and response.message.startswith("cancelled: the node stopped taking")
+        listed = harness.call(ListIdentities, "/facial_perception/list_identities", ListIdentities.Request())
+        assert "nobody" not in listed.names
+
+        harness.lifecycle.change(Transition.TRANSITION_ACTIVATE)
+        start_enrolment()
+        time.sleep(1.0)  # let the request reach the node before it is told to stop
+        assert stop_process(node.process, timeout=20.0) == 0, node.log_text()[-2000:]
+    finally:
+        harness.node.destroy_client(client)
+        node.stop()

@@ -451,6 +451,18 @@ class FramePipeline:
             self._collectors.append(collector)
         return collector
 
+    def cancel_enrolments(self, reason: str) -> int:
+        """Fail every enrolment still collecting, so its waiter returns now; returns how many.
+
+        Why: an enrolment only ends as frames arrive; when the camera stops (node deactivated or
+        shutting down) nothing would wake a waiting service call until its timeout.
+        """
+        with self._lock:
+            pending, self._collectors = [c for c in self._collectors if not c.done], []
+        for collector in pending:
+            collector.cancel(reason)
+        return len(pending)
+
     def _feed_collectors(
         self, tracks: Sequence[Track], embeddings: Sequence[np.ndarray | None], crops: Sequence[np.ndarray]
     ) -> None:

@@ -661,6 +661,10 @@ class PerceptionNode(LifecycleNode):
     def _stop_worker(self) -> None:
         self._stop.set()
         self._frames.clear()
+        if self.pipeline is not None:  # a live enrolment waiting for frames answers now
+            self.pipeline.cancel_enrolments(
+                "cancelled: the node stopped taking camera frames (deactivated or shut down)"
+            )
         for worker in (self._worker, *self._stage_workers):
             if worker is not None:
                 worker.join(timeout=10.0)
