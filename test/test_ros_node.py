@@ -587,3 +587,25 @@ def test_a_waiting_live_enrolment_ends_on_deactivate_and_on_sigint(harness, tmp_
     finally:
         harness.node.destroy_client(client)
         node.stop()
+
+
+def test_ctrl_c_during_training_exits_cleanly(harness, tmp_path, shared_datasets):
+    """SIGINT while the add-column action trains: exit code 0 at once, no traceback in the log."""
+    node = NodeUnderTest(harness, tmp_path)
+    try:
+        node.up()
+        dataset = _tiny_dataset(shared_datasets, tmp_path, per_class=40)
+        client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
+        assert client.wait_for_server(timeout_sec=30.0)
+        feedback = threading.Event()
+        goal = AddTaskColumn.Goal(
+            name="smile", labels=["male", "female"], dataset_path=str(dataset), epochs=500
+        )
+        client.send_goal_async(goal, feedback_callback=lambda _msg: feedback.set())
+        assert feedback.wait(60.0), "no training feedback"
+        assert stop_process(node.process, timeout=20.0) == 0, node.log_text()[-2000:]
+        log = node.log_text()
+        assert "add column 'smile'" in log, log[-2000:]
+        assert "Traceback" not in log and "callback failed" not in log, log[-2000:]
+    finally:
+        node.stop()

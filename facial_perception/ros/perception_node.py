@@ -986,7 +986,7 @@ class PerceptionNode(LifecycleNode):
         return response
 
     def _publish_training_status(self, state: TrainingState) -> None:
-        if self._status_pub is not None:
+        if self._status_pub is not None and self.context.ok():  # not after Ctrl-C
             self._status_pub.publish(training_status_msg(state.to_dict()))
 
     # ---------------------------------------------------------------------------------- add column
@@ -1013,13 +1013,24 @@ class PerceptionNode(LifecycleNode):
         last: TrainingState | None = None
         while True:
             finished = trainer.wait(0.2)
+            if not self.context.ok():  # Ctrl-C: the action server is gone, nothing can be reported
+                trainer.cancel()
+                result.success, result.message = False, "the node shut down during training"
+                with contextlib.suppress(Exception):
+                    goal_handle.abort()
+                return result
             if goal_handle.is_cancel_requested:
                 trainer.cancel()
             state = trainer.status
             if state != last:
-                goal_handle.publish_feedback(
-                    AddTaskColumn.Feedback(status=training_status_msg(state.to_dict()))
-                )
+                try:
+                    goal_handle.publish_feedback(
+                        AddTaskColumn.Feedback(status=training_status_msg(state.to_dict()))
+                    )
+                except Exception:
+                    if self.context.ok():
+                        raise
+                    continue  # shut down between the check and the publish: handled above
                 last = state
             if finished:
                 break
