@@ -10,7 +10,8 @@ Lifecycle:
     detector, tracker, smoother and gallery; create publishers, services and the action server.
   * activate   -- subscribe to the camera (SensorDataQoS, reliability from ``image_reliability``) and
     start the worker thread; publishers go live.
-  * deactivate -- unsubscribe, stop the worker; nothing is published while inactive.
+  * deactivate -- unsubscribe, stop the worker, answer live enrolments still waiting for frames;
+    nothing is published while inactive.
   * cleanup    -- drop everything and free the model (and the CUDA cache).
 
 Only the newest frame is processed: the subscription callback puts each message into a one-slot
