@@ -132,6 +132,31 @@ def test_spin_until_future_complete_returns_when_a_callback_completes_it(
     assert not late.done()
 
 
+@pytest.mark.parametrize("stop", ["executor", "context"])
+def test_spin_runs_callbacks_until_shutdown(stop: str) -> None:
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("fp_executor_spin_test", context=context)
+    executor = PooledExecutor(num_threads=2, context=context)
+    executor.add_node(node)
+    ticked = threading.Event()
+    node.create_timer(0.01, ticked.set)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    try:
+        spinner.start()
+        assert ticked.wait(20.0), "spin ran no callback"
+        if stop == "executor":
+            executor.shutdown(timeout_sec=2.0)
+        else:
+            rclpy.shutdown(context=context)
+        spinner.join(20.0)
+        assert not spinner.is_alive(), f"spin kept running after the {stop} shut down"
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
 def test_node_executor_is_chosen_by_environment() -> None:
     assert executor_kind({}) == "pooled"
     assert executor_kind({EXECUTOR_ENV: "multi_threaded"}) == "multi_threaded"

@@ -60,6 +60,15 @@ class PooledExecutor(Executor):
         self._started: dict[Any, threading.Event] = {}  # submitted, not yet returned: handler -> started
         self._errors: list[BaseException] = []
 
+    def spin(self) -> None:
+        """Dispatch callbacks until the context shuts down or :meth:`shutdown` is called.
+
+        Defined here (not inherited) so that it relies on this class's dispatch only, whatever the
+        base class of a future rclpy calls internally.
+        """
+        while self.context.ok() and self._dispatch_one(None, _never):
+            pass
+
     def spin_once(self, timeout_sec: float | None = None) -> None:
         """Wait for one ready callback (at most ``timeout_sec``) and hand it to the pool."""
         self._dispatch_one(timeout_sec, _never)
@@ -72,23 +81,27 @@ class PooledExecutor(Executor):
     # rclpy >= 9 (Kilted) drives ``spin_until_future_complete`` through this name.
     _spin_once_until_future_complete = spin_once_until_future_complete
 
-    def _dispatch_one(self, timeout_sec: Any, condition: Callable[[], bool]) -> None:
+    def _dispatch_one(self, timeout_sec: Any, condition: Callable[[], bool]) -> bool:
+        """One dispatch step; False once the executor or its context has shut down."""
         with self._lock:
             if self._errors:
                 raise self._errors.pop(0)
         try:
             handler, _entity, _node = self.wait_for_ready_callbacks(timeout_sec, None, condition)
-        except (ShutdownException, ExternalShutdownException, TimeoutException, ConditionReachedException):
-            return
+        except (ShutdownException, ExternalShutdownException):
+            return False
+        except (TimeoutException, ConditionReachedException):
+            return True
         with self._lock:
             started = self._started.get(handler)
             if started is None:
                 started = threading.Event()
                 self._started[handler] = started
                 self._pool.submit(self._run, handler, started)
-                return
+                return True
         # Queued but not started yet: rclpy hands it back until a pool thread starts it.
         started.wait(QUEUED_WAIT_S)
+        return True
 
     def _run(self, handler: Any, started: threading.Event) -> None:
         started.set()
