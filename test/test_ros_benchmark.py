@@ -77,8 +77,10 @@ def test_parameter_overrides_take_the_type_of_the_default(text: str, expected: t
     ],
 )
 def test_bad_parameter_overrides_are_refused(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^--compare-param.*{message}"):
         parse_param_override(text)
+    with pytest.raises(ValueError, match=f"^--param.*{message}"):
+        parse_param_override(text, "--param")
 
 
 def test_benchmark_refuses_a_bad_override_before_starting_anything(tmp_path: Path) -> None:

@@ -273,6 +273,7 @@ def run_benchmark(
     from facial_perception.ros.perception_node import EXECUTOR_ENV, select_model
 
     workdir = Path(tempfile.mkdtemp(prefix="fp_benchmark_"))
+    base_params = dict(getattr(args, "base_params", ()))  # --param, set by main()
     params: dict[str, Any] = {
         "image_topic": TOPIC,
         "image_reliability": args.reliability,
@@ -284,7 +285,7 @@ def run_benchmark(
         "encoder_stage": True,
         "fuse_columns": True,
         "standalone_members": True,
-        **dict(getattr(args, "base_params", ())),
+        **base_params,
         **(overrides or {}),
     }
     if args.model_path:
@@ -315,7 +316,7 @@ def run_benchmark(
         or os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA (node default)"),
         "publisher_fastdds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "DEFAULT (unset)"),
         "node_executor": node_executor or os.environ.get(EXECUTOR_ENV, "") or "pooled (node default)",
-        "base_params": dict(getattr(args, "base_params", ())),
+        "base_params": base_params,
         "overrides": dict(overrides or {}),
     }
     result = BenchmarkResult(settings)
@@ -484,90 +485,66 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
     for row in result.timeline():
         cells = [f"{row['t_s']:.0f}", _fmt(row["fps"]), _fmt(row["latency_p95_ms"]), _fmt(row["cpu_percent"])]
         lines.append("| " + " | ".join([*cells, _fmt(row["rss_mb"])]) + " |")
-    transports = [c for c in result.comparisons if c.get("kind", "transports") == "transports"]
-    for kind, title, text in _PARAMETER_COMPARISONS:
-        compared = [c for c in result.comparisons if c.get("kind") == kind]
-        if not compared:
-            continue
-        lines += [
-            "",
-            f"## {title} (node parameter `{kind}`; same run, one after the other)",
-            "",
-            text,
-            "",
-            f"| {kind} | processed fps | latency p50 / p95 / p99 (ms) | node CPU % |",
-            "|---|---|---|---|",
-        ]
-        for c in [{"settings": st, "summary": s}, *compared]:
-            summ = c["summary"]
-            lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
-            value = str(c["settings"].get(kind, True)).lower()
-            cpu = _fmt(summ["cpu_percent_mean"])
-            lines.append(f"| {value} | {_fmt(summ['processed_fps'])} | {lat} | {cpu} |")
-    for name in dict.fromkeys(c["name"] for c in result.comparisons if c.get("kind") == "param"):
-        compared = [c for c in result.comparisons if c.get("kind") == "param" and c["name"] == name]
-        lines += [
-            "",
-            f"## Node parameter `{name}` (same run, one after the other)",
-            "",
-            f"| {name} | processed fps | latency p50 / p95 / p99 (ms) | node CPU % | fps ratio |",
-            "|---|---|---|---|---|",
-        ]
-        for c in [{"settings": st, "summary": s}, *compared]:
-            summ = c["summary"]
-            base = st.get("base_params", {})
-            default = f"{_param_defaults().get(name)} (default)"
-            default = f"{base[name]} (--param)" if name in base else default
-            value = c["settings"].get("overrides", {}).get(name, default)
+    base = st.get("base_params", {})
+
+    def section(title: str, text: str, header: str, runs: list[tuple[Any, dict[str, Any]]]) -> None:
+        """One same-run comparison: the main run first, then the others, with their fps ratio to it."""
+        lines.extend(["", f"## {title}", ""])
+        lines.extend([text, ""] if text else [])
+        lines.append(f"| {header} | processed fps | latency p50 / p95 / p99 (ms) | node CPU % | fps ratio |")
+        lines.append("|---|---|---|---|---|")
+        for label, summ in runs:
             lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
             ratio = summ["processed_fps"] / s["processed_fps"] if s["processed_fps"] else math.nan
-            lines.append(
-                f"| {value} | {_fmt(summ['processed_fps'])} | {lat} | {_fmt(summ['cpu_percent_mean'])} "
-                f"| {_fmt(ratio, 2)} |"
-            )
-    executors = [c for c in result.comparisons if c.get("kind") == "executor"]
-    if executors:
-        lines += [
-            "",
-            "## Executor of the node (same run, one after the other)",
-            "",
+            cells = [
+                str(label),
+                _fmt(summ["processed_fps"]),
+                lat,
+                _fmt(summ["cpu_percent_mean"]),
+                _fmt(ratio, 2),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+
+    def of_kind(kind: str) -> list[dict[str, Any]]:
+        return [c for c in result.comparisons if c.get("kind", "transports") == kind]
+
+    main_run = {"settings": st, "summary": s}
+    for kind, title, text in _PARAMETER_COMPARISONS:
+        if of_kind(kind):
+            runs = [
+                (str(c["settings"].get(kind, True)).lower(), c["summary"]) for c in [main_run, *of_kind(kind)]
+            ]
+            section(f"{title} (node parameter `{kind}`; {SAME_RUN})", text, kind, runs)
+    for name in dict.fromkeys(c["name"] for c in of_kind("param")):
+        default = f"{base[name]} (--param)" if name in base else f"{_param_defaults().get(name)} (default)"
+        compared = [c for c in of_kind("param") if c["name"] == name]
+        runs = [
+            (c["settings"].get("overrides", {}).get(name, default), c["summary"])
+            for c in [main_run, *compared]
+        ]
+        section(f"Node parameter `{name}` ({SAME_RUN})", "", name, runs)
+    if of_kind("executor"):
+        text = (
             "The node spins on the package's `PooledExecutor`; `multi_threaded` is rclpy's "
             "`MultiThreadedExecutor`, whose spin thread loops while a callback waits in its pool "
             "(ros2/rclpy#1452; docs/ROS_NODE.md). Chosen with `FACIAL_PERCEPTION_EXECUTOR` in the "
-            "node's environment.",
-            "",
-            "| node executor | processed fps | latency p50 / p95 / p99 (ms) | node CPU % | fps ratio |",
-            "|---|---|---|---|---|",
+            "node's environment."
+        )
+        runs = [
+            (c["settings"].get("node_executor", "pooled"), c["summary"])
+            for c in [main_run, *of_kind("executor")]
         ]
-        for c in [{"settings": st, "summary": s}, *executors]:
-            summ = c["summary"]
-            lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
-            ratio = summ["processed_fps"] / s["processed_fps"] if s["processed_fps"] else math.nan
-            lines.append(
-                f"| {c['settings'].get('node_executor', 'pooled')} | {_fmt(summ['processed_fps'])} | {lat} "
-                f"| {_fmt(summ['cpu_percent_mean'])} | {_fmt(ratio, 2)} |"
-            )
-    if transports:
-        lines += [
-            "",
-            "## Fast DDS transports of the node (same run, one after the other)",
-            "",
+        section(f"Executor of the node ({SAME_RUN})", text, "node executor", runs)
+    if of_kind("transports"):
+        text = (
             "The node sets `FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA` for itself unless the environment chooses "
-            "(docs/ROS_NODE.md); the publisher keeps the default transports, like a camera driver would.",
-            "",
-            "| node transports | processed fps | latency p50 / p95 / p99 (ms) | node CPU % | fps ratio |",
-            "|---|---|---|---|---|",
+            "(docs/ROS_NODE.md); the publisher keeps the default transports, like a camera driver would."
+        )
+        runs = [
+            (c["settings"]["node_fastdds_transports"], c["summary"])
+            for c in [main_run, *of_kind("transports")]
         ]
-        runs = [(st["node_fastdds_transports"], s)] + [
-            (c["settings"]["node_fastdds_transports"], c["summary"]) for c in transports
-        ]
-        for name, summ in runs:
-            lat = " / ".join(_fmt(summ[f"latency_p{q}_ms"]) for q in (50, 95, 99))
-            ratio = summ["processed_fps"] / s["processed_fps"] if s["processed_fps"] else math.nan
-            lines.append(
-                f"| {name} | {_fmt(summ['processed_fps'])} | {lat} | {_fmt(summ['cpu_percent_mean'])} "
-                f"| {_fmt(ratio, 2)} |"
-            )
+        section(f"Fast DDS transports of the node ({SAME_RUN})", text, "node transports", runs)
     lines += [
         "",
         "Notes: camera, node and benchmark processes share the same 2 cores (the camera serialises 30 frames "
@@ -578,6 +555,8 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
     ]
     atomic_write_text(path, "\n".join(lines))
 
+
+SAME_RUN = "same run, one after the other"
 
 #: Node parameters the benchmark also runs with ``false`` in the same run: (name, title, explanation).
 _PARAMETER_COMPARISONS = (
@@ -620,14 +599,14 @@ def _param_defaults() -> dict[str, Any]:
     return {p.name: p.default for p in PARAMETERS}
 
 
-def parse_param_override(text: str) -> tuple[str, Any]:
+def parse_param_override(text: str, flag: str = "--compare-param") -> tuple[str, Any]:
     """``NAME=VALUE`` -> ``(name, value)`` typed like the node parameter's default; ValueError if unknown."""
     name, sep, raw = text.partition("=")
     name, raw = name.strip(), raw.strip()
     if not sep or not name or not raw:
-        raise ValueError(f"--compare-param wants NAME=VALUE, got {text!r}")
+        raise ValueError(f"{flag} wants NAME=VALUE, got {text!r}")
     if name not in _param_defaults():
-        raise ValueError(f"--compare-param: the node has no parameter {name!r}")
+        raise ValueError(f"{flag}: the node has no parameter {name!r}")
     default = _param_defaults()[name]
     try:
         if isinstance(default, bool):
@@ -640,7 +619,7 @@ def parse_param_override(text: str) -> tuple[str, Any]:
             return name, float(raw)
     except ValueError:
         kind = type(default).__name__
-        raise ValueError(f"--compare-param: {name} takes a {kind} value, got {raw!r}") from None
+        raise ValueError(f"{flag}: {name} takes a {kind} value, got {raw!r}") from None
     return name, raw
 
 
@@ -725,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         extra = [parse_param_override(text) for text in args.compare_param]
-        args.base_params = [parse_param_override(text) for text in args.param]
+        args.base_params = [parse_param_override(text, "--param") for text in args.param]
     except ValueError as exc:
         print(f"ros_benchmark: error: {exc}", file=sys.stderr)
         return 2
