@@ -5,8 +5,8 @@ fix is ros2/rclpy#1547, for issue #1452) its spin thread hands a callback to the
 pool thread has *started* it, gets the same callback back from ``wait_for_ready_callbacks`` at
 once, again and again.  That loop holds the GIL, so the pool threads that should start the
 callback, and the node's own model threads, hardly run: on the 2-core benchmark machine the
-perception node's spin thread used 93 % of a core and the node processed 7.5 of 30 frames/s;
-with this executor it processes all 30 (docs/BENCHMARK_ROS.md).
+perception node processed 12.7 of 30 frames/s on it and all 30 on this executor, in the same
+benchmark run (docs/BENCHMARK_ROS.md).
 
 :class:`PooledExecutor` uses only the public executor API (``wait_for_ready_callbacks``,
 ``spin_once``): a callback is submitted once; when the spin thread gets back a callback that is
