@@ -54,9 +54,21 @@ if [ ! -f "$FEWSHOT_MODEL" ]; then
   FIRST=$MEMBERS_DIR/identity_s${COLUMN_SEED:-2}.safetensors
   MEMBER_FILES=()
   for seed in $FEWSHOT_SEEDS; do MEMBER_FILES+=("$MEMBERS_DIR/identity_s$seed.safetensors"); done
-  if [ ${#MEMBER_FILES[@]} = 0 ]; then cp "$FIRST" "$FEWSHOT_MODEL"
-  else "${FP[@]}" columns --checkpoint "$FIRST" --ensemble identity "${MEMBER_FILES[@]}" --out "$FEWSHOT_MODEL" -q; fi
+  JOINED=${FEWSHOT_MODEL%.safetensors}_joined.safetensors
+  if [ ${#MEMBER_FILES[@]} = 0 ]; then cp "$FIRST" "$JOINED"
+  else "${FP[@]}" columns --checkpoint "$FIRST" --ensemble identity "${MEMBER_FILES[@]}" --out "$JOINED" -q; fi
+  # whitened as the shipped identity embedding is, on the faces of the people the column was trained on
+  "${FP[@]}" whiten --checkpoint "$JOINED" --data "$RUNS/splits/lfw_identity/train" --holdout-fraction 0.2 \
+    --out "$FEWSHOT_MODEL" "${COMMON[@]}" -q
 fi
 "${FP[@]}" fewshot --checkpoint "$FEWSHOT_MODEL" --data "$RUNS/splits/lfw_identity/train" --holdout-fraction 0.2 \
   --shots 5 --trials 10 --out-json "$OUT/fewshot.json" "${COMMON[@]}" -q | tee "$OUT/fewshot.md"
+
+# strangers: the shipped model on people it never saw (lfw_unlabeled), N of them enrolled with 5 photos each and
+# everyone else a stranger: how many strangers each gallery threshold names, how many enrolled faces it still names
+for n in 10 20 50; do
+  plot=(); [ "$n" != 20 ] || plot=(--plot "$OUT/open_set.png")
+  "${FP[@]}" fewshot --checkpoint "$MODEL" --data "$DATA/lfw_unlabeled" --open-set "$n" --shots 5 --trials 10 \
+    --out-json "$OUT/open_set_$n.json" "${plot[@]}" "${COMMON[@]}" -q | tee "$OUT/open_set_$n.md"
+done
 echo "figures in $OUT"

@@ -198,5 +198,10 @@ done
 "${FP[@]}" columns --checkpoint "$SINGLE" "${ENSEMBLE[@]}" "${STANDALONE[@]}" --no-mirror-average emotion gender age \
   --out "$MODEL"
 
+# 6. the identity embedding's whitening, fit on the identity column's own training faces: without it the
+# gallery named nearly every stranger after an enrolled person (docs/MODEL_CARD.md, "Strangers")
+step "identity embedding whitening"
+"${FP[@]}" whiten --checkpoint "$MODEL" --data "$RUNS/splits/lfw_identity/train" --out "$MODEL" "${COMMON[@]}" -q
+
 step "done: $MODEL"
 "${FP[@]}" info --checkpoint "$MODEL"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import make_identity_folders, make_unlabeled, make_utkface
+from PIL import Image
 
 from facial_perception.core.checkpoint import load_model
 from facial_perception.core.cli import load_model_or_encoder, main
@@ -349,6 +350,49 @@ def test_fewshot_on_people_held_out_from_training(data, gender_model, capsys):
     _known, held = split_people(read_identity_folders(data["identities"]), 0.5, seed=0)
     held_people = {held.label_names[i] for i in held.labels()}
     assert len(held_people) == 2 and not held_people & set(model.specs["identity"].labels)
+
+
+def test_whiten_then_open_set_fewshot_on_people_held_out_from_training(data, gender_model, capsys):
+    """`whiten` fits on the people the column was trained on only; `fewshot --open-set` then enrols some
+    of the held-out people and keeps the others as strangers."""
+    tmp, people = data["tmp"], data["identities"]
+    column = tmp / "identity_for_whitening.safetensors"
+    train = ["train-task", "--checkpoint", str(gender_model), "--task", "identity", "--data", str(people)]
+    assert main([*train, "--holdout-people", "0.5", *_one_epoch_into(column)]) == 0
+    whitened = tmp / "whitened.safetensors"
+    args = ["whiten", "--checkpoint", str(column), "--data", str(people), "--holdout-fraction", "0.5"]
+    assert main([*args, "--out", str(whitened), "--device", "cpu", "--workers", "1", "-q"]) == 0
+    model, meta = load_model(whitened)
+    summary = meta["training"]["identity"]["embedding_whitening"]
+    assert summary["people"] == 2 and summary["faces"] == 12  # the two trained people's 6 photos each
+    assert model.embedding_dim("identity") == summary["out_dim"] <= 11  # at most faces - 1 axes
+    capsys.readouterr()
+
+    out_json, plot = tmp / "open_set.json", tmp / "open_set.png"
+    fewshot = ["fewshot", "--checkpoint", str(whitened), "--data", str(people), "--holdout-fraction", "0.5"]
+    options = ["--shots", "2", "--trials", "3", "--open-set", "1", "--threshold", "0.2", "--plot", str(plot)]
+    assert main([*fewshot, *options, "--out-json", str(out_json), "--device", "cpu", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "Open set: 1 people enrolled with 2 photos each, 1 strangers" in printed and "(given)" in printed
+    report = json.loads(out_json.read_text())["open_set"]
+    assert report["enrolled_people"] == 1 and report["stranger_queries"] == 6 and report["threshold"] == 0.2
+    assert report["known_queries"] == 4 and len(report["dir"]) == len(report["thresholds"])
+    with Image.open(plot) as png:
+        assert png.size[0] > 400
+
+    # bad requests: one line each, nothing written
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as parse_error:
+        main([*fewshot, "--open-set", "1", "--threshold", "2", "-q"])
+    assert parse_error.value.code == 2 and "cosine similarity in [-1, 1]" in capsys.readouterr().err
+    never = tmp / "never.safetensors"
+    assert (
+        main(["whiten", "--checkpoint", str(gender_model), "--data", str(people), "--out", str(never)]) == 2
+    )
+    assert "has no identity column" in capsys.readouterr().err and not never.exists()
+    # two held-out people, both enrolled: no stranger left
+    assert main([*fewshot, "--open-set", "2", "--shots", "2", "-q"]) == 2
+    assert "at least one more person as a stranger" in capsys.readouterr().err
 
 
 def test_columns_standalone_averages_an_end_to_end_network_until_dropped(data, encoder, gender_model, capsys):

@@ -16,7 +16,9 @@ from facial_perception.core.evaluation import (
     calibration,
     confusion_matrix,
     evaluate_predictions,
+    fit_embedding_whitening,
     macro_f1,
+    open_set_identification,
     parse_subgroups,
     per_class_recall,
     subgroup_table,
@@ -67,7 +69,10 @@ def test_subgroup_table_pair_and_gap():
     pair = subgroup_table(y_true, y_pred, {"race": race, "gender": gender}, ("race", "gender"))
     by_group = {r.group: (r.count, r.accuracy) for r in pair.rows}
     assert by_group == {
-        ("A", "f"): (2, 1.0), ("A", "m"): (2, 1.0), ("B", "f"): (2, 0.0), ("B", "m"): (2, 0.5)
+        ("A", "f"): (2, 1.0),
+        ("A", "m"): (2, 1.0),
+        ("B", "f"): (2, 0.0),
+        ("B", "m"): (2, 0.5),
     }
     assert pair.largest_gap == pytest.approx(1.0)
     assert pair.worst_group == ("B", "f")
@@ -123,8 +128,9 @@ def test_plots_write_real_pngs(tmp_path):
         plots.plot_confusion_matrix(cm, ["a", "b", "c"], tmp_path / "cm.png"),
         plots.plot_reliability(cal, tmp_path / "rel.png"),
         plots.plot_group_accuracy(table, tmp_path / "groups.png"),
-        plots.plot_curve_comparison({"with": [[0.1, 0.5], [0.2, 0.6, 0.7]], "without": [[0.1, 0.2]]},
-                                    tmp_path / "cmp.png"),
+        plots.plot_curve_comparison(
+            {"with": [[0.1, 0.5], [0.2, 0.6, 0.7]], "without": [[0.1, 0.2]]}, tmp_path / "cmp.png"
+        ),
         plots.save_image_grid(np.linspace(-1, 1, 5 * 8 * 8).reshape(5, 1, 8, 8), tmp_path / "grid.png", 3),
     ]
     for p in paths:
@@ -183,3 +189,62 @@ def test_shift_images_moves_content_and_replicates_the_edge():
     up = shift_images(faces, 0, -1)
     assert np.array_equal(up[:, :4], faces[:, 1:]) and np.array_equal(up[:, 4], faces[:, 4])
     assert np.array_equal(shift_images(faces, 0, 0), faces) and right.flags.c_contiguous
+
+
+def _people(rng: np.random.Generator, count: int, photos: int) -> tuple[np.ndarray, list[str]]:
+    """Embeddings shaped like the identity column's: a large offset shared by everyone (ReLU features),
+    a centre per person in 12 dimensions, and per-photo nuisance (pose, light) that is larger than the
+    differences between people but lies in 4 other dimensions."""
+    centres = np.concatenate([rng.normal(size=(count, 12)), np.zeros((count, 4))], axis=1) + 4.0
+    emb = []
+    for centre in centres:
+        nuisance = np.concatenate([np.zeros((photos, 12)), 3.0 * rng.normal(size=(photos, 4))], axis=1)
+        emb.append(centre + nuisance + 0.3 * rng.normal(size=(photos, 16)))
+    return np.concatenate(emb), [f"p{i}" for i in range(count) for _ in range(photos)]
+
+
+def test_whitening_centres_and_equalises_the_axes_and_drops_dead_ones():
+    rng = np.random.default_rng(0)
+    scales = np.array([10.0, 3.0, 1.0, 0.3, 0.0, 0.0])  # two dead units, as ReLU features have
+    emb = rng.normal(size=(4000, 6)) * scales + 5.0
+    mean, projection = fit_embedding_whitening(emb, shrinkage=0.0)
+    assert projection.shape == (6, 4)  # the dead axes are dropped
+    white = (emb - mean) @ projection
+    np.testing.assert_allclose(white.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(white.T, bias=True), np.eye(4), atol=1e-3)
+    _, shrunk = fit_embedding_whitening(emb, shrinkage=0.01)  # the ridge damps the weak axes most
+    variances = np.var((emb - mean) @ shrunk, axis=0)
+    assert variances[0] > 0.98 and variances[-1] < 0.6 and np.all(np.diff(variances) < 0)
+    for bad, fragment in (
+        (np.ones((1, 3)), "at least 2"),
+        (np.full((5, 3), np.nan), "finite"),
+        (np.ones((5, 3)), "differ"),
+    ):
+        with pytest.raises(EvaluationError, match=fragment):
+            fit_embedding_whitening(bad)
+
+
+def test_open_set_counts_strangers_let_through_and_enrolled_faces_named():
+    rng = np.random.default_rng(1)
+    emb, names = _people(rng, 30, 8)
+    strangers, stranger_names = _people(rng, 40, 1)  # one photo each: never enrolled
+    emb, names = np.concatenate([emb, strangers]), names + [f"s{n}" for n in stranger_names]
+    raw = open_set_identification(emb, names, enrol_people=10, shots=5, trials=4, threshold=0.5)
+    assert raw.enrolled_people == 10 and raw.stranger_people == 60 and raw.known_queries == 30
+    assert raw.stranger_queries == 20 * 8 + 40
+    dir_, far = raw.at(0.5)
+    assert dir_ == raw.rank1 and far == 1.0  # the offset: everyone passes a middling threshold
+    assert np.all(np.diff(raw.far) <= 0) and np.all(np.diff(raw.dir) <= 0)  # stricter: fewer of both
+    assert raw.at(1.0)[1] == 0.0 and raw.at(-1.0) == (raw.rank1, 1.0)
+    # the whitening (fit on other people of the same kind) takes the offset away
+    train, _ = _people(np.random.default_rng(2), 50, 8)
+    mean, projection = fit_embedding_whitening(train)
+    white = open_set_identification((emb - mean) @ projection, names, 10, shots=5, trials=4, threshold=0.5)
+    threshold, dir_white, far_white = white.for_far(0.05)
+    assert far_white <= 0.05 and dir_white > 0.6 and threshold < 1.0 and white.rank1 > 0.9
+    assert raw.for_far(0.05)[1] < 0.2 and raw.rank1 < 0.6  # the nuisance swamps the raw similarity
+    report = white.to_dict()
+    assert report["at_threshold"]["threshold"] == 0.5 and len(report["operating_points"]) == 3
+    assert "FAR <= 5 %" in white.to_markdown()
+    with pytest.raises(EvaluationError, match="needs 40 people"):
+        open_set_identification(emb, names, enrol_people=40, shots=5)

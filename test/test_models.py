@@ -407,6 +407,86 @@ def test_standalone_member_weighs_as_much_as_the_column_and_survives_a_checkpoin
             load_model(broken)
 
 
+def test_embedding_whitening_applies_at_prediction_survives_a_checkpoint_and_goes_with_the_weights(
+    tmp_path: Path,
+) -> None:
+    from facial_perception.core.checkpoint import (
+        CheckpointError,
+        _serialize,
+        load_model,
+        read_checkpoint,
+        save_model,
+    )
+    from facial_perception.core.inference import FacePredictor
+
+    torch.manual_seed(6)
+    specs = [TaskSpec("a", ["x", "y"]), TaskSpec("who", ["p", "q", "r"], kind="identity")]
+    net = ProgressiveNet(TINY, specs).eval()
+    x = torch.randn(5, 1, 16, 16)
+    with torch.inference_mode():
+        raw = net.predict(x)["who"].embedding
+    dim = TINY.column.fc_dim
+    mean, projection = torch.randn(dim), torch.randn(dim, 7)
+    net.set_whitening("who", mean, projection)
+    assert net.embedding_dim("who") == 7 and net.embedding_dim("a") == dim
+    with torch.inference_mode():
+        got = net.predict(x)
+        fused = FacePredictor(net, device="cpu", fuse_columns=True).predict(x)
+    torch.testing.assert_close(got["who"].embedding, (raw - mean) @ projection)
+    torch.testing.assert_close(
+        torch.from_numpy(np.stack([face.embedding for face in fused])),
+        torch.nn.functional.normalize((raw - mean) @ projection, dim=1),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    with torch.inference_mode():  # training and feature caches see the column's own layer
+        torch.testing.assert_close(net(x)["who"].embedding, raw)
+
+    path = tmp_path / "whitened.safetensors"
+    save_model(path, net)
+    assert read_checkpoint(path).meta["whitening"] == {"who": [dim, 7]}
+    loaded, _meta = load_model(path)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(x)["who"].embedding, got["who"].embedding)
+    loaded.rename_column("who", "person")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(x)["person"].embedding, got["who"].embedding)
+    loaded.drop_whitening("person")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.predict(x)["person"].embedding, raw)
+    save_model(tmp_path / "plain.safetensors", loaded)
+    assert (
+        "whitening" not in read_checkpoint(tmp_path / "plain.safetensors").meta
+    )  # what earlier versions read
+
+    # new weights, stale whitening: joining members or removing the column forgets it
+    net.join_members("who", [_reinitialised(net, "who", 3).columns["who"]])
+    assert "who" not in net.whitening and net.embedding_dim("who") == 2 * dim
+    with pytest.raises(ModelError, match=f"gives {2 * dim}-d embeddings"):
+        net.set_whitening("who", mean, projection)
+    net.set_whitening("who", torch.zeros(2 * dim), torch.eye(2 * dim)[:, :3])
+    net.remove_column("who")
+    assert not net.whitening
+    with pytest.raises(ModelError, match="no column"):
+        net.set_whitening("who", mean, projection)
+    with pytest.raises(ModelError, match="must be finite"):
+        net.set_whitening("a", torch.full((dim,), float("nan")), projection)
+    with pytest.raises(ModelError, match="mean"):
+        net.set_whitening("a", mean, torch.randn(dim + 1, 2))
+
+    # a checkpoint whose whitening list is broken: one line
+    broken = tmp_path / "broken.safetensors"
+    contents = read_checkpoint(path)
+    for listed, fragment in (
+        ({"zzz": [dim, 7]}, "no column named 'zzz'"),
+        ({"who": [dim]}, "invalid whitening shape"),
+    ):
+        meta = {k: v for k, v in contents.meta.items() if k != "sha256"}
+        broken.write_bytes(_serialize(contents.tensors, {**meta, "whitening": listed}))
+        with pytest.raises(CheckpointError, match=fragment):
+            load_model(broken)
+
+
 def test_task_subsets_run_their_lateral_sources_and_cached_features_match() -> None:
     torch.manual_seed(1)
     net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"])]).eval()

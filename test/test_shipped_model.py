@@ -65,3 +65,40 @@ def test_sensible_labels_on_real_photos(predictor, real_faces: list[np.ndarray])
     for face in (astronaut[0], hopper[0]):
         assert face.tasks["age"].label not in AGE8_GROUPS[:3]  # not a child
         assert face.embedding is not None and abs(np.linalg.norm(face.embedding) - 1.0) < 1e-5
+
+
+def test_identity_embedding_keeps_strangers_out_at_the_default_threshold(shared_datasets: Path) -> None:
+    """Open set on people the model never saw (lfw_unlabeled): 20 enrolled with 5 photos each, everyone
+    else a stranger. The column's raw embeddings put every stranger above any useful threshold; the
+    shipped whitening (fit on the identity column's own training faces) keeps most of them out."""
+    import copy
+
+    from facial_perception.core.datasets import load_images, read_identity_folders
+    from facial_perception.core.evaluation import (
+        DEFAULT_IDENTITY_THRESHOLD,
+        embed_images,
+        open_set_identification,
+    )
+
+    model, meta = load_model(DEFAULT)
+    assert list(model.whitening) == ["identity"]
+    summary = meta["training"]["identity"]["embedding_whitening"]
+    assert (summary["faces"], summary["people"]) == (1822, 62)  # the column's training split, nothing else
+    assert FacePredictor(model, device="cpu").embedding_dim == model.embedding_dim("identity") < 640
+
+    data = read_identity_folders(shared_datasets / "lfw_unlabeled")
+    counts = np.bincount(data.labels())
+    many = {i for i, n in enumerate(counts) if n > 5}
+    few = sorted(i for i, n in enumerate(counts) if n <= 5)[:400]  # strangers with few photos
+    keep = [i for i, s in enumerate(data.samples) if s.label in many or s.label in set(few)]
+    images, labels, _ = load_images(data.subset(keep), size=64, workers=1, progress=False)
+    names = [str(label) for label in labels]
+    white = open_set_identification(embed_images(model, "identity", images), names, 20, trials=5)
+    dir_, far = white.at(DEFAULT_IDENTITY_THRESHOLD)
+    assert far <= 0.1 and dir_ >= 0.4, (dir_, far)
+
+    raw_model = copy.deepcopy(model)
+    raw_model.drop_whitening("identity")
+    raw = open_set_identification(embed_images(raw_model, "identity", images), names, 20, trials=5)
+    assert raw.at(DEFAULT_IDENTITY_THRESHOLD)[1] > 0.9  # nearly every stranger named
+    assert raw.for_far(0.05)[1] < white.for_far(0.05)[1]  # at the same FAR it names fewer enrolled faces

@@ -3,7 +3,8 @@
 Layout of a model file: every tensor of the :class:`ProgressiveNet` under ``model.``, optional
 extra tensors (e.g. a BEGAN decoder) under ``extra.``, and the safetensors metadata key
 ``facial_perception`` holding JSON ``{format_version, kind, config, tasks, training, sha256}`` (plus
-``standalone``, the configs of the columns' standalone members, when there are any).
+``standalone``, the configs of the columns' standalone members, and ``whitening``, ``{task: [in_dim,
+out_dim]}`` of the embedding whitenings, when there are any).
 ``sha256`` covers the tensor data, so bit rot and truncation are caught, not silently loaded.
 Loading never unpickles anything; training-state files (optimizer, scheduler, RNG) use
 ``torch.load(weights_only=True)``.
@@ -121,6 +122,8 @@ def save_model(
     standalone = model.standalone_configs()
     if standalone:  # files without standalone members keep the metadata that earlier versions read
         meta["standalone"] = {name: [c.to_dict() for c in configs] for name, configs in standalone.items()}
+    if model.whitening:
+        meta["whitening"] = model.whitening_shapes()
     tensors = _cpu_tensors("model.", model.state_dict())
     tensors.update(_cpu_tensors("extra.", extra_tensors or {}))
     return atomic_write(path, _serialize(tensors, meta))
@@ -247,6 +250,21 @@ def _add_standalone_members(model: ProgressiveNet, contents: CheckpointContents)
                 raise CheckpointError(f"{contents.path}: {problem}") from exc
 
 
+def _add_whitenings(model: ProgressiveNet, contents: CheckpointContents) -> None:
+    """Rebuild the embedding whitenings listed in the metadata (zeros; the file's tensors come next)."""
+    listed = contents.meta.get("whitening", {})
+    if not isinstance(listed, Mapping):
+        raise CheckpointError(f"{contents.path}: invalid whitening list (not an object)")
+    for name, shape in listed.items():
+        dims = shape if isinstance(shape, list) and len(shape) == 2 else []
+        if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+            raise CheckpointError(f"{contents.path}: invalid whitening shape for column {name!r}: {shape!r}")
+        try:
+            model.set_whitening(name, torch.zeros(shape[0]), torch.zeros(shape[0], shape[1]))
+        except ModelError as exc:
+            raise CheckpointError(f"{contents.path}: invalid whitening of {name!r} ({exc})") from exc
+
+
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """load_state_dict with a one-line explanation of the first mismatch."""
     own = module.state_dict()
@@ -295,6 +313,7 @@ def load_model(
         except ModelError as exc:
             raise CheckpointError(f"{contents.path}: invalid task list ({exc})") from exc
         _add_standalone_members(model, contents)
+        _add_whitenings(model, contents)
         _load_strict(model, contents.section("model."), contents.path)
     else:
         raise CheckpointError(f"{contents.path}: unknown checkpoint kind {kind!r}")

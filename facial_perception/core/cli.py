@@ -87,6 +87,7 @@ def _bounded(kind: type, minimum: float, strict: bool, what: str) -> Callable[[s
 _positive_int = _bounded(int, 1, False, "a positive integer")
 _non_negative_int = _bounded(int, 0, False, "an integer >= 0")
 _positive_float = _bounded(float, 0.0, True, "a positive number")
+_non_negative_float = _bounded(float, 0.0, False, "a number >= 0")
 
 
 def _fraction(text: str) -> float:
@@ -96,6 +97,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _similarity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity in [-1, 1], got {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity in [-1, 1], got {text!r}")
     return value
 
 
@@ -267,21 +278,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     from facial_perception.core.config import get_config
     from facial_perception.core.flops import format_model_info, model_info
 
-    specs, standalone = None, None
+    specs, standalone, whitening = None, None, {}
     if args.checkpoint:
         model = load_model_or_encoder(args.checkpoint)
         config, specs = model.config, list(model.specs.values()) or None
-        standalone = model.standalone_configs()
+        standalone, whitening = model.standalone_configs(), model.whitening_shapes()
     else:
         config = get_config(args.config or "lite")
     if args.print_config:  # a starting point for a custom config file (e.g. other column widths)
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     info = model_info(config, specs, standalone)
+    if whitening:  # fixed buffers, ~0.0002 GFLOP per face: not in the tables
+        info["whitening"] = whitening
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(format_model_info(info))
+        for name, (d_in, d_out) in whitening.items():
+            print(f"{name} embedding whitened {d_in}-d -> {d_out}-d for the gallery (command `whiten`)")
     return 0
 
 
@@ -650,11 +665,45 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
         workers=args.workers,
         image_cache=args.image_cache,
         progress=not args.quiet,
+        open_set_people=args.open_set,
+        threshold=args.threshold,
     )
     print(result.to_markdown(), end="")
     if args.out_json:
         atomic_write_text(Path(args.out_json), json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"\nJSON written to {args.out_json}")
+    if args.plot and result.open_set is not None:
+        from facial_perception.core.plots import plot_open_set
+
+        print(f"plot written to {plot_open_set(result.open_set, args.plot)}")
+    return 0
+
+
+def cmd_whiten(args: argparse.Namespace) -> int:
+    """Fit the identity column's embedding whitening on its training faces (open-set matching)."""
+    from facial_perception.core.evaluation import whiten_checkpoint
+
+    _check_exists(args.data)
+    if not Path(args.checkpoint).expanduser().is_file():
+        raise CLIError(f"checkpoint not found: {args.checkpoint}")
+    summary = whiten_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.out,
+        task=args.task,
+        shrinkage=args.shrinkage,
+        holdout_fraction=args.holdout_fraction,
+        split_seed=args.split_seed,
+        device=args.device,
+        workers=args.workers,
+        image_cache=args.image_cache,
+        progress=not args.quiet,
+    )
+    _say(
+        args,
+        f"{args.out}: {summary['task']} embeddings whitened {summary['in_dim']}-d -> {summary['out_dim']}-d"
+        f" (fit on {summary['faces']} faces of {summary['people']} people)",
+    )
     return 0
 
 
@@ -680,6 +729,8 @@ def cmd_columns(args: argparse.Namespace) -> int:
             _join_members(model, meta, task, files, args.checkpoint)
         for task, *files in args.standalone or []:
             _add_standalone(model, meta, task, files)
+        for name in args.drop_whitening or []:
+            model.drop_whitening(name)
         for name in args.drop_standalone or []:
             model.drop_standalone(name)
             if isinstance(meta.get(name), dict):
@@ -703,7 +754,8 @@ def cmd_columns(args: argparse.Namespace) -> int:
         f"{name} (laterals: {', '.join(model.specs[name].laterals) or 'none'}"
         f"{'; mirror averaging' if model.specs[name].mirror_average else ''}"
         f"{f'; {model.specs[name].members} members' if model.specs[name].members > 1 else ''}"
-        f"{f'; {len(model.standalone[name])} standalone' if name in model.standalone else ''})"
+        f"{f'; {len(model.standalone[name])} standalone' if name in model.standalone else ''}"
+        f"{f'; whitened to {model.embedding_dim(name)}-d' if name in model.whitening else ''})"
         for name in model.task_names
     )
     _say(args, f"{args.out}: {columns or 'no columns'}")
@@ -1028,6 +1080,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_benchmark)
 
+    from facial_perception.core.evaluation import DEFAULT_IDENTITY_THRESHOLD
+
     p = sub.add_parser("fewshot", help="enrol K photos of unseen people, report rank-1 on their other photos")
     p.add_argument("--checkpoint", required=True, metavar="FILE")
     p.add_argument("--data", required=True, metavar="DIR", help="identity folders <Name>/<Name>_NNNN.jpg")
@@ -1036,9 +1090,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_positive_int, default=10, help="random enrolment draws")
     p.add_argument("--holdout-fraction", type=_fraction, help="the --holdout-people value used in training")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument(
+        "--open-set",
+        type=_positive_int,
+        metavar="N",
+        help="also enrol N of the people and keep the others as strangers: how many strangers each "
+        "threshold lets through (FAR) and how many enrolled faces it still names (DIR)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_similarity,
+        default=DEFAULT_IDENTITY_THRESHOLD,
+        help=f"threshold to report with --open-set (default: the node's, {DEFAULT_IDENTITY_THRESHOLD})",
+    )
+    p.add_argument("--plot", metavar="PNG", help="with --open-set: DIR and FAR against the threshold")
     p.add_argument("--out-json", metavar="FILE")
     _add_runtime(p)
     p.set_defaults(func=cmd_fewshot)
+
+    from facial_perception.core.evaluation import WHITENING_SHRINKAGE
+
+    p = sub.add_parser(
+        "whiten",
+        help="fit the identity embedding's whitening on the column's training faces (keeps strangers out)",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("--data", required=True, metavar="DIR", help="identity folders the column was trained on")
+    p.add_argument("--task", help="identity column (default: the last identity-kind column)")
+    p.add_argument(
+        "--shrinkage",
+        type=_non_negative_float,
+        default=WHITENING_SHRINKAGE,
+        help=f"ridge added to every variance, times the largest (default {WHITENING_SHRINKAGE})",
+    )
+    p.add_argument("--holdout-fraction", type=_fraction, help="the --holdout-people value used in training")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="FILE", help="the model with the whitening (atomic write)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_whiten)
 
     p = sub.add_parser(
         "columns",
@@ -1065,6 +1154,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--drop-standalone", nargs="+", metavar="TASK", help="forget these columns' standalone members"
+    )
+    p.add_argument(
+        "--drop-whitening", nargs="+", metavar="TASK", help="give these columns' raw embeddings (see whiten)"
     )
     p.add_argument(
         "--keep-members", nargs="+", metavar="TASK=COUNT",

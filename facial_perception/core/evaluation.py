@@ -424,7 +424,8 @@ class EvaluationReport:
             px, shifted = self.shift.pixels, self.shift.accuracy
             lines.append(
                 f"| accuracy, faces shifted {px} px right / left / down / up | "
-                + " / ".join(_pct(shifted[k]) for k in SHIFT_DIRECTIONS) + " |"
+                + " / ".join(_pct(shifted[k]) for k in SHIFT_DIRECTIONS)
+                + " |"
             )
             lines.append(f"| label unchanged by every {px} px shift | {_pct(self.shift.unchanged)} |")
         lines += ["", "| class | recall | n |", "|---|---|---|"]
@@ -438,7 +439,10 @@ class EvaluationReport:
 
 #: The four shifts of ``evaluate --shift-test``: (dx, dy) per pixel of shift.
 SHIFT_DIRECTIONS: dict[str, tuple[int, int]] = {
-    "right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)
+    "right": (1, 0),
+    "left": (-1, 0),
+    "down": (0, 1),
+    "up": (0, -1),
 }
 
 
@@ -468,8 +472,15 @@ def shift_images(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
 
 
 def shift_robustness(
-    model: Any, task: str, images: np.ndarray, labels: np.ndarray, pixels: int, base_probs: np.ndarray,
-    device: Any = "cpu", batch_size: int = 128, progress: bool = False,
+    model: Any,
+    task: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    pixels: int,
+    base_probs: np.ndarray,
+    device: Any = "cpu",
+    batch_size: int = 128,
+    progress: bool = False,
 ) -> ShiftRobustness:
     """:class:`ShiftRobustness` of ``task`` on ``images`` (``base_probs``: the unshifted answers)."""
     if pixels < 1 or pixels >= images.shape[-1] // 2:
@@ -730,16 +741,21 @@ class FewShotResult:
     per_trial_rank1: list[float]
     skipped_people: int
     meta: dict[str, Any] = field(default_factory=dict)
+    #: strangers in view as well (``fewshot --open-set``), else None
+    open_set: OpenSetResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(asdict(self))
+        out = jsonable(asdict(self))
+        out["open_set"] = self.open_set.to_dict() if self.open_set is not None else None
+        return out
 
     def to_markdown(self) -> str:
-        return (
+        text = (
             f"| shots | people | queries/trial | trials | rank-1 | rank-5 |\n|---|---|---|---|---|---|\n"
             f"| {self.shots} | {self.people} | {self.queries} | {self.trials} | "
             f"{_pct(self.rank1)} ± {100 * self.rank1_std:.1f} | {_pct(self.rank5)} |\n"
         )
+        return text + ("\n" + self.open_set.to_markdown() if self.open_set is not None else "")
 
 
 def fewshot_identification(
@@ -794,10 +810,162 @@ def fewshot_identification(
     )
 
 
+#: The identity gallery's default open-set threshold (cosine similarity of a face to an enrolled
+#: person's mean embedding, with the shipped model's whitened embeddings): the lowest that let at most
+#: 5 % of strangers through with 20 people enrolled, in `fewshot --open-set 20` on people the shipped
+#: model never saw (docs/MODEL_CARD.md, "Strangers"); the node's ``identity_threshold`` starts here.
+DEFAULT_IDENTITY_THRESHOLD = 0.33
+
+#: The false-accept rates whose thresholds ``OpenSetResult`` reports.
+OPEN_SET_FARS = (0.01, 0.05, 0.10)
+
+
+@dataclass
+class OpenSetResult:
+    """Open-set identification: some people enrolled, the others strangers who must stay unknown.
+
+    ``dir`` (detection and identification rate) is the share of the enrolled people's other photos
+    named correctly with a similarity >= the threshold; ``far`` (false accept rate) the share of the
+    strangers' photos that reach the threshold against anyone in the gallery. Both are means over
+    trials, one value per entry of ``thresholds``.
+    """
+
+    shots: int
+    enrolled_people: int
+    stranger_people: int
+    known_queries: int
+    stranger_queries: int
+    trials: int
+    rank1: float
+    thresholds: list[float]
+    dir: list[float]
+    far: list[float]
+    threshold: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def at(self, threshold: float) -> tuple[float, float]:
+        """(DIR, FAR) at the grid threshold nearest to ``threshold``."""
+        i = int(np.argmin(np.abs(np.asarray(self.thresholds) - threshold)))
+        return self.dir[i], self.far[i]
+
+    def for_far(self, far: float) -> tuple[float, float, float]:
+        """(threshold, DIR, FAR) of the lowest grid threshold whose FAR is <= ``far``."""
+        for t, d, f in zip(self.thresholds, self.dir, self.far, strict=True):
+            if f <= far:
+                return t, d, f
+        return self.thresholds[-1], self.dir[-1], self.far[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = jsonable(asdict(self))
+        d, f = self.at(self.threshold)
+        out["at_threshold"] = {"threshold": self.threshold, "dir": d, "far": f}
+        out["operating_points"] = [
+            {"max_far": target, "threshold": t, "dir": dd, "far": ff}
+            for target in OPEN_SET_FARS
+            for t, dd, ff in [self.for_far(target)]
+        ]
+        return out
+
+    def to_markdown(self) -> str:
+        given_dir, given_far = self.at(self.threshold)
+        rows = [f"| {self.threshold:.2f} (given) | {_pct(given_dir)} | {_pct(given_far)} |"]
+        for target in OPEN_SET_FARS:
+            t, d, f = self.for_far(target)
+            rows.append(f"| {t:.2f} (FAR <= {100 * target:.0f} %) | {_pct(d)} | {_pct(f)} |")
+        return (
+            f"Open set: {self.enrolled_people} people enrolled with {self.shots} photos each, "
+            f"{self.stranger_people} strangers; per trial {self.known_queries} photos of enrolled people, "
+            f"{self.stranger_queries} of strangers; {self.trials} trials; rank-1 among the enrolled "
+            f"(no threshold) {_pct(self.rank1)}.\n\n"
+            "| threshold | DIR (named right, above threshold) | FAR (strangers named) |\n|---|---|---|\n"
+            + "\n".join(rows)
+            + "\n"
+        )
+
+
+def open_set_identification(
+    embeddings: Any,
+    person: Sequence[str],
+    enrol_people: int,
+    shots: int = 5,
+    trials: int = 10,
+    seed: int = 0,
+    threshold: float = DEFAULT_IDENTITY_THRESHOLD,
+    grid: Sequence[float] | None = None,
+) -> OpenSetResult:
+    """Gallery matching as the node does it, with strangers in view.
+
+    Per trial, ``enrol_people`` random people with more than ``shots`` photos are enrolled (mean of
+    ``shots`` unit embeddings, as ``IdentityGallery`` with ``match_mode="mean"``); their other photos
+    must be named right and every photo of everyone else (people with too few photos included) must
+    stay below the threshold. A stranger counts as accepted when their best similarity to any
+    enrolled person reaches it, whoever that is.
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] != len(person):
+        raise EvaluationError(f"embeddings must be (N, D) with N={len(person)}, got {emb.shape}")
+    if shots < 1 or trials < 1 or enrol_people < 1:
+        raise EvaluationError("shots, trials and enrolled people must be >= 1")
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    by_person: dict[str, list[int]] = {}
+    for i, p in enumerate(person):
+        by_person.setdefault(str(p), []).append(i)
+    eligible = sorted(p for p, idx in by_person.items() if len(idx) > shots)
+    if len(eligible) < enrol_people or len(by_person) <= enrol_people:
+        raise EvaluationError(
+            f"an open-set test with {enrol_people} enrolled people needs {enrol_people} people with more than"
+            f" {shots} photos ({len(eligible)} found) and at least one more person as a stranger"
+            f" ({len(by_person)} people in all)"
+        )
+    thresholds = np.round(np.arange(-1.0, 1.0 + 1e-9, 0.01), 2) if grid is None else np.asarray(grid, float)
+    rng = np.random.default_rng(seed)
+    dirs, fars, rank1 = [], [], []
+    known_queries = stranger_queries = 0
+    for _ in range(trials):
+        enrolled = [eligible[i] for i in rng.choice(len(eligible), enrol_people, replace=False)]
+        templates, query_idx, query_label = [], [], []
+        for label, p in enumerate(enrolled):
+            idx = rng.permutation(by_person[p])
+            template = emb[idx[:shots]].mean(axis=0)
+            templates.append(template / max(np.linalg.norm(template), 1e-12))
+            query_idx.extend(idx[shots:].tolist())
+            query_label.extend([label] * (len(idx) - shots))
+        gallery = np.stack(templates)
+        chosen = set(enrolled)
+        strangers = [i for p, idx in by_person.items() if p not in chosen for i in idx]
+        known_scores = emb[query_idx] @ gallery.T
+        named_right = known_scores.argmax(axis=1) == np.asarray(query_label)
+        known_best = known_scores.max(axis=1)
+        stranger_best = (emb[strangers] @ gallery.T).max(axis=1)
+        rank1.append(float(named_right.mean()))
+        dirs.append([float(np.mean(named_right & (known_best >= t))) for t in thresholds])
+        fars.append([float(np.mean(stranger_best >= t)) for t in thresholds])
+        known_queries, stranger_queries = len(query_idx), len(strangers)
+    return OpenSetResult(
+        shots=shots,
+        enrolled_people=enrol_people,
+        stranger_people=len(by_person) - enrol_people,
+        known_queries=known_queries,
+        stranger_queries=stranger_queries,
+        trials=trials,
+        rank1=float(np.mean(rank1)),
+        thresholds=[float(t) for t in thresholds],
+        dir=np.mean(dirs, axis=0).tolist(),
+        far=np.mean(fars, axis=0).tolist(),
+        threshold=float(threshold),
+    )
+
+
 def embed_images(
-    model: Any, task: str, images: np.ndarray, device: Any = "cpu", batch_size: int = 128
+    model: Any,
+    task: str,
+    images: np.ndarray,
+    device: Any = "cpu",
+    batch_size: int = 128,
+    raw: bool = False,
 ) -> np.ndarray:
-    """Penultimate-layer embeddings (N, D) of ``task``'s column for uint8 grey faces (N, S, S)."""
+    """Embeddings (N, D) of ``task``'s column for uint8 grey faces (N, S, S), as the gallery gets them
+    (whitened where the column has a whitening); ``raw``: the column's penultimate layer itself."""
     import torch
 
     from facial_perception.core.preprocess import normalise_tensor
@@ -807,8 +975,117 @@ def embed_images(
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = normalise_tensor(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])))
-            chunks.append(model(x.unsqueeze(1).to(device), [task])[task].embedding.float().cpu().numpy())
+            x = x.unsqueeze(1).to(device)
+            if raw:
+                out = model(x, [task])[task].embedding
+            else:
+                out = model.predict(x, [task], mirror=False, standalone=False)[task].embedding
+            chunks.append(out.float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0))
+
+
+#: ``fit_embedding_whitening``'s default ridge, relative to the largest variance: measured on people
+#: the shipped model never saw (lfw_unlabeled), 1e-3 let the fewest strangers through for as many
+#: enrolled faces named (docs/MODEL_CARD.md, "Strangers").
+WHITENING_SHRINKAGE = 1e-3
+
+
+def fit_embedding_whitening(
+    embeddings: Any, shrinkage: float = WHITENING_SHRINKAGE, floor: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), projection (D, K)) that centre embeddings and give them unit variance along
+    their principal axes, each axis divided by ``sqrt(variance + shrinkage * largest variance)``.
+
+    Axes whose variance is below ``floor`` times the largest (dead ReLU units, a rank below D) are
+    dropped, so K <= D. Fit on the faces the column was trained on, never on evaluation faces.
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] < 2 or emb.shape[1] < 1:
+        raise EvaluationError(f"whitening needs at least 2 embeddings (N, D), got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise EvaluationError("whitening needs finite embeddings")
+    if shrinkage < 0.0 or not 0.0 < floor < 1.0:
+        raise EvaluationError(f"shrinkage must be >= 0 and floor in (0, 1), got {shrinkage} and {floor}")
+    mean = emb.mean(axis=0)
+    _, singular, axes = np.linalg.svd(emb - mean, full_matrices=False)
+    variance = singular**2 / len(emb)
+    if variance[0] <= 0:
+        raise EvaluationError("whitening needs embeddings that differ from each other")
+    keep = variance > floor * variance[0]
+    projection = axes[keep].T / np.sqrt(variance[keep] + shrinkage * variance[0])
+    return mean.astype(np.float32), projection.astype(np.float32)
+
+
+def whiten_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    shrinkage: float = WHITENING_SHRINKAGE,
+    holdout_fraction: float | None = None,
+    split_seed: int = 0,
+    device: str = "auto",
+    workers: int = 2,
+    image_cache: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit an :class:`EmbeddingWhitening` for the identity column on the identity folders it was
+    trained on and write the model with it to ``out`` (``facial-perception whiten``).
+
+    ``holdout_fraction``: leave out the people ``train-task --holdout-people`` left out (same
+    fraction and ``split_seed``), so a few-shot test on them stays fair. Returns a summary.
+    """
+    import torch
+
+    from facial_perception.core import datasets as ds
+    from facial_perception.core.checkpoint import load_model, save_model
+    from facial_perception.core.devices import resolve_device
+    from facial_perception.core.training import open_task_dataset
+
+    model, meta = load_model(checkpoint)
+    task = _identity_task(model, checkpoint, task)
+    size = model.config.input_size
+    dataset = open_task_dataset(data_path, "identity", "identity", None, size)
+    if holdout_fraction:
+        dataset, _held_out = ds.split_people(dataset, holdout_fraction, seed=split_seed)
+    images, labels, _kept = ds.load_images(
+        dataset, size=size, workers=workers, cache=image_cache, progress=progress
+    )
+    dev = resolve_device(device)
+    model.to(dev)
+    raw = embed_images(model, task, images, dev, raw=True)
+    mean, projection = fit_embedding_whitening(raw, shrinkage=shrinkage)
+    model.set_whitening(task, torch.from_numpy(mean), torch.from_numpy(projection))
+    people = len(set(int(label) for label in labels))
+    summary = {
+        "task": task,
+        "faces": len(raw),
+        "people": people,
+        "in_dim": int(mean.shape[0]),
+        "out_dim": int(projection.shape[1]),
+        "shrinkage": float(shrinkage),
+        "dataset": str(data_path),
+    }
+    training = dict(meta.get("training") or {})
+    entry = training.get(task)
+    training[task] = dict(entry if isinstance(entry, dict) else {}, embedding_whitening=summary)
+    save_model(out, model.cpu(), training)
+    return summary
+
+
+def _identity_task(model: Any, checkpoint: str | os.PathLike[str], task: str | None) -> str:
+    """``task``, or the checkpoint's last identity-kind column; one-line errors otherwise."""
+    if task is None:
+        kinds = [name for name, spec in model.specs.items() if spec.kind == "identity"]
+        if not kinds:
+            raise EvaluationError(f"checkpoint {checkpoint} has no identity column; pass --task")
+        return kinds[-1]
+    if task not in model.specs:
+        raise EvaluationError(
+            f"checkpoint {checkpoint} has no column {task!r} (columns: {', '.join(model.specs)})"
+        )
+    return task
 
 
 def fewshot_checkpoint(
@@ -825,12 +1102,15 @@ def fewshot_checkpoint(
     workers: int = 2,
     image_cache: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    open_set_people: int | None = None,
+    threshold: float = DEFAULT_IDENTITY_THRESHOLD,
 ) -> FewShotResult:
     """Few-shot rank-1 of a checkpoint's identity column on people it was not trained on.
 
     The people come from identity folders at ``data_path``: with ``holdout_fraction`` the
     people that ``train-task --holdout-people`` left out (same fraction and ``split_seed``);
-    otherwise every person whose name is not among the column's labels.
+    otherwise every person whose name is not among the column's labels. ``open_set_people``:
+    also enrol that many of them and treat the rest as strangers (``open_set_identification``).
     """
     from facial_perception.core import datasets as ds
     from facial_perception.core.checkpoint import load_model
@@ -838,15 +1118,7 @@ def fewshot_checkpoint(
     from facial_perception.core.training import open_task_dataset
 
     model, _meta = load_model(checkpoint)
-    if task is None:
-        kinds = [name for name, spec in model.specs.items() if spec.kind == "identity"]
-        if not kinds:
-            raise EvaluationError(f"checkpoint {checkpoint} has no identity column; pass --task")
-        task = kinds[-1]
-    if task not in model.specs:
-        raise EvaluationError(
-            f"checkpoint {checkpoint} has no column {task!r} (columns: {', '.join(model.specs)})"
-        )
+    task = _identity_task(model, checkpoint, task)
     size = model.config.input_size
     dataset = open_task_dataset(data_path, "identity", "identity", None, size)
     if holdout_fraction:
@@ -870,6 +1142,10 @@ def fewshot_checkpoint(
     emb = embed_images(model, task, images, dev)
     names = [dataset.label_names[int(i)] for i in labels]
     result = fewshot_identification(emb, names, shots, trials, seed)
+    if open_set_people:
+        result.open_set = open_set_identification(
+            emb, names, open_set_people, shots=shots, trials=trials, seed=seed, threshold=threshold
+        )
     result.meta = {
         "checkpoint": str(checkpoint),
         "dataset": str(data_path),

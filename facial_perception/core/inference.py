@@ -177,7 +177,7 @@ class FacePredictor:
         """Length of the identity embeddings this model gives the gallery (None: no identity column)."""
         model = self.model
         identity = next((n for n in self.task_names if model.specs[n].kind == "identity"), None)
-        return model.columns[identity].embedding_dim if identity is not None else None
+        return model.embedding_dim(identity) if identity is not None else None
 
     @property
     def task_names(self) -> list[str]:

@@ -19,7 +19,7 @@ matplotlib.use("Agg", force=False)
 import numpy as np
 from matplotlib.figure import Figure
 
-from facial_perception.core.evaluation import Calibration, SubgroupTable
+from facial_perception.core.evaluation import Calibration, OpenSetResult, SubgroupTable
 from facial_perception.core.fileio import atomic_path
 
 PathLike = str | os.PathLike[str]
@@ -122,6 +122,36 @@ def plot_reliability(calib: Calibration, path: PathLike, title: str = "reliabili
     ax.grid(alpha=0.3)
     ax_hist.bar(centers, calib.bin_count, width=width * 0.95, color="tab:gray")
     ax_hist.set(xlabel="confidence", ylabel="samples")
+    return _save(fig, path)
+
+
+def plot_open_set(result: OpenSetResult, path: PathLike, title: str | None = None) -> Path:
+    """DIR and FAR against the gallery threshold (left) and DIR against FAR (right, log scale)."""
+    fig = Figure(figsize=(9, 3.6))
+    ax_t, ax_roc = fig.subplots(1, 2)
+    t = np.asarray(result.thresholds)
+    dir_ = 100 * np.asarray(result.dir)
+    far = 100 * np.asarray(result.far)
+    ax_t.plot(t, dir_, "-", label="DIR: enrolled faces named right")
+    ax_t.plot(t, far, "--", label="FAR: strangers named")
+    ax_t.axvline(result.threshold, color="grey", lw=0.8)
+    moving = np.flatnonzero((far < far.max()) | (dir_ < dir_.max()))
+    low = float(t[moving[0]]) - 0.1 if moving.size else float(t.min())
+    ax_t.set(xlabel="threshold (cosine similarity)", ylabel="%")
+    ax_t.set_xlim(max(float(t.min()), low), float(t.max()))
+    keep = far > 0
+    ax_roc.plot(far[keep], dir_[keep], "-")
+    d, f = result.at(result.threshold)
+    if f > 0:
+        ax_roc.plot([100 * f], [100 * d], "o", label=f"threshold {result.threshold:.2f}")
+        ax_roc.legend()
+    ax_roc.set(xscale="log", xlabel="FAR (%)", ylabel="DIR (%)", title="open-set identification")
+    for ax in (ax_t, ax_roc):
+        ax.grid(alpha=0.3)
+    ax_t.legend(fontsize=8)
+    n = result.stranger_people
+    who = f"{result.enrolled_people} enrolled ({result.shots} photos each); {n} strangers"
+    fig.suptitle(title or who)
     return _save(fig, path)
 
 

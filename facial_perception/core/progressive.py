@@ -380,12 +380,48 @@ def _prod(shape: Iterable[int]) -> int:
     return total
 
 
+class EmbeddingWhitening(nn.Module):
+    """``(embedding - mean) @ projection``: an identity column's embedding made fit for open-set matching.
+
+    The column's embeddings (ReLU features) all point one way: on people the shipped model never saw,
+    any two faces scored a cosine similarity near 0.6 and a gallery let every stranger through at the
+    old threshold of 0.5. Centring and whitening them with statistics of the column's own training
+    faces (``fit_embedding_whitening``) spreads them out, so a threshold can keep strangers out while
+    it still names enrolled people (docs/MODEL_CARD.md, "Strangers"). Fixed buffers, never trained.
+    """
+
+    def __init__(self, mean: torch.Tensor, projection: torch.Tensor) -> None:
+        super().__init__()
+        if mean.ndim != 1 or projection.ndim != 2 or projection.shape[0] != mean.shape[0]:
+            raise ModelError(
+                f"an embedding whitening needs a mean (D,) and a projection (D, K), got"
+                f" {tuple(mean.shape)} and {tuple(projection.shape)}"
+            )
+        if not (torch.isfinite(mean).all() and torch.isfinite(projection).all()):
+            raise ModelError("an embedding whitening must be finite")
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("projection", projection.detach().float().clone())
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.projection.shape[1])
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return (embedding.float() - self.mean) @ self.projection
+
+
 class ProgressiveNet(nn.Module):
     """Shared encoder + ordered task columns (``columns``: insertion order = column order).
 
     ``standalone[task]``: optional small networks with their own encoder, trained end to end on that
     task alone, whose probabilities :meth:`predict` averages with the column's (see
-    :meth:`add_standalone`); training and :meth:`forward` never use them.
+    :meth:`add_standalone`); training and :meth:`forward` never use them. ``whitening[task]``: an
+    optional :class:`EmbeddingWhitening` that :meth:`predict` applies to the column's embedding (see
+    :meth:`set_whitening`); dropped whenever the column's weights change.
     """
 
     def __init__(self, config: ModelConfig, specs: Iterable[TaskSpec] = ()) -> None:
@@ -394,6 +430,7 @@ class ProgressiveNet(nn.Module):
         self.encoder = Encoder(config.encoder)
         self.columns = nn.ModuleDict()
         self.standalone = nn.ModuleDict()  # task -> ModuleList of one-column ProgressiveNets
+        self.whitening = nn.ModuleDict()  # task -> EmbeddingWhitening of its embedding (set_whitening)
         self.specs: dict[str, TaskSpec] = {}
         self._frozen: set[str] = set()
         for spec in specs:
@@ -448,6 +485,7 @@ class ProgressiveNet(nn.Module):
         self._frozen.discard(name)
         if name in self.standalone:
             del self.standalone[name]
+        self._forget_whitening(name)
 
     def add_standalone(self, name: str, net: ProgressiveNet) -> None:
         """Average column ``name``'s probabilities at inference with those of ``net``'s column ``name``.
@@ -509,6 +547,39 @@ class ProgressiveNet(nn.Module):
         """Per task, the configs of its standalone members (what a checkpoint needs to rebuild them)."""
         return {name: [member.config for member in members] for name, members in self.standalone.items()}
 
+    def set_whitening(self, name: str, mean: torch.Tensor, projection: torch.Tensor) -> None:
+        """Whiten column ``name``'s embedding at inference (:class:`EmbeddingWhitening`; replaces any)."""
+        if name not in self.columns:
+            raise ModelError(f"no column named {name!r} (columns: {self.task_names})")
+        whitening = EmbeddingWhitening(mean, projection)
+        expected = self.columns[name].embedding_dim
+        if whitening.in_dim != expected:
+            raise ModelError(
+                f"column {name!r} gives {expected}-d embeddings, the whitening expects {whitening.in_dim}-d"
+            )
+        self.whitening[name] = whitening.to(next(self.encoder.parameters()).device)
+
+    def drop_whitening(self, name: str) -> None:
+        """Give column ``name``'s raw embedding again."""
+        if name not in self.whitening:
+            raise ModelError(f"column {name!r} has no embedding whitening")
+        del self.whitening[name]
+
+    def _forget_whitening(self, name: str) -> None:
+        """The column's weights changed: its whitening no longer fits."""
+        if name in self.whitening:
+            del self.whitening[name]
+
+    def whitening_shapes(self) -> dict[str, list[int]]:
+        """Per task, ``[in_dim, out_dim]`` of its whitening (what a checkpoint needs to rebuild it)."""
+        return {name: [w.in_dim, w.out_dim] for name, w in self.whitening.items()}
+
+    def embedding_dim(self, name: str) -> int:
+        """Length of the embeddings :meth:`predict` gives for column ``name`` (after any whitening)."""
+        if name in self.whitening:
+            return self.whitening[name].out_dim
+        return self._module(name).embedding_dim
+
     def join_members(self, name: str, others: Iterable[nn.Module]) -> None:
         """Make column ``name`` an ensemble of itself and ``others``: columns (or ensembles) of the same
         task, labels and laterals trained apart on this very encoder (the caller checks the encoder).
@@ -540,6 +611,7 @@ class ProgressiveNet(nn.Module):
         ensemble.train(self.training)
         self.columns[name] = ensemble  # an existing key keeps its place in the order
         self.specs[name].members = len(members)
+        self._forget_whitening(name)
         if name in self._frozen:
             self.freeze(name)
         else:
@@ -555,6 +627,7 @@ class ProgressiveNet(nn.Module):
             raise ModelError(f"column {name!r} has {total} member(s): keep 1 to {total}, not {count}")
         self.columns[name] = members[0] if count == 1 else ColumnEnsemble(name, members[:count])
         self.specs[name].members = count
+        self._forget_whitening(name)
         if name in self._frozen:
             self.freeze(name)
         else:
@@ -589,6 +662,10 @@ class ProgressiveNet(nn.Module):
                 member.rename_column(old, new)
             self.standalone = nn.ModuleDict(
                 [(new if name == old else name, members) for name, members in self.standalone.items()]
+            )
+        if old in self.whitening:
+            self.whitening = nn.ModuleDict(
+                [(new if name == old else name, w) for name, w in self.whitening.items()]
             )
 
     def _module(self, name: str) -> nn.Module:
@@ -757,7 +834,10 @@ class ProgressiveNet(nn.Module):
                 probs = self._with_standalone(name, probs, encoded)
             if mirrored:
                 probs = (probs[:n] + probs[n:]) / 2 if self.specs[name].mirror_average else probs[:n]
-            result[name] = TaskProbabilities(probs, out.embedding[:n])
+            embedding = out.embedding[:n]
+            if name in self.whitening:
+                embedding = self.whitening[name](embedding)
+            result[name] = TaskProbabilities(probs, embedding)
         return result
 
     def _with_standalone(self, name: str, probs: torch.Tensor, encoded: EncodedFaces) -> torch.Tensor:
@@ -786,7 +866,8 @@ class ProgressiveNet(nn.Module):
 
         Columns whose spec asks for ``mirror_average`` get the mean of the probabilities of the
         faces and of their mirror images (one forward pass over both) unless ``mirror`` is False
-        (faster: faces only); embeddings always come from the faces as given. Columns with standalone
+        (faster: faces only); embeddings always come from the faces as given (whitened where the column
+        has a whitening, :meth:`set_whitening`). Columns with standalone
         members average theirs in too unless ``standalone`` is False. Call under
         ``torch.inference_mode()`` in eval mode.
         """

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facial_perception.core.evaluation import DEFAULT_IDENTITY_THRESHOLD
+
 __all__ = ["UNKNOWN", "GalleryError", "IdentityGallery"]
 
 UNKNOWN = "unknown"
@@ -117,7 +119,7 @@ class IdentityGallery:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        threshold: float = 0.5,
+        threshold: float = DEFAULT_IDENTITY_THRESHOLD,
         store_images: bool = False,
         match_mode: str = "mean",
     ) -> None:

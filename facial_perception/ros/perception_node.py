@@ -62,7 +62,7 @@ from facial_perception.core.preprocess import preprocess_batch
 from facial_perception.msg import FaceArray, TrainingStatus
 from facial_perception.pipeline.detection import DetectorError, make_detector
 from facial_perception.pipeline.frame_pipeline import FacePipelineError, FramePipeline, draw_annotations
-from facial_perception.pipeline.gallery import GalleryError, IdentityGallery
+from facial_perception.pipeline.gallery import DEFAULT_IDENTITY_THRESHOLD, GalleryError, IdentityGallery
 from facial_perception.pipeline.images import ImageDecodeError
 from facial_perception.pipeline.smoothing import PredictionSmoother, SmootherError
 from facial_perception.pipeline.tracking import FaceTracker, TrackerError
@@ -189,8 +189,8 @@ PARAMETERS: tuple[_Param, ...] = (
     _Param("gallery_path", "~/.local/share/facial_perception/gallery.db", "SQLite identity gallery (0600)"),
     _Param(
         "identity_threshold",
-        0.5,
-        "Cosine similarity below which a face is 'unknown'",
+        DEFAULT_IDENTITY_THRESHOLD,
+        "Cosine similarity below which a face is 'unknown' (default: <= 5 % of strangers named, 20 enrolled)",
         (0.0, 1.0),
         dynamic=True,
     ),
