@@ -758,6 +758,33 @@ class FewShotResult:
         return text + ("\n" + self.open_set.to_markdown() if self.open_set is not None else "")
 
 
+def _photos_by_person(embeddings: Any, person: Sequence[str]) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Unit-norm rows of ``embeddings`` (N, D) and each person's row indices."""
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] != len(person):
+        raise EvaluationError(f"embeddings must be (N, D) with N={len(person)}, got {emb.shape}")
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    by_person: dict[str, list[int]] = {}
+    for i, p in enumerate(person):
+        by_person.setdefault(str(p), []).append(i)
+    return emb, by_person
+
+
+def _enrol(
+    emb: np.ndarray, by_person: Mapping[str, list[int]], people: Sequence[str], shots: int, rng: Any
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """Enrol ``shots`` random photos of each person as the gallery does (unit mean): (templates (P, D),
+    indices of their other photos, the index in ``people`` of each of those photos' owner)."""
+    templates, query_idx, query_label = [], [], []
+    for label, p in enumerate(people):
+        idx = rng.permutation(by_person[p])
+        template = emb[idx[:shots]].mean(axis=0)
+        templates.append(template / max(np.linalg.norm(template), 1e-12))
+        query_idx.extend(idx[shots:].tolist())
+        query_label.extend([label] * (len(idx) - shots))
+    return np.stack(templates), query_idx, query_label
+
+
 def fewshot_identification(
     embeddings: Any, person: Sequence[str], shots: int = 5, trials: int = 10, seed: int = 0
 ) -> FewShotResult:
@@ -767,15 +794,9 @@ def fewshot_identification(
     averaged into one template) and every other photo of that person is a query against all
     templates. People with fewer than ``shots + 1`` photos are skipped.
     """
-    emb = np.asarray(embeddings, dtype=np.float64)
-    if emb.ndim != 2 or emb.shape[0] != len(person):
-        raise EvaluationError(f"embeddings must be (N, D) with N={len(person)}, got {emb.shape}")
+    emb, by_person = _photos_by_person(embeddings, person)
     if shots < 1 or trials < 1:
         raise EvaluationError("shots and trials must be >= 1")
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    by_person: dict[str, list[int]] = {}
-    for i, p in enumerate(person):
-        by_person.setdefault(str(p), []).append(i)
     eligible = sorted(p for p, idx in by_person.items() if len(idx) > shots)
     if len(eligible) < 2:
         raise EvaluationError(
@@ -785,14 +806,8 @@ def fewshot_identification(
     rng = np.random.default_rng(seed)
     rank1, rank5, queries = [], [], 0
     for _ in range(trials):
-        templates, query_idx, query_label = [], [], []
-        for label, p in enumerate(eligible):
-            idx = rng.permutation(by_person[p])
-            template = emb[idx[:shots]].mean(axis=0)
-            templates.append(template / max(np.linalg.norm(template), 1e-12))
-            query_idx.extend(idx[shots:].tolist())
-            query_label.extend([label] * (len(idx) - shots))
-        scores = emb[query_idx] @ np.stack(templates).T
+        templates, query_idx, query_label = _enrol(emb, by_person, eligible, shots, rng)
+        scores = emb[query_idx] @ templates.T
         truth = np.asarray(query_label)
         rank1.append(float(np.mean(scores.argmax(axis=1) == truth)))
         rank5.append(top_k_accuracy(truth, scores, k=5))
@@ -901,15 +916,9 @@ def open_set_identification(
     stay below the threshold. A stranger counts as accepted when their best similarity to any
     enrolled person reaches it, whoever that is.
     """
-    emb = np.asarray(embeddings, dtype=np.float64)
-    if emb.ndim != 2 or emb.shape[0] != len(person):
-        raise EvaluationError(f"embeddings must be (N, D) with N={len(person)}, got {emb.shape}")
+    emb, by_person = _photos_by_person(embeddings, person)
     if shots < 1 or trials < 1 or enrol_people < 1:
         raise EvaluationError("shots, trials and enrolled people must be >= 1")
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    by_person: dict[str, list[int]] = {}
-    for i, p in enumerate(person):
-        by_person.setdefault(str(p), []).append(i)
     eligible = sorted(p for p, idx in by_person.items() if len(idx) > shots)
     if len(eligible) < enrol_people or len(by_person) <= enrol_people:
         raise EvaluationError(
@@ -923,14 +932,7 @@ def open_set_identification(
     known_queries = stranger_queries = 0
     for _ in range(trials):
         enrolled = [eligible[i] for i in rng.choice(len(eligible), enrol_people, replace=False)]
-        templates, query_idx, query_label = [], [], []
-        for label, p in enumerate(enrolled):
-            idx = rng.permutation(by_person[p])
-            template = emb[idx[:shots]].mean(axis=0)
-            templates.append(template / max(np.linalg.norm(template), 1e-12))
-            query_idx.extend(idx[shots:].tolist())
-            query_label.extend([label] * (len(idx) - shots))
-        gallery = np.stack(templates)
+        gallery, query_idx, query_label = _enrol(emb, by_person, enrolled, shots, rng)
         chosen = set(enrolled)
         strangers = [i for p, idx in by_person.items() if p not in chosen for i in idx]
         known_scores = emb[query_idx] @ gallery.T
