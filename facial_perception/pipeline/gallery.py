@@ -30,7 +30,7 @@ import numpy as np
 
 from facial_perception.core.evaluation import DEFAULT_IDENTITY_THRESHOLD
 
-__all__ = ["UNKNOWN", "GalleryError", "IdentityGallery"]
+__all__ = ["DEFAULT_IDENTITY_THRESHOLD", "UNKNOWN", "GalleryError", "IdentityGallery"]
 
 UNKNOWN = "unknown"
 _FORMAT = "facial_perception.gallery"
