@@ -213,6 +213,14 @@ def _check_exists(path: str | None) -> None:
         raise CLIError(f"dataset not found: {path}")
 
 
+def _check_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint file's path, or a one-line error before any work starts."""
+    target = Path(path).expanduser()
+    if not target.is_file():
+        raise CLIError(f"checkpoint not found: {path}")
+    return target
+
+
 def _load_base(args: argparse.Namespace) -> Any:
     """A ProgressiveNet from ``--checkpoint`` (model or BEGAN) or a fresh one from ``--config``."""
     from facial_perception.core.config import get_config
@@ -246,10 +254,7 @@ def load_model_or_encoder(path: str | os.PathLike[str]) -> Any:
     """A ProgressiveNet from a model checkpoint, or with the encoder of a BEGAN checkpoint (no columns)."""
     from facial_perception.core.checkpoint import load_model
 
-    target = Path(path).expanduser()
-    if not target.is_file():
-        raise CLIError(f"checkpoint not found: {path}")
-    model, meta = load_model(target)
+    model, meta = load_model(_check_checkpoint(path))
     if isinstance(meta.get("training"), dict) and meta.get("kind") != "began":
         model.training_meta = dict(meta["training"])
     return model
@@ -534,8 +539,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from facial_perception.core.evaluation import evaluate_checkpoint
 
     _check_exists(args.data)
-    if not Path(args.checkpoint).expanduser().is_file():
-        raise CLIError(f"checkpoint not found: {args.checkpoint}")
+    _check_checkpoint(args.checkpoint)
     subgroups: Any = (
         "auto" if args.subgroups is None else (None if args.subgroups == "none" else args.subgroups)
     )
@@ -650,8 +654,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     from facial_perception.core.fileio import atomic_write_text
 
     _check_exists(args.data)
-    if not Path(args.checkpoint).expanduser().is_file():
-        raise CLIError(f"checkpoint not found: {args.checkpoint}")
+    _check_checkpoint(args.checkpoint)
     result = fewshot_checkpoint(
         args.checkpoint,
         args.data,
@@ -684,8 +687,7 @@ def cmd_whiten(args: argparse.Namespace) -> int:
     from facial_perception.core.evaluation import whiten_checkpoint
 
     _check_exists(args.data)
-    if not Path(args.checkpoint).expanduser().is_file():
-        raise CLIError(f"checkpoint not found: {args.checkpoint}")
+    _check_checkpoint(args.checkpoint)
     summary = whiten_checkpoint(
         args.checkpoint,
         args.data,
