@@ -211,6 +211,34 @@ def test_a_gallery_of_another_model_is_refused_up_front(predictor, detector, tmp
     gallery.close()
 
 
+def test_a_gallery_of_another_model_of_the_same_length_is_refused_too(
+    predictor, detector, real_faces: list[np.ndarray], tmp_path: Path
+) -> None:
+    """Same embedding length, other weights: the fingerprint the first enrolment stored tells them apart,
+    while a hot swap that only adds a task keeps the gallery."""
+    gallery = IdentityGallery(tmp_path / "people.db")
+    pipeline = _pipeline(predictor, detector, gallery=gallery)
+    embeddings, crops = pipeline.embed_faces(real_faces)
+    assert pipeline.enrol("grace", embeddings[1:], crops[1:]) == 1
+    assert (
+        gallery.fingerprint == predictor.embedding_fingerprint == _model().embedding_fingerprint("identity")
+    )
+    torch.manual_seed(1)
+    retrained = ProgressiveNet(get_config("lite"), default_task_specs(num_identities=5)).eval()
+    other = inference.FacePredictor(retrained, device="cpu")
+    assert other.embedding_dim == predictor.embedding_dim
+    with pytest.raises(GalleryError, match="enrolled with another model"):
+        _pipeline(other, detector, gallery=gallery)
+    with pytest.raises(GalleryError, match="enrolled with another model"):
+        pipeline.set_predictor(other)
+    bigger = inference.FacePredictor(_model([TaskSpec("glasses", ["no", "yes"], ["identity"])]), device="cpu")
+    pipeline.set_predictor(bigger)
+    assert pipeline.enrol("ada", embeddings[:1]) == 1 and gallery.counts() == {"ada": 1, "grace": 1}
+    with pytest.raises(FacePipelineError, match="no gallery"):
+        _pipeline(predictor, detector).enrol("ada", embeddings[:1])
+    gallery.close()
+
+
 def test_embed_faces_for_enrolment_from_files(predictor, detector, real_faces: list[np.ndarray]) -> None:
     pipeline = _pipeline(predictor, detector)
     embeddings, crops = pipeline.embed_faces(real_faces)

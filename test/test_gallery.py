@@ -161,6 +161,49 @@ def test_bad_requests_change_nothing(tmp_path: Path, people: dict[str, np.ndarra
     gallery.close()
 
 
+def test_the_first_enrolment_ties_the_gallery_to_its_model(
+    tmp_path: Path, people: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another model's embeddings of the same length would name the wrong people: refused, nothing changes;
+    emptied, the gallery takes any model again."""
+    path = tmp_path / "g.db"
+    with IdentityGallery(path) as gallery:
+        assert gallery.fingerprint is None
+        gallery.check_model(DIM, "model-a")  # empty: any model fits
+        gallery.enrol("ada", people["ada"], fingerprint="model-a")
+        gallery.enrol("grace", people["grace"], fingerprint="model-a")
+        with pytest.raises(
+            GalleryError, match=r"enrolled with another model .*model-a.*model-b.*nothing enrolled"
+        ):
+            gallery.enrol("linus", people["linus"], fingerprint="model-b")
+        with pytest.raises(GalleryError, match="fingerprint must be a non-empty string"):
+            gallery.enrol("linus", people["linus"], fingerprint=" ")
+        assert gallery.counts() == {"ada": 1, "grace": 1}
+    with IdentityGallery(path) as gallery:  # kept in the file
+        assert gallery.fingerprint == "model-a"
+        gallery.check_model(DIM, "model-a")
+        gallery.check_model(None, None)  # a model without an identity column: nothing to check
+        with pytest.raises(GalleryError, match="was enrolled with another model") as info:
+            gallery.check_model(DIM, "model-b")
+        assert "\n" not in str(info.value) and "enrol the people again" in str(info.value)
+        with pytest.raises(
+            GalleryError, match=f"holds {DIM}-d embeddings of another model, this model makes 8-d"
+        ):
+            gallery.check_model(8, "model-a")
+        gallery.enrol("linus", people["linus"])  # without a fingerprint: trusted as before
+        assert gallery.forget("ada") and gallery.forget("grace") and gallery.fingerprint == "model-a"
+        assert gallery.forget("linus") and gallery.fingerprint is None  # empty again
+        gallery.enrol("ada", people["ada"], fingerprint="model-b")
+        assert gallery.fingerprint == "model-b"
+    with IdentityGallery(tmp_path / "old.db") as old:  # enrolled before fingerprints were kept
+        old.enrol("ada", people["ada"])
+        with caplog.at_level("WARNING", logger="facial_perception.pipeline.gallery"):
+            old.check_model(DIM, "model-a")
+        assert "cannot be checked" in caplog.text
+        old.enrol("grace", people["grace"], fingerprint="model-a")
+        assert old.fingerprint is None  # cannot vouch for the earlier samples
+
+
 def test_corrupt_file_is_one_line_error(tmp_path: Path) -> None:
     path = tmp_path / "g.db"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint8).tobytes())

@@ -487,6 +487,38 @@ def test_embedding_whitening_applies_at_prediction_survives_a_checkpoint_and_goe
             load_model(broken)
 
 
+def test_embedding_fingerprint_follows_exactly_the_weights_behind_the_embedding() -> None:
+    """A gallery trusts this hash: it must change with anything that moves the identity embedding
+    (encoder, the column, its lateral sources, its whitening) and nothing else."""
+    torch.manual_seed(3)
+    specs = [
+        TaskSpec("a", ["x", "y"]),
+        TaskSpec("b", ["x", "y"]),
+        TaskSpec("who", ["p", "q", "r"], kind="identity", laterals=["a"]),
+    ]
+    net = ProgressiveNet(TINY, specs).eval()
+    base = net.embedding_fingerprint("who")
+    assert len(base) == 16 and base == copy.deepcopy(net).embedding_fingerprint("who")
+    assert net.embedding_fingerprint("a") != base
+
+    def changed(edit) -> bool:
+        other = copy.deepcopy(net)
+        with torch.no_grad():
+            edit(other)
+        return other.embedding_fingerprint("who") != base
+
+    assert changed(lambda m: m.encoder.state_dict()[next(iter(m.encoder.state_dict()))].add_(1e-3))
+    assert changed(lambda m: next(m.columns["who"].parameters()).mul_(1.001))
+    assert changed(lambda m: next(m.columns["a"].parameters()).mul_(1.001))  # a lateral source
+    assert not changed(lambda m: next(m.columns["b"].parameters()).mul_(2.0))  # no path to "who"
+    assert not changed(lambda m: m.add_column(TaskSpec("later", ["x", "y"], laterals=["who"])))
+    dim = TINY.column.fc_dim
+    assert changed(lambda m: m.set_whitening("who", torch.zeros(dim), torch.eye(dim)[:, :4]))
+    assert changed(lambda m: m.join_members("who", [copy.deepcopy(m.columns["who"])]))
+    with pytest.raises(ModelError, match="no column named 'nobody'"):
+        net.embedding_fingerprint("nobody")
+
+
 def test_task_subsets_run_their_lateral_sources_and_cached_features_match() -> None:
     torch.manual_seed(1)
     net = ProgressiveNet(TINY, [TaskSpec("a", ["x", "y"]), TaskSpec("b", ["p", "q", "r"], ["a"])]).eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -534,6 +535,15 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
         assert "utk_gender" in names and "killed_column" not in names
         listed = harness.call(ListIdentities, "/facial_perception/list_identities", ListIdentities.Request())
         assert list(listed.names) == ["eileen", "grace"] and list(listed.sample_counts) == [1, 3]
+        # both enrolments tied the gallery file to the weights behind the identity embedding, which
+        # adding a column left alone
+        from facial_perception.core.checkpoint import load_model
+
+        db = sqlite3.connect(tmp_path / "gallery.db")
+        stored = db.execute("SELECT value FROM meta WHERE key = 'embedding_fingerprint'").fetchone()
+        db.close()
+        served = load_model(tmp_path / "columns" / "current.safetensors")[0]
+        assert stored == (served.embedding_fingerprint("identity"),)
         msg = harness.send_until_result(_raw(make_frame([0])), harness.raw_pub)
         assert msg.faces[0].identity == "eileen"
         assert "utk_gender" in [p.task for p in msg.faces[0].predictions]

@@ -564,10 +564,6 @@ UNTRAINED = "untrained lite model (no checkpoint, no shipped default): labels ar
 
 def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = None) -> Any:
     """A ``FramePipeline`` configured like the node (same detector, tracker, smoothing parameters)."""
-    from facial_perception.pipeline.frame_pipeline import FramePipeline
-    from facial_perception.pipeline.smoothing import PredictionSmoother
-    from facial_perception.pipeline.tracking import FaceTracker
-
     settings = settings or PipelineSettings()
     if predictor is None:
         predictor, _ = load_predictor(settings)
@@ -577,13 +573,24 @@ def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = No
         raise BagError(f"detect_every must be >= 1, got {settings.detect_every}")
     detector = _detector_of(settings)
     gallery = None
-    if settings.gallery:
-        from facial_perception.pipeline.gallery import GalleryError, IdentityGallery
+    if not settings.gallery:
+        return _pipeline_with(settings, predictor, detector, None)
+    from facial_perception.pipeline.gallery import GalleryError, IdentityGallery
 
-        try:
-            gallery = IdentityGallery(settings.gallery)
-        except GalleryError as exc:
-            raise BagError(f"gallery: {exc}") from None
+    try:
+        gallery = IdentityGallery(settings.gallery)
+        return _pipeline_with(settings, predictor, detector, gallery)
+    except GalleryError as exc:  # not a gallery, or one enrolled with another model
+        if gallery is not None:
+            gallery.close()
+        raise BagError(f"gallery: {exc}") from None
+
+
+def _pipeline_with(settings: PipelineSettings, predictor: Any, detector: Any, gallery: Any) -> Any:
+    from facial_perception.pipeline.frame_pipeline import FramePipeline
+    from facial_perception.pipeline.smoothing import PredictionSmoother
+    from facial_perception.pipeline.tracking import FaceTracker
+
     return FramePipeline(
         predictor,
         detector,

@@ -102,7 +102,7 @@ class FacePredictor:
         self._tasks = list(tasks) if tasks is not None else None
         self._lock = threading.Lock()
         self.metadata: dict[str, Any] = {}
-        self._model, self._columns = self._prepare(model)
+        self._model, self._columns, self._fingerprint = self._prepare(model)
 
     @classmethod
     def from_checkpoint(
@@ -133,7 +133,7 @@ class FacePredictor:
         predictor.metadata = {k: v for k, v in meta.items() if k != "extra_tensors"}
         return predictor
 
-    def _prepare(self, model: ProgressiveNet) -> tuple[ProgressiveNet, FusedColumns | None]:
+    def _prepare(self, model: ProgressiveNet) -> tuple[ProgressiveNet, FusedColumns | None, str | None]:
         if not isinstance(model, ProgressiveNet):
             raise InferenceError(f"FacePredictor needs a ProgressiveNet, got {type(model).__name__}")
         if not model.task_names:
@@ -142,6 +142,8 @@ class FacePredictor:
             unknown = [t for t in self._tasks if t not in model.columns]
             if unknown:
                 raise InferenceError(f"unknown task(s) {unknown}; the model has {model.task_names}")
+        identity = _identity_column(model, self._tasks or model.task_names)
+        fingerprint = model.embedding_fingerprint(identity) if identity is not None else None
         prepared = copy.deepcopy(model).eval().requires_grad_(False)
         prepared.to(self.device)
         if self.half:
@@ -155,13 +157,13 @@ class FacePredictor:
                 columns = FusedColumns(prepared, self._tasks)
             if self.device.type == "cpu":
                 columns.to(memory_format=torch.channels_last)
-        return prepared, columns
+        return prepared, columns, fingerprint
 
     def set_model(self, model: ProgressiveNet) -> None:
         """Hot-swap the model (prepared outside the lock; the swap itself is atomic)."""
-        prepared, columns = self._prepare(model)
+        prepared, columns, fingerprint = self._prepare(model)
         with self._lock:
-            self._model, self._columns = prepared, columns
+            self._model, self._columns, self._fingerprint = prepared, columns, fingerprint
 
     @property
     def model(self) -> ProgressiveNet:
@@ -176,8 +178,15 @@ class FacePredictor:
     def embedding_dim(self) -> int | None:
         """Length of the identity embeddings this model gives the gallery (None: no identity column)."""
         model = self.model
-        identity = next((n for n in self.task_names if model.specs[n].kind == "identity"), None)
+        identity = _identity_column(model, self.task_names)
         return model.embedding_dim(identity) if identity is not None else None
+
+    @property
+    def embedding_fingerprint(self) -> str | None:
+        """Hash of the weights behind those embeddings (:meth:`ProgressiveNet.embedding_fingerprint`),
+        which a gallery keeps to refuse another model's embeddings (None: no identity column)."""
+        with self._lock:
+            return self._fingerprint
 
     @property
     def task_names(self) -> list[str]:
@@ -236,7 +245,7 @@ class FacePredictor:
         with torch.inference_mode():
             outputs = model.predict_encoded(encoded, columns.finish if columns is not None else None)
             probabilities = {n: o.probabilities.cpu().numpy() for n, o in outputs.items()}
-            identity = next((n for n in outputs if model.specs[n].kind == "identity"), None)
+            identity = _identity_column(model, outputs)
             embeddings = (
                 F.normalize(outputs[identity].embedding.float(), dim=1).cpu().numpy() if identity else None
             )
@@ -258,3 +267,8 @@ class FacePredictor:
         from facial_perception.core.preprocess import preprocess_batch
 
         return self.predict(preprocess_batch(images, self.input_size))
+
+
+def _identity_column(model: ProgressiveNet, tasks: Iterable[str]) -> str | None:
+    """The first identity column among ``tasks``: the one whose embeddings a gallery holds."""
+    return next((name for name in tasks if model.specs[name].kind == "identity"), None)

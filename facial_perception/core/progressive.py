@@ -580,6 +580,34 @@ class ProgressiveNet(nn.Module):
             return self.whitening[name].out_dim
         return self._module(name).embedding_dim
 
+    def embedding_fingerprint(self, name: str) -> str:
+        """A short hash of every weight and buffer that shapes column ``name``'s embedding: the encoder,
+        the column (all its members), the columns that reach it through laterals, and its whitening.
+
+        Why: two models can give embeddings of the same length that mean different things (another
+        training run, another whitening); an identity gallery stores this hash with its first enrolment
+        so that a model it does not fit is refused instead of naming people at random. Columns added
+        later, or changes to other columns, leave it unchanged. Values are hashed as float32 on the CPU, so
+        the same weights hash the same on any device (``FacePredictor`` hashes before any half cast).
+        """
+        import hashlib
+
+        if name not in self.columns:
+            raise ModelError(f"no column named {name!r} (columns: {self.task_names})")
+        prefixes = (
+            f"{ENCODER}.",
+            *(f"columns.{source}." for source in [*self.lateral_sources(name), name]),
+            f"whitening.{name}.",
+        )
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.state_dict().items()):
+            if not key.startswith(prefixes):
+                continue
+            values = tensor.detach().to("cpu", torch.float32).contiguous()
+            digest.update(f"{key}:{tuple(values.shape)};".encode())
+            digest.update(values.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def join_members(self, name: str, others: Iterable[nn.Module]) -> None:
         """Make column ``name`` an ensemble of itself and ``others``: columns (or ensembles) of the same
         task, labels and laterals trained apart on this very encoder (the caller checks the encoder).

@@ -329,8 +329,17 @@ class FramePipeline:
         _timed(timings, "preprocess", t)
         height, width = frame.shape[:2]
         return PreparedFrame(
-            frame, tracks, removed, crops, batch, input_size, timings, stamp, t_start,
-            width=width, height=height,
+            frame,
+            tracks,
+            removed,
+            crops,
+            batch,
+            input_size,
+            timings,
+            stamp,
+            t_start,
+            width=width,
+            height=height,
         )
 
     def encode(self, prepared: PreparedFrame) -> PreparedFrame:
@@ -509,11 +518,26 @@ class FramePipeline:
                 collector._finish(error="identity recognition is disabled (no gallery)")
                 return
             try:
-                count = gallery.enrol(collector.name, np.stack(collector.embeddings), images=collector.crops)
+                count = self._enrol_in(
+                    gallery, collector.name, np.stack(collector.embeddings), collector.crops
+                )
             except GalleryError as exc:
                 collector._finish(error=str(exc))
                 return
             collector._finish(count=count)
+
+    def enrol(self, name: str, embeddings: np.ndarray, crops: Sequence[np.ndarray] | None = None) -> int:
+        """Store embeddings this pipeline's model made (e.g. by :meth:`embed_faces`) in its gallery,
+        tagged with the model's fingerprint; returns the person's number of samples."""
+        if self.gallery is None:
+            raise FacePipelineError("identity recognition is disabled (no gallery): cannot enrol")
+        return self._enrol_in(self.gallery, name, embeddings, crops)
+
+    def _enrol_in(
+        self, gallery: IdentityGallery, name: str, embeddings: np.ndarray, crops: Sequence[np.ndarray] | None
+    ) -> int:
+        fingerprint = getattr(self.predictor, "embedding_fingerprint", None)
+        return gallery.enrol(name, embeddings, images=crops, fingerprint=fingerprint)
 
     def embed_faces(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Identity embeddings ``(K, D)`` of the largest face in each image (enrolment from files).
@@ -559,15 +583,11 @@ def _check_frame(rgb: np.ndarray) -> np.ndarray:
 
 
 def _check_gallery_fits(gallery: IdentityGallery | None, predictor: Any) -> None:
-    """A gallery enrolled with another model (other embedding length) is one clear error up front,
-    not a failed match on every frame."""
-    model_dim = getattr(predictor, "embedding_dim", None)
-    gallery_dim = gallery.dim if gallery is not None else None
-    if model_dim is not None and gallery_dim is not None and gallery_dim != model_dim:
-        raise GalleryError(
-            f"gallery {gallery.path} holds {gallery_dim}-d embeddings of another model, this model makes "
-            f"{model_dim}-d ones: enrol the people again in a new gallery (move the file away or set "
-            "another gallery path)"
+    """A gallery enrolled with another model (other embedding length or weights) is one clear error up
+    front, not a failed match, or worse a wrong name, on every frame."""
+    if gallery is not None:
+        gallery.check_model(
+            getattr(predictor, "embedding_dim", None), getattr(predictor, "embedding_fingerprint", None)
         )
 
 

@@ -36,6 +36,8 @@ UNKNOWN = "unknown"
 _FORMAT = "facial_perception.gallery"
 _VERSION = "1"
 _MAX_NAME = 128
+# meta key: hash of the model weights behind the stored embeddings (ProgressiveNet.embedding_fingerprint)
+_FINGERPRINT = "embedding_fingerprint"
 _LOG = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -96,9 +98,7 @@ def _secure_file(path: Path) -> None:
                 raise GalleryError(
                     f"gallery {path} has mode {mode:o} and chmod 600 failed: {_first_line(exc)}"
                 ) from None
-            warnings.warn(
-                f"identity gallery {path} had permissions {mode:o}; tightened to 600", stacklevel=3
-            )
+            warnings.warn(f"identity gallery {path} had permissions {mode:o}; tightened to 600", stacklevel=3)
         return
     except OSError as exc:
         raise GalleryError(f"cannot create gallery {path}: {_first_line(exc)}") from None
@@ -186,6 +186,40 @@ class IdentityGallery:
             row = self._execute("SELECT dim FROM embeddings LIMIT 1").fetchone()
             return int(row[0]) if row else None
 
+    @property
+    def fingerprint(self) -> str | None:
+        """Hash of the model that made the stored embeddings (None: empty, or enrolled before galleries
+        kept one)."""
+        with self._lock:
+            row = self._execute("SELECT value FROM meta WHERE key = ?", (_FINGERPRINT,)).fetchone()
+            return row[0] if row else None
+
+    def check_model(self, dim: int | None, fingerprint: str | None) -> None:
+        """Raise one clear :class:`GalleryError` if the stored embeddings come from another model than
+        the one that makes ``dim``-d embeddings with weights hashed to ``fingerprint``.
+
+        Another model's embeddings would not fail loudly: they would name the wrong people. An empty
+        gallery fits any model; a gallery enrolled before fingerprints were kept is checked by length.
+        """
+        stored_dim, stored = self.dim, self.fingerprint
+        fix = "enrol the people again in a new gallery (move the file away or set another gallery path)"
+        if dim is not None and stored_dim is not None and stored_dim != dim:
+            raise GalleryError(
+                f"gallery {self.path} holds {stored_dim}-d embeddings of another model, this model makes "
+                f"{dim}-d ones: {fix}"
+            )
+        if fingerprint is not None and stored is not None and stored != fingerprint:
+            raise GalleryError(
+                f"gallery {self.path} was enrolled with another model (embedding fingerprint {stored}, this "
+                f"model's {fingerprint}): {fix}"
+            )
+        if stored_dim is not None and stored is None:
+            _LOG.warning(
+                "gallery %s was enrolled before galleries recorded their model: it cannot be checked"
+                " against this one beyond the embedding length",
+                self.path,
+            )
+
     def _execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
         try:
             return self._conn.execute(sql, params)
@@ -256,13 +290,18 @@ class IdentityGallery:
         name: str,
         embeddings: np.ndarray,
         images: Sequence[np.ndarray] | None = None,
+        fingerprint: str | None = None,
     ) -> int:
         """Add ``(K, D)`` embeddings (or one ``(D,)``) for ``name`` in one transaction.
 
         Adds to an existing person's samples.  ``images`` (RGB uint8 face crops) are stored only
         when the gallery was opened with ``store_images=True``; otherwise they are ignored.
-        Returns the person's total number of embeddings.
+        ``fingerprint``: the hash of the model that made the embeddings
+        (``FacePredictor.embedding_fingerprint``); the first enrolment stores it and later ones must
+        match it. Returns the person's total number of embeddings.
         """
+        if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint.strip()):
+            raise GalleryError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
         clean = self._check_name(name)
         matrix = np.asarray(embeddings, dtype=np.float32)
         if matrix.ndim == 1:
@@ -285,9 +324,17 @@ class IdentityGallery:
                 raise GalleryError(
                     f"embedding dimension {matrix.shape[1]} does not match the gallery's {dim}"
                 )
+            stored = self.fingerprint
+            if fingerprint is not None and stored is not None and stored != fingerprint:
+                raise GalleryError(
+                    f"gallery {self.path} was enrolled with another model (embedding fingerprint {stored},"
+                    f" these embeddings' {fingerprint}): nothing enrolled"
+                )
             try:
                 with self._transaction():
                     conn = self._conn
+                    if fingerprint is not None and dim is None:
+                        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_FINGERPRINT, fingerprint))
                     conn.execute("INSERT OR IGNORE INTO persons (name, created) VALUES (?, ?)", (clean, now))
                     person = conn.execute("SELECT id FROM persons WHERE name = ?", (clean,)).fetchone()[0]
                     self._conn.executemany(
@@ -323,6 +370,9 @@ class IdentityGallery:
                     if has_images:
                         self._conn.execute("DELETE FROM face_images WHERE person = ?", (row[0],))
                     self._conn.execute("DELETE FROM persons WHERE id = ?", (row[0],))
+                    if self._conn.execute("SELECT 1 FROM embeddings LIMIT 1").fetchone() is None:
+                        # empty again: the next enrolment may come from any model
+                        self._conn.execute("DELETE FROM meta WHERE key = ?", (_FINGERPRINT,))
             except sqlite3.Error as exc:
                 raise GalleryError(f"forgetting {name!r} failed: {_first_line(exc)}") from None
             self._cache = None

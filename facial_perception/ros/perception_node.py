@@ -924,8 +924,8 @@ class PerceptionNode(LifecycleNode):
             response.message = message
             return
         try:
-            total = self.gallery.enrol(name, embeddings, images=crops)
-        except GalleryError as exc:
+            total = self.pipeline.enrol(name, embeddings, crops)
+        except (GalleryError, FacePipelineError) as exc:
             response.message = str(exc)
             return
         response.success, response.samples_used = True, len(embeddings)
