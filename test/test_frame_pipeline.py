@@ -25,6 +25,7 @@ from facial_perception.pipeline.frame_pipeline import (
     draw_annotations,
     overlapped,
 )
+from facial_perception.pipeline.framing import DETECTOR_FRAMINGS, Framing, framings_for
 from facial_perception.pipeline.gallery import UNKNOWN, GalleryError, IdentityGallery
 from facial_perception.pipeline.images import decode_raw, encode_raw
 from facial_perception.pipeline.smoothing import PredictionSmoother
@@ -40,9 +41,9 @@ class CountingPredictor(inference.FacePredictor):
         super().__init__(*args, **kwargs)
         self.batch_shapes: list[tuple[int, ...]] = []
 
-    def predict(self, batch: torch.Tensor):  # type: ignore[override]
+    def predict(self, batch: torch.Tensor, tasks=None):  # type: ignore[override]
         self.batch_shapes.append(tuple(batch.shape))
-        return super().predict(batch)
+        return super().predict(batch, tasks)
 
 
 def _model(extra: list[TaskSpec] | None = None) -> ProgressiveNet:
@@ -80,7 +81,7 @@ def _pipeline(predictor, detector, **kwargs) -> FramePipeline:
 
 
 def test_end_to_end_one_batch_per_frame(predictor, detector, frame: np.ndarray) -> None:
-    pipeline = _pipeline(predictor, detector, crop_margin=0.2)
+    pipeline = _pipeline(predictor, detector, framings=Framing(0.2, -0.08))
     assert pipeline.input_size == get_config("lite").input_size
     predictor.batch_shapes.clear()
     result = pipeline.process(frame, stamp=12.5)
@@ -236,6 +237,49 @@ def test_a_gallery_of_another_model_of_the_same_length_is_refused_too(
     assert pipeline.enrol("ada", embeddings[:1]) == 1 and gallery.counts() == {"ada": 1, "grace": 1}
     with pytest.raises(FacePipelineError, match="no gallery"):
         _pipeline(predictor, detector).enrol("ada", embeddings[:1])
+    gallery.close()
+
+
+def test_identity_columns_see_a_crop_framed_for_them(
+    predictor, detector, frame: np.ndarray, tmp_path
+) -> None:
+    """With the detector's measured framings the face-attribute columns see the tight crop and the
+    identity column the looser one (one forward each); enrolment keeps the identity crops."""
+    assert framings_for(detector) == DETECTOR_FRAMINGS["blazeface_full"]
+    gallery = IdentityGallery(tmp_path / "people.db")
+    pipeline = _pipeline(predictor, detector, gallery=gallery)
+    assert pipeline.framings == DETECTOR_FRAMINGS["blazeface_full"] and not pipeline.framings.single
+    collector = pipeline.start_enrolment("grace", frames=1)
+    predictor.batch_shapes.clear()
+    result = pipeline.process(frame)
+    assert sorted(predictor.batch_shapes) == [(2, 1, 64, 64), (2, 1, 64, 64)]
+    for face in result.faces:
+        tight = predictor.predict(preprocess_batch([pipeline.crop(frame, face.box)], 64))[0]
+        loose = predictor.predict(preprocess_batch([pipeline.crop_identity(frame, face.box)], 64))[0]
+        assert not np.allclose(tight.embedding, loose.embedding, atol=1e-3)  # the two crops differ
+        for name in ("gender", "age", "emotion"):
+            np.testing.assert_allclose(
+                face.tasks[name].probabilities, tight.tasks[name].probabilities, atol=1e-5
+            )
+        np.testing.assert_allclose(
+            face.tasks["identity"].probabilities, loose.tasks["identity"].probabilities, atol=1e-5
+        )
+        np.testing.assert_allclose(face.embedding, loose.embedding, atol=1e-5)
+    assert list(result.faces[0].tasks) == predictor.task_names
+    assert collector.wait(0) and collector.ok, collector.error
+    np.testing.assert_array_equal(collector.crops[0], pipeline.crop_identity(frame, result.faces[0].box))
+    # enrolment from files uses the identity framing too
+    embeddings, crops = pipeline.embed_faces([frame])
+    np.testing.assert_array_equal(crops[0], collector.crops[0])
+    np.testing.assert_allclose(embeddings[0], result.faces[0].embedding, atol=1e-5)
+    # one Framing: one crop and one forward for every column
+    single = _pipeline(predictor, detector, framings=Framing(0.18, -0.07))
+    predictor.batch_shapes.clear()
+    same = single.process(frame)
+    assert predictor.batch_shapes == [(2, 1, 64, 64)]
+    np.testing.assert_allclose(same.faces[0].embedding, result.faces[0].embedding, atol=1e-5)
+    with pytest.raises(FacePipelineError, match="CropFramings or a Framing"):
+        _pipeline(predictor, detector, framings=(0.1, 0.0))
     gallery.close()
 
 

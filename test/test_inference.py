@@ -22,8 +22,6 @@ SPECS = [
 ]
 
 
-
-
 def _net(seed: int) -> ProgressiveNet:
     torch.manual_seed(seed)
     net = ProgressiveNet(TINY, SPECS)
@@ -187,3 +185,28 @@ def test_encode_then_predict_encoded_equals_predict_and_keeps_its_model() -> Non
     assert predictor.predict_encoded(predictor.encode(torch.zeros(0, 1, 16, 16))) == []
     with pytest.raises(InferenceError, match="expects \\(N, 1, 16, 16\\)"):
         predictor.encode(torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_subset_of_tasks_answers_as_the_whole_model_does(fuse: bool) -> None:
+    """predict(batch, tasks): the pipeline runs the identity column on a crop framed for it; the
+    subset (with its lateral sources run but not reported) must give the whole model's answers."""
+    net = _net(3)
+    predictor = FacePredictor(net, device="cpu", fuse_columns=fuse)
+    batch = torch.rand(3, 1, TINY.input_size, TINY.input_size) * 2 - 1
+    whole = predictor.predict(batch)
+    named = predictor.predict(batch, ["identity"])
+    faces = predictor.predict(batch, ["emotion", "gender"])
+    for w, n, f in zip(whole, named, faces, strict=True):
+        assert list(n.tasks) == ["identity"] and n.embedding is not None
+        np.testing.assert_allclose(
+            n.tasks["identity"].probabilities, w.tasks["identity"].probabilities, atol=1e-5
+        )
+        np.testing.assert_allclose(n.embedding, w.embedding, atol=1e-5)
+        assert set(f.tasks) == {"gender", "emotion"} and f.embedding is None
+        for task in ("gender", "emotion"):
+            np.testing.assert_allclose(f.tasks[task].probabilities, w.tasks[task].probabilities, atol=1e-5)
+    with pytest.raises(InferenceError, match="unknown task"):
+        predictor.predict(batch, ["age"])
+    with pytest.raises(InferenceError, match="unknown task"):
+        predictor.predict(batch, [])

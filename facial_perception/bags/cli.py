@@ -107,6 +107,13 @@ def add_subcommands(subparsers: Any) -> None:
     off.add_argument("--detection-threshold", type=float, default=0.6)
     off.add_argument("--max-faces", type=int, default=10)
     off.add_argument("--smoothing", type=float, default=0.6)
+    off.add_argument(
+        "--crop-margin",
+        type=float,
+        default=-1.0,
+        help="one crop margin for every column (the node's crop_margin); < 0: measured per detector",
+    )
+    off.add_argument("--crop-offset-y", type=float, default=0.0, help="with --crop-margin: crop centre shift")
     off.add_argument("--gallery", help="identity gallery (SQLite) for identity labels")
     off.add_argument("--device", default="cpu")
     off.add_argument(
@@ -299,6 +306,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             detection_threshold=args.detection_threshold,
             max_faces=args.max_faces,
             smoothing=args.smoothing,
+            crop_margin=args.crop_margin,
+            crop_offset_y=args.crop_offset_y,
             device=args.device,
             gallery=args.gallery,
             overlap=not args.no_overlap,

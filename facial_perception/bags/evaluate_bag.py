@@ -502,6 +502,10 @@ class PipelineSettings:
     tracker_iou: float = 0.3
     track_max_missed: int = 4
     smoothing: float = 0.6
+    crop_margin: float = (
+        -1.0
+    )  # >= 0: one framing for every column (the node's crop_margin); else per detector
+    crop_offset_y: float = 0.0
     device: str = "cpu"
     gallery: str | None = None  # an identity gallery (SQLite) for identity labels
     # detect (and decode, track, crop) frame t+1 in a second thread while the model runs on frame t
@@ -599,7 +603,20 @@ def _pipeline_with(settings: PipelineSettings, predictor: Any, detector: Any, ga
         gallery=gallery,
         max_faces=settings.max_faces,
         detect_every=settings.detect_every,
+        framings=_framing_of(settings),
     )
+
+
+def _framing_of(settings: PipelineSettings) -> Any:
+    """The node's rule: ``crop_margin`` >= 0 crops every column alike; else the detector's framings."""
+    from facial_perception.pipeline.framing import Framing, FramingError
+
+    if settings.crop_margin < 0:
+        return None
+    try:
+        return Framing(settings.crop_margin, settings.crop_offset_y)
+    except FramingError as exc:
+        raise BagError(str(exc)) from None
 
 
 def _detector_of(settings: PipelineSettings) -> Any:
@@ -629,6 +646,7 @@ def build_first_stage(settings: PipelineSettings, input_size: int) -> Any:
         input_size=input_size,
         max_faces=settings.max_faces,
         detect_every=settings.detect_every,
+        framings=_framing_of(settings),
     )
 
 
@@ -1172,7 +1190,7 @@ def benchmark_offline_configs(
             start = time.perf_counter()
             for b in run.batch_sizes:
                 if b:
-                    run.predictor.predict(run.pool[:b])
+                    run.pipeline.run_model(run.pool[:b])  # the frame's work: one forward per framing
             run.model_passes.append(time.perf_counter() - start)
     return [_benchmark_result(bag, run, progress) for run in runs]
 
@@ -1194,7 +1212,7 @@ def _benchmark_setup(bag: str | os.PathLike[str], settings: PipelineSettings) ->
         raise BagError(f"{bag}: no face detected in the first frames, nothing to benchmark")
     pool = preprocess_batch([crops[i % len(crops)] for i in range(settings.max_faces)], pipeline.input_size)
     for b in range(1, 4):  # warm up every common batch shape once, for both measurements
-        predictor.predict(pool[:b])
+        pipeline.run_model(pool[:b])
     return _BenchmarkRun(settings, predictor, source, pipeline, pool)
 
 

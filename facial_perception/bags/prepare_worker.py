@@ -102,7 +102,8 @@ def _first_stage(job: FirstStageJob, out: Any, stop: Any) -> None:
                     put(("error", ref, _portable_error(exc)))
                     return
                 batch = None if prepared.batch is None else prepared.batch.numpy()
-                if not put(("frame", ref, replace(prepared, frame=None, batch=batch))):
+                named = None if prepared.identity_batch is None else prepared.identity_batch.numpy()
+                if not put(("frame", ref, replace(prepared, frame=None, batch=batch, identity_batch=named))):
                     return
     except Exception as exc:  # start-up, or the bag's iterator itself failed
         put(("error", None, _portable_error(exc)))
@@ -171,6 +172,8 @@ class FirstStageProcess:
                 raise value
             if value.batch is not None:
                 value.batch = torch.from_numpy(value.batch)
+            if value.identity_batch is not None:
+                value.identity_batch = torch.from_numpy(value.identity_batch)
             yield ref, value
 
     def close(self) -> None:

@@ -103,6 +103,8 @@ class FacePredictor:
         self._lock = threading.Lock()
         self.metadata: dict[str, Any] = {}
         self._model, self._columns, self._fingerprint = self._prepare(model)
+        # fused columns of task subsets (predict(..., tasks=...)), built on first use per model
+        self._subset_columns: dict[tuple[str, ...], FusedColumns | None] = {}
 
     @classmethod
     def from_checkpoint(
@@ -164,6 +166,7 @@ class FacePredictor:
         prepared, columns, fingerprint = self._prepare(model)
         with self._lock:
             self._model, self._columns, self._fingerprint = prepared, columns, fingerprint
+            self._subset_columns = {}
 
     @property
     def model(self) -> ProgressiveNet:
@@ -193,11 +196,37 @@ class FacePredictor:
         model = self.model
         return list(self._tasks) if self._tasks is not None else model.task_names
 
-    def predict(self, batch: torch.Tensor) -> list[FacePrediction]:
-        """``batch``: float tensor (N, C, S, S) in [-1, 1] as made by ``preprocess_batch``."""
-        return self.predict_encoded(self.encode(batch))
+    def predict(self, batch: torch.Tensor, tasks: Sequence[str] | None = None) -> list[FacePrediction]:
+        """``batch``: float tensor (N, C, S, S) in [-1, 1] as made by ``preprocess_batch``; ``tasks``: only
+        these of :attr:`task_names` (e.g. the identity column on a crop framed for it), default all."""
+        return self.predict_encoded(self.encode(batch, tasks))
 
-    def encode(self, batch: torch.Tensor) -> EncodedBatch:
+    def _model_and_columns(
+        self, tasks: Sequence[str] | None
+    ) -> tuple[ProgressiveNet, FusedColumns | None, tuple[str, ...] | None]:
+        """The model, the fused columns for ``tasks`` (built once per subset and model) and the subset."""
+        with self._lock:
+            model, columns, cache = self._model, self._columns, self._subset_columns
+        if tasks is None:
+            return model, columns, None
+        subset = tuple(dict.fromkeys(tasks))
+        allowed = self.task_names
+        unknown = [t for t in subset if t not in allowed]
+        if unknown or not subset:
+            raise InferenceError(f"unknown task(s) {unknown or list(subset)}; this predictor runs {allowed}")
+        if subset == tuple(allowed):
+            return model, columns, None
+        if not self.fuse_columns:
+            return model, None, subset
+        if subset not in cache:
+            with torch.no_grad():
+                fused = FusedColumns(model, subset)
+            if self.device.type == "cpu":
+                fused.to(memory_format=torch.channels_last)
+            cache[subset] = fused  # a racing thread may build it too: same weights, either wins
+        return model, cache[subset], subset
+
+    def encode(self, batch: torch.Tensor, tasks: Sequence[str] | None = None) -> EncodedBatch:
         """First half of :meth:`predict`: the encoder (on the faces and, where asked, their mirror images)
         and, with fused columns, their first layer.
 
@@ -206,8 +235,7 @@ class FacePredictor:
         between cannot mix two models. The columns' first layer is here because with ensemble
         columns the columns cost more than the encoder: this evens the two halves out.
         """
-        with self._lock:
-            model, columns = self._model, self._columns
+        model, columns, subset = self._model_and_columns(tasks)
         if not isinstance(batch, torch.Tensor):
             raise InferenceError(f"predict expects a torch.Tensor, got {type(batch).__name__}")
         if batch.ndim != 4:
@@ -225,7 +253,10 @@ class FacePredictor:
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 encoded = model.encode(
-                    x, self._tasks, mirror=self.mirror_average, standalone=self.standalone_members
+                    x,
+                    subset if subset is not None else self._tasks,
+                    mirror=self.mirror_average,
+                    standalone=self.standalone_members,
                 )
                 if columns is not None:
                     encoded = encoded._replace(features=columns.stem(encoded.features))

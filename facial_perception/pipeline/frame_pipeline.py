@@ -5,8 +5,11 @@ measure exactly the same thing.  Per frame:
 
 1. ``detector.detect`` -> boxes (largest first, at most ``max_faces``);
 2. ``tracker.update`` -> stable track ids (state of removed tracks is dropped from the smoother);
-3. ``crop_face`` + ``preprocess_batch`` -> one ``(N, 1, S, S)`` tensor for all faces of the frame;
-4. ``predictor.predict`` -> per-face task probabilities and the identity embedding (one forward);
+3. ``crop_face`` + ``preprocess_batch`` -> one ``(N, 1, S, S)`` tensor for all faces of the frame,
+   framed like the training crops for this detector (``pipeline.framing``); where the identity
+   columns' training crops were framed otherwise (LFW), a second tensor framed for them;
+4. ``predictor.predict`` -> per-face task probabilities and the identity embedding (one forward
+   per framing);
 5. ``smoother`` -> per-track moving averages of probabilities and embeddings;
 6. ``gallery.match`` on the smoothed embeddings -> name or ``"unknown"`` (``""`` when identity
    recognition is off, i.e. no gallery, or the model has no identity column).
@@ -31,6 +34,7 @@ import numpy as np
 
 from facial_perception.core.preprocess import crop_face, preprocess_batch
 from facial_perception.pipeline.detection import Detection, FaceDetector
+from facial_perception.pipeline.framing import CropFramings, Framing, framings_for
 from facial_perception.pipeline.gallery import UNKNOWN, GalleryError, IdentityGallery
 from facial_perception.pipeline.smoothing import PredictionSmoother
 from facial_perception.pipeline.tracking import FaceTracker, Track
@@ -61,7 +65,11 @@ class FacePipelineError(ValueError):
 
 
 class _Predictor(Protocol):
-    """The part of ``core.inference.FacePredictor`` the pipeline uses (see docs/ARCHITECTURE.md)."""
+    """The part of ``core.inference.FacePredictor`` the pipeline uses (see docs/ARCHITECTURE.md).
+
+    With two framings (:class:`CropFramings`) it also uses ``task_names``, ``model.specs`` and
+    ``predict(batch, tasks)``; a predictor without them gets one crop for every column.
+    """
 
     def predict(self, batch: Any) -> list[Any]: ...
 
@@ -124,6 +132,9 @@ class PreparedFrame:
     encoded_by: Any = None  # the predictor that made ``encoded``
     width: int = 0  # of the frame, pixels
     height: int = 0
+    # the faces framed for the identity columns, when that framing differs (else None: ``crops``)
+    identity_crops: list[np.ndarray] | None = None
+    identity_batch: Any = None
 
 
 @dataclass
@@ -199,9 +210,8 @@ class FramePipeline:
         smoother: PredictionSmoother | None = None,
         gallery: IdentityGallery | None = None,
         input_size: int | None = None,
-        crop_margin: float = 0.1,
+        framings: CropFramings | Framing | None = None,
         max_faces: int = 5,
-        crop_offset_y: float = -0.08,
         known_identity_threshold: float = 1.01,
         detect_every: int = 1,
     ) -> None:
@@ -209,17 +219,23 @@ class FramePipeline:
             raise FacePipelineError(f"max_faces must be >= 1, got {max_faces}")
         if detect_every < 1:
             raise FacePipelineError(f"detect_every must be >= 1, got {detect_every}")
-        if crop_margin < 0:
-            raise FacePipelineError(f"crop_margin must be >= 0, got {crop_margin}")
         self.detector = detector
         self.tracker = tracker if tracker is not None else FaceTracker()
         # No smoother means no smoothing (alpha = 1 keeps only the newest frame), not a default one.
         self.smoother = smoother if smoother is not None else PredictionSmoother(alpha=1.0)
         self.gallery = gallery
-        # BlazeFace boxes sit low and tight on the face; margin 0.1 shifted up by 8 % of the box
-        # reproduces the framing of the training crops best (measured in docs/DATA.md).
-        self.crop_margin = float(crop_margin)
-        self.crop_offset_y = float(crop_offset_y)
+        # Each detector boxes a face its own way: the margin and offset that reproduce the framing of
+        # the training crops were measured per detector (pipeline.framing, docs/DATA.md). A single
+        # Framing crops every column alike.
+        if framings is None:
+            framings = framings_for(detector)
+        elif isinstance(framings, Framing):
+            framings = CropFramings(framings, framings)
+        elif not isinstance(framings, CropFramings):
+            raise FacePipelineError(
+                f"framings must be a CropFramings or a Framing, got {type(framings).__name__}"
+            )
+        self.framings = framings
         # Faces the gallery does not know may still be one of the people the identity column was
         # trained on ("known identities"); only a confident classification counts (> 1 disables it).
         self.known_identity_threshold = float(known_identity_threshold)
@@ -279,8 +295,56 @@ class FramePipeline:
         return sorted(detections, key=lambda d: d.area, reverse=True)[: self.max_faces]
 
     def crop(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
-        """The face crop fed to the model, framed like the training images."""
-        return crop_face(frame, box, self.crop_margin, square=True, offset_y=self.crop_offset_y)
+        """The face crop fed to the face-attribute columns, framed like their training images."""
+        framing = self.framings.faces
+        return crop_face(frame, box, framing.margin, square=True, offset_y=framing.offset_y)
+
+    def crop_identity(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The face crop fed to the identity columns, framed like theirs (LFW: looser)."""
+        framing = self.framings.identity
+        return crop_face(frame, box, framing.margin, square=True, offset_y=framing.offset_y)
+
+    def _task_split(self, predictor: Any) -> tuple[list[str], list[str]] | None:
+        """(columns on the faces crop, identity columns on the identity crop); None: one crop for all
+        (one framing, no identity column, or a predictor that cannot run a subset of its tasks)."""
+        if self.framings.single or predictor is None:
+            return None
+        try:
+            names = list(predictor.task_names)
+            specs = predictor.model.specs
+        except AttributeError:
+            return None
+        identity = [name for name in names if specs[name].kind == "identity"]
+        if not identity:
+            return None
+        return [name for name in names if name not in identity], identity
+
+    def run_model(self, batch: Any, identity_batch: Any = None) -> list[Any]:
+        """The model on one frame's preprocessed faces as :meth:`complete` runs it: one forward, or one
+        per framing (``identity_batch``: the identity crops; default ``batch``). For warm-ups and
+        benchmarks, which must do the same work as a frame."""
+        with self._lock:
+            predictor = self._predictor
+        split = self._task_split(predictor)
+        return self._predict(predictor, batch, batch if identity_batch is None else identity_batch, split)
+
+    def _predict(self, predictor: Any, batch: Any, identity_batch: Any, split: Any) -> list[Any]:
+        """The predictions of one frame's faces: one forward, or one per framing (merged per face)."""
+        if split is None:
+            return predictor.predict(batch)
+        faces, identity = split
+        named = predictor.predict(identity_batch, identity)
+        if not faces:
+            return named
+        return _merged(predictor.predict(batch, faces), named)
+
+    def _predict_encoded(self, predictor: Any, encoded: Any) -> list[Any]:
+        if not isinstance(encoded, _SplitEncoding):
+            return predictor.predict_encoded(encoded)
+        named = predictor.predict_encoded(encoded.identity)
+        if encoded.faces is None:
+            return named
+        return _merged(predictor.predict_encoded(encoded.faces), named)
 
     # -- per frame -----------------------------------------------------------------------------
     def process(
@@ -326,6 +390,10 @@ class FramePipeline:
 
         crops = [self.crop(frame, track.box) for track in tracks]
         batch = preprocess_batch(crops, input_size) if crops else None
+        identity_crops = identity_batch = None
+        if not self.framings.single:
+            identity_crops = [self.crop_identity(frame, track.box) for track in tracks]
+            identity_batch = preprocess_batch(identity_crops, input_size) if identity_crops else None
         _timed(timings, "preprocess", t)
         height, width = frame.shape[:2]
         return PreparedFrame(
@@ -340,6 +408,8 @@ class FramePipeline:
             t_start,
             width=width,
             height=height,
+            identity_crops=identity_crops,
+            identity_batch=identity_batch,
         )
 
     def encode(self, prepared: PreparedFrame) -> PreparedFrame:
@@ -356,7 +426,18 @@ class FramePipeline:
         if batch is None or input_size != prepared.input_size or not hasattr(predictor, "predict_encoded"):
             return prepared
         t = time.perf_counter()
-        prepared.encoded, prepared.encoded_by = predictor.encode(batch), predictor
+        split = self._task_split(predictor)
+        if split is None:
+            encoded: Any = predictor.encode(batch)
+        elif prepared.identity_batch is None:
+            return prepared  # prepared by a pipeline with one framing: complete() crops again
+        else:
+            faces, identity = split
+            encoded = _SplitEncoding(
+                predictor.encode(batch, faces) if faces else None,
+                predictor.encode(prepared.identity_batch, identity),
+            )
+        prepared.encoded, prepared.encoded_by = encoded, predictor
         _timed(prepared.timings, "encode", t)
         return prepared
 
@@ -370,14 +451,19 @@ class FramePipeline:
         faces: list[FaceResult] = []
         raw_embeddings: list[np.ndarray | None] = []
         t = time.perf_counter()
+        identity_crops = prepared.identity_crops if prepared.identity_crops is not None else crops
         if tracks:
-            batch = prepared.batch
+            batch, identity_batch = prepared.batch, prepared.identity_batch
             if prepared.encoded is not None and prepared.encoded_by is predictor:
-                predictions = predictor.predict_encoded(prepared.encoded)
+                predictions = self._predict_encoded(predictor, prepared.encoded)
             else:
                 if batch is None or input_size != prepared.input_size:  # the model was swapped meanwhile
                     batch = preprocess_batch(crops, input_size)
-                predictions = predictor.predict(batch)
+                    identity_batch = None
+                split = self._task_split(predictor)
+                if split is not None and identity_batch is None:
+                    identity_batch = preprocess_batch(identity_crops, input_size)
+                predictions = self._predict(predictor, batch, identity_batch, split)
             if len(predictions) != len(tracks):
                 got, want = len(predictions), len(tracks)
                 raise FacePipelineError(f"predictor returned {got} results for {want} faces")
@@ -389,7 +475,7 @@ class FramePipeline:
             t = _timed(timings, "smooth", t)
             self._identify(faces)
             t = _timed(timings, "identify", t)
-        self._feed_collectors(tracks, raw_embeddings, crops)
+        self._feed_collectors(tracks, raw_embeddings, identity_crops)
         timings["total"] = (time.perf_counter() - prepared.started) * 1000.0 + timings.get("decode", 0.0)
         return FrameResult(faces=faces, timings=timings, stamp=prepared.stamp, width=width, height=height)
 
@@ -557,16 +643,36 @@ class FramePipeline:
                 detections = self.detector.detect(frame)
             if detections:
                 largest = max(detections, key=lambda d: d.area)
-                crops.append(self.crop(frame, largest.box))
+                crops.append(self.crop_identity(frame, largest.box))
             else:
                 raise FacePipelineError(f"no face found in image {i}")
         with self._lock:
             predictor, input_size = self._predictor, self.input_size
-        predictions = predictor.predict(preprocess_batch(crops, input_size))
+        split = self._task_split(predictor)
+        batch = preprocess_batch(crops, input_size)
+        predictions = predictor.predict(batch) if split is None else predictor.predict(batch, split[1])
         embeddings = [getattr(p, "embedding", None) for p in predictions]
         if any(e is None for e in embeddings):
             raise FacePipelineError("the model has no identity column: no embeddings to enrol")
         return np.stack([np.asarray(e, dtype=np.float32).reshape(-1) for e in embeddings]), crops
+
+
+@dataclass
+class _SplitEncoding:
+    """:meth:`FramePipeline.encode`'s result with two framings: each crop's encoding for its columns."""
+
+    faces: Any  # None when every column is an identity column
+    identity: Any
+
+
+def _merged(faces: Sequence[Any], named: Sequence[Any]) -> list[Any]:
+    """Per face, the face-attribute columns' predictions with the identity columns' and their embedding."""
+    if len(faces) != len(named):
+        raise FacePipelineError(f"predictor returned {len(faces)} and {len(named)} results for one frame")
+    return [
+        dataclasses.replace(face, tasks={**face.tasks, **other.tasks}, embedding=other.embedding)
+        for face, other in zip(faces, named, strict=True)
+    ]
 
 
 def _area(box: np.ndarray) -> float:

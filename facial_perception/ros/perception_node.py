@@ -62,6 +62,7 @@ from facial_perception.core.preprocess import preprocess_batch
 from facial_perception.msg import FaceArray, TrainingStatus
 from facial_perception.pipeline.detection import DetectorError, make_detector
 from facial_perception.pipeline.frame_pipeline import FacePipelineError, FramePipeline, draw_annotations
+from facial_perception.pipeline.framing import Framing
 from facial_perception.pipeline.gallery import DEFAULT_IDENTITY_THRESHOLD, GalleryError, IdentityGallery
 from facial_perception.pipeline.images import ImageDecodeError
 from facial_perception.pipeline.smoothing import PredictionSmoother, SmootherError
@@ -182,6 +183,20 @@ PARAMETERS: tuple[_Param, ...] = (
     ),
     _Param("max_faces", 10, "Most faces per frame (largest first)", (1, 64)),
     _Param("min_face_size", 24, "Smallest face side in pixels", (8, 4096)),
+    _Param(
+        "crop_margin",
+        -1.0,
+        "Margin added around the detector box on every side, times its side, for every column; < 0 = "
+        "the framing measured for the detector (a tight crop for emotion, gender and age, a looser one "
+        "for identity: docs/DATA.md)",
+        (-1.0, 2.0),
+    ),
+    _Param(
+        "crop_offset_y",
+        0.0,
+        "With crop_margin >= 0: shift of the crop centre in box heights (negative = up)",
+        (-1.0, 1.0),
+    ),
     _Param("tracker_iou", 0.3, "Minimum IoU to continue a track", (0.0, 1.0)),
     _Param("track_max_missed", 4, "Frames a track survives without a detection", (0, 100)),
     _Param("smoothing", 0.6, "Temporal smoothing of probabilities per track (0 = off)", (0.0, 0.99)),
@@ -479,6 +494,11 @@ class PerceptionNode(LifecycleNode):
         log.info(f"configured: model from {self.model_source.reason} [{tasks}] on {self._device_name()}")
         return super().on_configure(state)
 
+    def _crop_framing(self) -> Framing | None:
+        """One framing for every column when the user set ``crop_margin``; None: the detector's own."""
+        margin = float(self._p("crop_margin"))
+        return Framing(margin, float(self._p("crop_offset_y"))) if margin >= 0 else None
+
     def _warm_up(self) -> None:
         """Run the detector and a model batch once, so the first camera frame is not the slow one."""
         assert self.pipeline is not None
@@ -486,7 +506,7 @@ class PerceptionNode(LifecycleNode):
         self.pipeline.detector.detect(np.full((480, 640, 3), 127, np.uint8))
         grey = np.full((size, size), 127, np.uint8)
         for faces in (1, 4):
-            self.pipeline.predictor.predict(preprocess_batch([grey] * faces, size))
+            self.pipeline.run_model(preprocess_batch([grey] * faces, size))
         # The model, detector and ROS objects live as long as the node: move them out of the cyclic
         # collector's reach, so that its full collections stay short while frames are processed.
         gc.collect()
@@ -541,6 +561,7 @@ class PerceptionNode(LifecycleNode):
             max_faces=int(self._p("max_faces")),
             known_identity_threshold=float(self._p("known_identity_threshold")),
             detect_every=int(self._p("detect_every")),
+            framings=self._crop_framing(),
         )
         self._warm_up()
         self.trainer = ColumnTrainer(
