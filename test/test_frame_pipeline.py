@@ -283,6 +283,34 @@ def test_identity_columns_see_a_crop_framed_for_them(
     gallery.close()
 
 
+def test_identity_every_nth_frame_of_a_track(predictor, detector, frame: np.ndarray, tmp_path) -> None:
+    """identity_every=3: the identity crop goes through the model on a track's 1st and 4th frame only; in
+    between the track's last identity stands, and enrolment counts only the frames computed anew."""
+    gallery = IdentityGallery(tmp_path / "people.db")
+    every = _pipeline(predictor, detector, gallery=gallery, identity_every=3)
+    always = _pipeline(predictor, detector)
+    collector = every.start_enrolment("grace", frames=2)
+    shifted = np.roll(frame, 8, axis=1)  # another crop of the same faces: other identity outputs
+    shapes = []
+    for i, rgb in enumerate([frame, shifted, shifted, shifted]):
+        predictor.batch_shapes.clear()
+        got, want = every.process(rgb), always.process(rgb)
+        shapes.append(list(predictor.batch_shapes))
+        for a, b in zip(got.faces, want.faces, strict=True):
+            np.testing.assert_allclose(
+                a.tasks["gender"].probabilities, b.tasks["gender"].probabilities, atol=1e-5
+            )
+            same = np.allclose(a.embedding, b.embedding, atol=1e-6)
+            assert same == (i in (0, 3)), i  # frames 2 and 3 keep frame 1's identity
+        assert collector.done == (i == 3)  # two fresh identity frames: the 1st and the 4th
+    # all four frames: faces + identity; the middle two only the faces (the 'always' pipeline adds its own)
+    assert [len(s) for s in shapes] == [4, 3, 3, 4]
+    assert collector.ok and gallery.counts() == {"grace": 2}
+    with pytest.raises(FacePipelineError, match="identity_every"):
+        _pipeline(predictor, detector, identity_every=0)
+    gallery.close()
+
+
 def test_embed_faces_for_enrolment_from_files(predictor, detector, real_faces: list[np.ndarray]) -> None:
     pipeline = _pipeline(predictor, detector)
     embeddings, crops = pipeline.embed_faces(real_faces)

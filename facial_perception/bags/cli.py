@@ -135,6 +135,13 @@ def add_subcommands(subparsers: Any) -> None:
         help="run the columns one after the other (default: as one stack of wide layers; same results)",
     )
     off.add_argument(
+        "--identity-every",
+        type=int,
+        default=3,
+        help="identity columns on a track's first frame, then every n-th (node: identity_every; "
+        "1 for bags of one frame per face)",
+    )
+    off.add_argument(
         "--detect-every",
         type=int,
         default=1,
@@ -318,6 +325,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             mirror_average=not args.no_mirror_average,
             standalone_members=not args.no_standalone,
             detect_every=args.detect_every,
+            identity_every=args.identity_every,
         )
         evaluation = evaluate_offline(
             args.bag,

@@ -518,6 +518,7 @@ class PipelineSettings:
     cpu_threads: int = 1  # torch threads while evaluating on CPU (0 = torch's default); the node's default
     mirror_average: bool = True  # the columns' mirror averaging (the node's parameter of the same name)
     detect_every: int = 1  # run the detector on every n-th frame, track in between (the node's parameter)
+    identity_every: int = 3  # identity columns on a track's 1st frame, then every n-th (the node's parameter)
     fuse_columns: bool = True  # the columns as one stack of wide layers (FusedColumns; the node's parameter)
     standalone_members: bool = True  # columns averaged with their standalone members (the node's parameter)
 
@@ -575,6 +576,8 @@ def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = No
         raise BagError(f"smoothing must be in [0, 1), got {settings.smoothing}")
     if settings.detect_every < 1:
         raise BagError(f"detect_every must be >= 1, got {settings.detect_every}")
+    if settings.identity_every < 1:
+        raise BagError(f"identity_every must be >= 1, got {settings.identity_every}")
     detector = _detector_of(settings)
     gallery = None
     if not settings.gallery:
@@ -603,6 +606,7 @@ def _pipeline_with(settings: PipelineSettings, predictor: Any, detector: Any, ga
         gallery=gallery,
         max_faces=settings.max_faces,
         detect_every=settings.detect_every,
+        identity_every=settings.identity_every,
         framings=_framing_of(settings),
     )
 
@@ -646,6 +650,7 @@ def build_first_stage(settings: PipelineSettings, input_size: int) -> Any:
         input_size=input_size,
         max_faces=settings.max_faces,
         detect_every=settings.detect_every,
+        identity_every=settings.identity_every,
         framings=_framing_of(settings),
     )
 

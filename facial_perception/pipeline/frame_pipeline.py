@@ -135,6 +135,8 @@ class PreparedFrame:
     # the faces framed for the identity columns, when that framing differs (else None: ``crops``)
     identity_crops: list[np.ndarray] | None = None
     identity_batch: Any = None
+    # per face, whether its identity is due this frame (``identity_every``); None: every face
+    identity_due: list[bool] | None = None
 
 
 @dataclass
@@ -214,11 +216,14 @@ class FramePipeline:
         max_faces: int = 5,
         known_identity_threshold: float = 1.01,
         detect_every: int = 1,
+        identity_every: int = 1,
     ) -> None:
         if max_faces < 1:
             raise FacePipelineError(f"max_faces must be >= 1, got {max_faces}")
         if detect_every < 1:
             raise FacePipelineError(f"detect_every must be >= 1, got {detect_every}")
+        if identity_every < 1:
+            raise FacePipelineError(f"identity_every must be >= 1, got {identity_every}")
         self.detector = detector
         self.tracker = tracker if tracker is not None else FaceTracker()
         # No smoother means no smoothing (alpha = 1 keeps only the newest frame), not a default one.
@@ -245,6 +250,12 @@ class FramePipeline:
         # is found up to n - 1 frames late, one that leaves is reported as long).
         self.detect_every = int(detect_every)
         self._frames_since_detection = self.detect_every  # the first frame is always detected
+        # With a crop of its own, the identity columns run on a track's first frame and then on every
+        # ``identity_every``-th: a person does not change between frames, the smoother averages the
+        # embedding anyway, and it saves most of that second encoder pass. In between, the track's last
+        # identity prediction stands in (per track id: (predictor, prediction)).
+        self.identity_every = int(identity_every)
+        self._identity_cache: dict[int, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
         self._collectors: list[EnrolmentCollector] = []
         self._predictor = predictor
@@ -264,11 +275,13 @@ class FramePipeline:
             self._predictor = predictor
             self.input_size = size
             self.smoother.reset()
+            self._identity_cache = {}
 
     def reset(self) -> None:
         """Forget tracks and smoothing state (e.g. between bag sequences)."""
         self.tracker.reset()
         self.smoother.reset()
+        self._identity_cache = {}
         self._frames_since_detection = self.detect_every
 
     def _detect_or_predict(self, frame: np.ndarray) -> list[Detection]:
@@ -338,13 +351,50 @@ class FramePipeline:
             return named
         return _merged(predictor.predict(batch, faces), named)
 
-    def _predict_encoded(self, predictor: Any, encoded: Any) -> list[Any]:
-        if not isinstance(encoded, _SplitEncoding):
-            return predictor.predict_encoded(encoded)
-        named = predictor.predict_encoded(encoded.identity)
-        if encoded.faces is None:
-            return named
-        return _merged(predictor.predict_encoded(encoded.faces), named)
+    def _frame_predictions(
+        self,
+        predictor: Any,
+        prepared: PreparedFrame,
+        batch: Any,
+        identity_batch: Any,
+        split: Any,
+        encoded: Any,
+    ) -> tuple[list[Any], list[bool]]:
+        """The predictions of one frame's faces and, per face, whether its identity was computed now
+        (False: the track's last identity prediction, see ``identity_every``)."""
+        count = len(prepared.tracks)
+        if split is None:
+            plain = predictor.predict_encoded(encoded) if encoded is not None else predictor.predict(batch)
+            return plain, [True] * count
+        faces, identity = split
+        cache = self._identity_cache  # set_predictor/reset replace it: this frame keeps a consistent one
+        maker = getattr(predictor, "model", predictor)  # a cached identity of another model is not reused
+        due = set(range(count)) if prepared.identity_due is None else set(_due_rows(prepared))
+        for i, track in enumerate(prepared.tracks):
+            cached = cache.get(track.track_id)
+            if cached is None or cached[0] is not maker:
+                due.add(i)
+        named: dict[int, Any] = {}
+        if encoded is not None and encoded.identity is not None:
+            named.update(zip(encoded.rows, predictor.predict_encoded(encoded.identity), strict=True))
+        rest = sorted(due - set(named))
+        if rest:
+            named.update(zip(rest, predictor.predict(identity_batch[rest], identity), strict=True))
+        fresh = [i in named for i in range(count)]
+        for i, track in enumerate(prepared.tracks):
+            if i in named:
+                cache[track.track_id] = (maker, named[i])
+            else:
+                named[i] = cache[track.track_id][1]
+        ordered = [named[i] for i in range(count)]
+        if not faces:
+            return ordered, fresh
+        face_predictions = (
+            predictor.predict_encoded(encoded.faces)
+            if encoded is not None
+            else predictor.predict(batch, faces)
+        )
+        return _merged(face_predictions, ordered), fresh
 
     # -- per frame -----------------------------------------------------------------------------
     def process(
@@ -390,10 +440,12 @@ class FramePipeline:
 
         crops = [self.crop(frame, track.box) for track in tracks]
         batch = preprocess_batch(crops, input_size) if crops else None
-        identity_crops = identity_batch = None
+        identity_crops = identity_batch = identity_due = None
         if not self.framings.single:
             identity_crops = [self.crop_identity(frame, track.box) for track in tracks]
             identity_batch = preprocess_batch(identity_crops, input_size) if identity_crops else None
+            if self.identity_every > 1:
+                identity_due = [(track.age - 1) % self.identity_every == 0 for track in tracks]
         _timed(timings, "preprocess", t)
         height, width = frame.shape[:2]
         return PreparedFrame(
@@ -410,6 +462,7 @@ class FramePipeline:
             height=height,
             identity_crops=identity_crops,
             identity_batch=identity_batch,
+            identity_due=identity_due,
         )
 
     def encode(self, prepared: PreparedFrame) -> PreparedFrame:
@@ -433,9 +486,11 @@ class FramePipeline:
             return prepared  # prepared by a pipeline with one framing: complete() crops again
         else:
             faces, identity = split
+            rows = _due_rows(prepared)
             encoded = _SplitEncoding(
                 predictor.encode(batch, faces) if faces else None,
-                predictor.encode(prepared.identity_batch, identity),
+                predictor.encode(prepared.identity_batch[rows], identity) if rows else None,
+                rows,
             )
         prepared.encoded, prepared.encoded_by = encoded, predictor
         _timed(prepared.timings, "encode", t)
@@ -448,22 +503,27 @@ class FramePipeline:
         with self._lock:
             predictor, input_size = self._predictor, self.input_size
         self.smoother.drop(prepared.removed_ids)
+        for track_id in prepared.removed_ids:
+            self._identity_cache.pop(track_id, None)
         faces: list[FaceResult] = []
         raw_embeddings: list[np.ndarray | None] = []
+        fresh: list[bool] = []
         t = time.perf_counter()
         identity_crops = prepared.identity_crops if prepared.identity_crops is not None else crops
         if tracks:
             batch, identity_batch = prepared.batch, prepared.identity_batch
-            if prepared.encoded is not None and prepared.encoded_by is predictor:
-                predictions = self._predict_encoded(predictor, prepared.encoded)
-            else:
-                if batch is None or input_size != prepared.input_size:  # the model was swapped meanwhile
-                    batch = preprocess_batch(crops, input_size)
-                    identity_batch = None
-                split = self._task_split(predictor)
-                if split is not None and identity_batch is None:
-                    identity_batch = preprocess_batch(identity_crops, input_size)
-                predictions = self._predict(predictor, batch, identity_batch, split)
+            encoded = prepared.encoded if prepared.encoded_by is predictor else None
+            if encoded is None and (batch is None or input_size != prepared.input_size):  # model swapped
+                batch = preprocess_batch(crops, input_size)
+                identity_batch = None
+            split = self._task_split(predictor)
+            if split is not None and identity_batch is None:
+                identity_batch = preprocess_batch(identity_crops, input_size)
+            if encoded is not None and (split is not None) != isinstance(encoded, _SplitEncoding):
+                encoded = None  # encoded for another arrangement of crops (the model changed in between)
+            predictions, fresh = self._frame_predictions(
+                predictor, prepared, batch, identity_batch, split, encoded
+            )
             if len(predictions) != len(tracks):
                 got, want = len(predictions), len(tracks)
                 raise FacePipelineError(f"predictor returned {got} results for {want} faces")
@@ -475,7 +535,7 @@ class FramePipeline:
             t = _timed(timings, "smooth", t)
             self._identify(faces)
             t = _timed(timings, "identify", t)
-        self._feed_collectors(tracks, raw_embeddings, identity_crops)
+        self._feed_collectors(tracks, raw_embeddings, identity_crops, fresh)
         timings["total"] = (time.perf_counter() - prepared.started) * 1000.0 + timings.get("decode", 0.0)
         return FrameResult(faces=faces, timings=timings, stamp=prepared.stamp, width=width, height=height)
 
@@ -559,7 +619,11 @@ class FramePipeline:
         return len(pending)
 
     def _feed_collectors(
-        self, tracks: Sequence[Track], embeddings: Sequence[np.ndarray | None], crops: Sequence[np.ndarray]
+        self,
+        tracks: Sequence[Track],
+        embeddings: Sequence[np.ndarray | None],
+        crops: Sequence[np.ndarray],
+        fresh: Sequence[bool],
     ) -> None:
         with self._lock:
             collectors = [c for c in self._collectors if not c.done]
@@ -583,8 +647,8 @@ class FramePipeline:
                 collector._finish(error=f"track {collector.track_id} is not (or no longer) in view")
                 continue
             index = by_id.get(collector.track_id)
-            if index is None:
-                continue  # the track is coasting through a missed detection
+            if index is None or not fresh[index]:
+                continue  # coasting through a missed detection, or its identity was not computed now
             if embeddings[index] is None:
                 collector._finish(error="the model has no identity column: nothing to enrol")
                 continue
@@ -662,7 +726,15 @@ class _SplitEncoding:
     """:meth:`FramePipeline.encode`'s result with two framings: each crop's encoding for its columns."""
 
     faces: Any  # None when every column is an identity column
-    identity: Any
+    identity: Any  # None when no face's identity is due this frame
+    rows: list[int]  # the faces ``identity`` holds, by index in the frame
+
+
+def _due_rows(prepared: PreparedFrame) -> list[int]:
+    """The faces whose identity is due this frame (all without ``identity_due``)."""
+    if prepared.identity_due is None:
+        return list(range(len(prepared.tracks)))
+    return [i for i, due in enumerate(prepared.identity_due) if due]
 
 
 def _merged(faces: Sequence[Any], named: Sequence[Any]) -> list[Any]:

@@ -182,6 +182,13 @@ PARAMETERS: tuple[_Param, ...] = (
         (1, 30),
     ),
     _Param("max_faces", 10, "Most faces per frame (largest first)", (1, 64)),
+    _Param(
+        "identity_every",
+        3,
+        "Run the identity columns, on their own crop, on a track's first frame and then every n-th; in "
+        "between its last identity stands (saves most of the second encoder pass)",
+        (1, 30),
+    ),
     _Param("min_face_size", 24, "Smallest face side in pixels", (8, 4096)),
     _Param(
         "crop_margin",
@@ -561,6 +568,7 @@ class PerceptionNode(LifecycleNode):
             max_faces=int(self._p("max_faces")),
             known_identity_threshold=float(self._p("known_identity_threshold")),
             detect_every=int(self._p("detect_every")),
+            identity_every=int(self._p("identity_every")),
             framings=self._crop_framing(),
         )
         self._warm_up()
