@@ -391,7 +391,7 @@ class FramePipeline:
             return ordered, fresh
         face_predictions = (
             predictor.predict_encoded(encoded.faces)
-            if encoded is not None
+            if encoded is not None and encoded.faces is not None
             else predictor.predict(batch, faces)
         )
         return _merged(face_predictions, ordered), fresh
