@@ -502,9 +502,8 @@ class PipelineSettings:
     tracker_iou: float = 0.3
     track_max_missed: int = 4
     smoothing: float = 0.6
-    crop_margin: float = (
-        -1.0
-    )  # >= 0: one framing for every column (the node's crop_margin); else per detector
+    # >= 0: one framing for every column (the node's crop_margin / crop_offset_y); < 0: per detector
+    crop_margin: float = -1.0
     crop_offset_y: float = 0.0
     device: str = "cpu"
     gallery: str | None = None  # an identity gallery (SQLite) for identity labels

@@ -104,7 +104,7 @@ class FacePredictor:
         self.metadata: dict[str, Any] = {}
         self._model, self._columns, self._fingerprint = self._prepare(model)
         # fused columns of task subsets (predict(..., tasks=...)), built on first use per model
-        self._subset_columns: dict[tuple[str, ...], FusedColumns | None] = {}
+        self._subset_columns: dict[tuple[str, ...], FusedColumns] = {}
 
     @classmethod
     def from_checkpoint(
