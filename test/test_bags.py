@@ -581,9 +581,24 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     assert r["encoder_stage"] and "encode" in r["stage_ms_mean"]  # three threads by default
     # every configuration was measured in the same rounds, so each has its own paired ratios
     assert r["interleaved_configurations"] == [
-        "default", "detector:haar", "detect_every:2", "two_threads", "first_stage_thread", "unfused_columns",
-        "without_mirror", "without_standalone",
+        "default",
+        "detector:haar",
+        "detect_every:2",
+        "two_threads",
+        "first_stage_thread",
+        "unfused_columns",
+        "identity_every_1",
+        "one_crop",
+        "without_mirror",
+        "without_standalone",
     ]
+    # the identity columns' own crop: on a track's 1st and every 3rd frame, on every frame, or no own crop
+    faces = sum(int(k) * n for k, n in r["faces_per_frame"].items())
+    every, one = r["identity_every_1"], r["one_crop"]
+    assert r["identity_every"] == 3 and every["identity_faces_run"] == faces
+    assert 0 < r["identity_faces_run"] < faces and one["ratio"] > 0 and every["ratio"] > 0
+    assert f"{r['identity_faces_run']} identity crops for {faces} faces | {r['offline_fps']:.1f} |" in text
+    assert f"| one crop for every column (`crop_margin`) | {one['offline_fps']:.1f} |" in text
     alone = r["without_standalone"]  # the shipped model averages gender with a standalone member
     assert alone["standalone_tasks"] == ["gender"] and alone["ratio"] > 0
     assert f"| columns alone | {alone['offline_fps']:.1f} |" in text

@@ -302,10 +302,22 @@ def test_identity_every_nth_frame_of_a_track(predictor, detector, frame: np.ndar
             )
             same = np.allclose(a.embedding, b.embedding, atol=1e-6)
             assert same == (i in (0, 3)), i  # frames 2 and 3 keep frame 1's identity
+            assert a.identity_fresh == (i in (0, 3)) and b.identity_fresh, i
         assert collector.done == (i == 3)  # two fresh identity frames: the 1st and the 4th
     # all four frames: faces + identity; the middle two only the faces (the 'always' pipeline adds its own)
     assert [len(s) for s in shapes] == [4, 3, 3, 4]
     assert collector.ok and gallery.counts() == {"grace": 2}
+    # a benchmark's model-only call does the same work: identity crops only for the faces due
+    boxes = [face.box for face in got.faces]
+    batch = preprocess_batch([every.crop(frame, box) for box in boxes], 64)
+    named = preprocess_batch([every.crop_identity(frame, box) for box in boxes], 64)
+    predictor.batch_shapes.clear()
+    out = every.run_model(batch, named, identity_rows=1)
+    assert predictor.batch_shapes == [(2, 1, 64, 64), (1, 1, 64, 64)]
+    assert "identity" in out[0].tasks and out[0].embedding is not None
+    assert "identity" not in out[1].tasks and "gender" in out[1].tasks
+    with pytest.raises(FacePipelineError, match="identity_rows"):
+        every.run_model(batch, named, identity_rows=3)
     with pytest.raises(FacePipelineError, match="identity_every"):
         _pipeline(predictor, detector, identity_every=0)
     gallery.close()

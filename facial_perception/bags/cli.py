@@ -239,6 +239,12 @@ def add_subcommands(subparsers: Any) -> None:
         action="store_true",
         help="skip the same-run measurement of the model without its standalone members",
     )
+    bench.add_argument(
+        "--no-compare-framing",
+        action="store_true",
+        help="skip the same-run measurements with the identity columns on every frame (identity_every 1) "
+        "and with one crop for every column (crop_margin)",
+    )
     bench.add_argument("--json-out", default="docs/benchmark_bags.json")
     bench.add_argument("--markdown", default="docs/BENCHMARK_BAGS.md")
     bench.add_argument("--no-progress", action="store_true")
@@ -383,6 +389,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     from facial_perception.bags.make_bag import MakeBagOptions, make_bag
     from facial_perception.core.benchmark import machine_summary
     from facial_perception.core.fileio import atomic_write_text
+    from facial_perception.pipeline.framing import framings_for
 
     progress = not args.no_progress
     with tempfile.TemporaryDirectory(prefix="fp-bag-bench-") as tmp:
@@ -418,7 +425,13 @@ def _benchmark(args: argparse.Namespace) -> int:
             configs["first_stage_thread"] = in_thread
         if not args.no_compare_fused:  # the columns one by one, as in training: what fusing them changes
             configs["unfused_columns"] = PipelineSettings(checkpoint=args.checkpoint, fuse_columns=False)
-        mirror_tasks, standalone_tasks = _columns_with_options(_model_path(args.checkpoint))
+        mirror_tasks, standalone_tasks, identity_tasks = _columns_with_options(_model_path(args.checkpoint))
+        if identity_tasks and not args.no_compare_framing:  # what the identity columns' own crop costs
+            configs["identity_every_1"] = PipelineSettings(checkpoint=args.checkpoint, identity_every=1)
+            faces = framings_for(PipelineSettings().detector).faces  # the face columns' crop for all
+            configs["one_crop"] = PipelineSettings(
+                checkpoint=args.checkpoint, crop_margin=faces.margin, crop_offset_y=faces.offset_y
+            )
         mirror_tasks = [] if args.no_compare_mirror else mirror_tasks
         standalone_tasks = [] if args.no_compare_standalone else standalone_tasks
         if mirror_tasks:  # the model averages some columns over mirror images: measure it without, too
@@ -456,6 +469,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             if "without_standalone" in compared
             else None
         )
+        for key in ("identity_every_1", "one_crop"):
+            result[key] = compared.get(key)
         result["interleaved_configurations"] = list(configs)
     result["bag_description"] = made or f"`{args.bag}`"
     result["machine"] = machine_summary()
@@ -480,6 +495,7 @@ _COMPARED = (
     "bound_ratio",
     "fuse_columns",
     "first_stage_process",
+    "identity_faces_run",
 )
 
 
@@ -490,15 +506,21 @@ def _model_path(checkpoint: str | None) -> str:
     return str(Path(checkpoint).expanduser()) if checkpoint else str(DEFAULT_MODEL)
 
 
-def _columns_with_options(model_path: str) -> tuple[list[str], list[str]]:
-    """(columns with mirror averaging, columns with standalone members) of the checkpoint at ``model_path``:
-    the options the benchmark also measures switched off ([], [] for an untrained stand-in)."""
+def _columns_with_options(model_path: str) -> tuple[list[str], list[str], list[str]]:
+    """(columns with mirror averaging, columns with standalone members, identity columns) of the checkpoint
+    at ``model_path``: the options the benchmark also measures switched off (all [] for an untrained
+    stand-in)."""
     from facial_perception.core.checkpoint import load_model
 
     if not Path(model_path).is_file():
-        return [], []
+        return [], [], []
     model, _ = load_model(model_path)
-    return [name for name in model.task_names if model.specs[name].mirror_average], list(model.standalone)
+    names = model.task_names
+    return (
+        [name for name in names if model.specs[name].mirror_average],
+        list(model.standalone),
+        [name for name in names if model.specs[name].kind == "identity"],
+    )
 
 
 def _model_table(intro: str, column: str, runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -582,6 +604,32 @@ def _model_option_tables(r: dict[str, Any]) -> str:
         tasks = ", ".join((r.get(key) or {}).get(columns_key, []))
         tables.append(_versus_table(r, key, intro, "model", (on.format(tasks=tasks), off)))
     return "".join(tables)
+
+
+def _framing_table(r: dict[str, Any]) -> str:
+    """The identity columns' own crop every ``identity_every``-th frame against every frame and one crop."""
+    faces = sum(int(k) * n for k, n in r["faces_per_frame"].items())
+
+    def crops(o: dict[str, Any]) -> str:
+        return f"{o.get('identity_faces_run', 0)} identity crops for {faces} faces"
+
+    every, one = r.get("identity_every_1"), r.get("one_crop")
+    default = f"two crops, `identity_every: {r.get('identity_every', 3)}` (default): {crops(r)}"
+    runs = [(default, r)]
+    if every:
+        runs.append((f"two crops, identity every frame (`identity_every: 1`): {crops(every)}", every))
+    if one:
+        runs.append(("one crop for every column (`crop_margin`)", one))
+    if len(runs) < 2:
+        return ""
+    intro = (
+        "How the faces are cropped, same bag, same run (docs/PIPELINE.md, FramePipeline): the face-attribute "
+        "columns on a tight crop and the identity columns on a looser one of their own on a track's first "
+        "frame and then every n-th (default), on every frame, or one tight crop for every column (cheaper; "
+        "identity and age less accurate: docs/MODEL_CARD.md); each model-only pass runs the crops its "
+        "evaluation ran:"
+    )
+    return _model_table(intro, "crops", runs)
 
 
 def _versus_table(r: dict[str, Any], key: str, intro: str, column: str, labels: tuple[str, str]) -> str:
@@ -723,7 +771,7 @@ Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}
 | latency per frame p50 / p90 (ms, overlapped) | {r["latency_ms"]["p50"]:.1f} / {r["latency_ms"]["p90"]:.1f} |
 
 Mean time per stage (ms, overlapped run; the stages run at the same time on {r["cores"]} cores): {stages}.
-{_model_comparison_tables(r)}{_model_option_tables(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
+{_model_comparison_tables(r)}{_framing_table(r)}{_model_option_tables(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
 {_verdict_paragraph(r)}
 What was tried (measured on this machine; earlier runs of this file are in git): BlazeFace on the
 LiteRT interpreter instead of the mediapipe graph (same faces, ~1 ms less per frame: the default

@@ -1120,9 +1120,13 @@ def _clock_msg(cls: Any, stamp_ns: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def _count_faces_into(counts: list[int]) -> Callable[[int, Any], None]:
-    """An ``on_frame`` callback that appends each frame's number of faces to ``counts``."""
-    return lambda _index, result: counts.append(len(result.faces))
+def _count_faces_into(counts: list[tuple[int, int]]) -> Callable[[int, Any], None]:
+    """An ``on_frame`` callback that appends each frame's (faces, faces whose identity ran) to ``counts``."""
+
+    def count(_index: int, result: Any) -> None:
+        counts.append((len(result.faces), sum(bool(face.identity_fresh) for face in result.faces)))
+
+    return count
 
 
 def benchmark_offline(
@@ -1163,9 +1167,10 @@ class _BenchmarkRun:
     source: str
     pipeline: Any  # FramePipeline
     pool: Any  # preprocessed real face crops for the model-only passes
+    identity_pool: Any  # the same faces framed for the identity columns (``pool`` with one framing)
     offline_runs: list[float] = field(default_factory=list)  # frames/s of each evaluation
     model_passes: list[float] = field(default_factory=list)  # seconds per model-only pass
-    batch_sizes: list[int] = field(default_factory=list)
+    batch_sizes: list[tuple[int, int]] = field(default_factory=list)  # per frame: faces, identities run
     evaluation: BagEvaluation | None = None
 
 
@@ -1192,9 +1197,9 @@ def benchmark_offline_configs(
             )
             run.offline_runs.append(len(run.batch_sizes) / run.evaluation.summary["elapsed_s"])
             start = time.perf_counter()
-            for b in run.batch_sizes:
-                if b:
-                    run.pipeline.run_model(run.pool[:b])  # the frame's work: one forward per framing
+            for b, named in run.batch_sizes:
+                if b:  # the frame's work: one forward per framing, identity where it was due
+                    run.pipeline.run_model(run.pool[:b], run.identity_pool[:b], identity_rows=named)
             run.model_passes.append(time.perf_counter() - start)
     return [_benchmark_result(bag, run, progress) for run in runs]
 
@@ -1206,18 +1211,24 @@ def _benchmark_setup(bag: str | os.PathLike[str], settings: PipelineSettings) ->
     predictor, source = load_predictor(settings)
     pipeline = build_pipeline(settings, predictor)
     crops: list[np.ndarray] = []
+    identity_crops: list[np.ndarray] = []
     with BagReader(bag) as reader:  # real face crops for the model-only calls
         for image in reader.images(reader.image_topic()):
             rgb = decode_bag_image(image)
-            crops += [pipeline.crop(rgb, d.box) for d in pipeline.detector.detect(rgb)]
+            boxes = [d.box for d in pipeline.detector.detect(rgb)]
+            crops += [pipeline.crop(rgb, box) for box in boxes]
+            identity_crops += [pipeline.crop_identity(rgb, box) for box in boxes]
             if len(crops) >= settings.max_faces:
                 break
     if not crops:
         raise BagError(f"{bag}: no face detected in the first frames, nothing to benchmark")
-    pool = preprocess_batch([crops[i % len(crops)] for i in range(settings.max_faces)], pipeline.input_size)
+    size, picks = pipeline.input_size, [i % len(crops) for i in range(settings.max_faces)]
+    pool = preprocess_batch([crops[i] for i in picks], size)
+    identity_pool = preprocess_batch([identity_crops[i] for i in picks], size)
     for b in range(1, 4):  # warm up every common batch shape once, for both measurements
-        pipeline.run_model(pool[:b])
-    return _BenchmarkRun(settings, predictor, source, pipeline, pool)
+        pipeline.run_model(pool[:b], identity_pool[:b])
+        pipeline.run_model(pool[:b], identity_pool[:b], identity_rows=b - 1)
+    return _BenchmarkRun(settings, predictor, source, pipeline, pool, identity_pool)
 
 
 def _benchmark_result(bag: str | os.PathLike[str], run: _BenchmarkRun, progress: bool) -> dict[str, Any]:
@@ -1235,6 +1246,8 @@ def _benchmark_result(bag: str | os.PathLike[str], run: _BenchmarkRun, progress:
     )
     s = evaluation.summary
     frames = len(batch_sizes)
+    identities_run = sum(named for _faces, named in batch_sizes)
+    batch_sizes = [faces for faces, _named in batch_sizes]
     ratios = [fps * t / frames for fps, t in zip(offline_runs, model_passes, strict=True)]
     offline_fps = float(np.median(offline_runs))
     model_s = float(np.median(model_passes))
@@ -1261,6 +1274,9 @@ def _benchmark_result(bag: str | os.PathLike[str], run: _BenchmarkRun, progress:
         "pipeline_torch_threads": settings.cpu_threads or torch.get_num_threads(),
         "model_only_torch_threads": torch.get_num_threads(),
         "faces_per_frame": {str(k): batch_sizes.count(k) for k in sorted(set(batch_sizes))},
+        "identity_faces_run": identities_run,  # faces the identity columns ran on (identity_every)
+        "identity_every": settings.identity_every,
+        "crop_margin": settings.crop_margin,
         "repeats": len(offline_runs),
         "offline_fps": offline_fps,
         "offline_runs_fps": offline_runs,

@@ -98,6 +98,9 @@ class FaceResult:
     tasks: dict[str, TaskResult]
     embedding: np.ndarray | None  # smoothed, unit-norm identity embedding
     keypoints: np.ndarray | None = None
+    # False: the identity columns did not run on this frame's crop, the track's last identity
+    # prediction and embedding stand (``identity_every``)
+    identity_fresh: bool = True
 
 
 @dataclass
@@ -332,14 +335,33 @@ class FramePipeline:
             return None
         return [name for name in names if name not in identity], identity
 
-    def run_model(self, batch: Any, identity_batch: Any = None) -> list[Any]:
+    def run_model(
+        self, batch: Any, identity_batch: Any = None, identity_rows: int | None = None
+    ) -> list[Any]:
         """The model on one frame's preprocessed faces as :meth:`complete` runs it: one forward, or one
         per framing (``identity_batch``: the identity crops; default ``batch``). For warm-ups and
-        benchmarks, which must do the same work as a frame."""
+        benchmarks, which must do the same work as a frame.
+
+        ``identity_rows``: with two framings, the identity columns run on the first this many faces only
+        (a frame where the other faces' identity is not due, ``identity_every``); those others get the
+        face columns' predictions alone. Default: every face.
+        """
         with self._lock:
             predictor = self._predictor
         split = self._task_split(predictor)
-        return self._predict(predictor, batch, batch if identity_batch is None else identity_batch, split)
+        identity_batch = batch if identity_batch is None else identity_batch
+        count = batch.shape[0]
+        rows = count if identity_rows is None else identity_rows
+        if not 0 <= rows <= count:
+            raise FacePipelineError(f"identity_rows must be within 0..{count}, got {identity_rows}")
+        if split is None or rows == count:
+            return self._predict(predictor, batch, identity_batch, split)
+        faces, identity = split
+        predictions = predictor.predict(batch, faces) if faces else [None] * count
+        if rows:
+            named = predictor.predict(identity_batch[:rows], identity)
+            predictions[:rows] = named if not faces else _merged(predictions[:rows], named)
+        return predictions
 
     def _predict(self, predictor: Any, batch: Any, identity_batch: Any, split: Any) -> list[Any]:
         """The predictions of one frame's faces: one forward, or one per framing (merged per face)."""
@@ -528,8 +550,9 @@ class FramePipeline:
                 got, want = len(predictions), len(tracks)
                 raise FacePipelineError(f"predictor returned {got} results for {want} faces")
             t = _timed(timings, "model", t)
-            for track, prediction in zip(tracks, predictions, strict=True):
+            for track, prediction, is_fresh in zip(tracks, predictions, fresh, strict=True):
                 face, raw = self._smooth_face(track, prediction, width, height)
+                face.identity_fresh = is_fresh
                 faces.append(face)
                 raw_embeddings.append(raw)
             t = _timed(timings, "smooth", t)
