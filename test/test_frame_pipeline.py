@@ -459,6 +459,8 @@ def test_encode_stage_between_prepare_and_complete_changes_nothing(predictor, de
         a = one.process(frame)
         prepared = three.encode(three.prepare(frame))
         assert prepared.encoded is not None and "encode" in prepared.timings
+        # two framings: the face columns' crop is encoded here, the identity crop in complete()
+        assert prepared.encoded.faces is not None and prepared.encoded.identity is None
         b = three.complete(prepared)
         assert [f.track_id for f in a.faces] == [f.track_id for f in b.faces] == [1, 2]
         for fa, fb in zip(a.faces, b.faces, strict=True):
@@ -467,6 +469,15 @@ def test_encode_stage_between_prepare_and_complete_changes_nothing(predictor, de
             np.testing.assert_allclose(fa.embedding, fb.embedding, atol=1e-6)
     empty = three.encode(three.prepare(np.full((480, 640, 3), 90, np.uint8)))
     assert empty.encoded is None and three.complete(empty).faces == []
+    # identity columns only: then their crop is encoded in this stage
+    named = inference.FacePredictor(_model(), device="cpu", tasks=["identity"])
+    solo_one, solo_three = FramePipeline(named, detector), FramePipeline(named, detector)
+    a, prepared = solo_one.process(frame), solo_three.encode(solo_three.prepare(frame))
+    assert prepared.encoded.faces is None and prepared.encoded.rows == [0, 1]
+    b = solo_three.complete(prepared)
+    for fa, fb in zip(a.faces, b.faces, strict=True):
+        assert list(fb.tasks) == ["identity"]
+        np.testing.assert_allclose(fa.embedding, fb.embedding, atol=1e-6)
     other = inference.FacePredictor(_model([TaskSpec("glasses", ["no", "yes"], ["gender"])]), device="cpu")
     prepared = three.encode(three.prepare(frame))
     three.set_predictor(other)
