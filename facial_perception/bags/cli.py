@@ -822,6 +822,19 @@ bag, 6 interleaved rounds (`benchmark --repeats 6 --no-compare-stages --no-compa
 67.3 / 65.1 %); the model's stages run faster beside a process than beside a thread (encoder 11.3
 against 14.2 ms, columns 9.8 against 11.9 ms, overlapped). Its price is latency: up to 4 prepared
 frames wait in the queue from the worker (offline only; the node keeps a thread).
+
+2026-12-07: the identity columns got a crop of their own (docs/PIPELINE.md), on a track's first frame
+and every third. The model-only pass now runs the crops its evaluation ran (the identity crop only for
+the faces whose identity was due: `FaceResult.identity_fresh`; before, for every face, which made the
+model-only side slower than the pipeline's model and the ratio too kind: 88.0 % then, 64.0 % at once
+with a faithful pass). With both crops encoded in the encoder stage that stage set the pace (21.1 ms
+against 12.8 ms for the columns); the identity crop now goes through the model in the columns' stage
+(table above: 20.2 + 19.1 ms). Three alternating runs of the code before and after (ad hoc, one
+1,000-frame bag, `--repeats 1`): 37.6 against 42.8 frames/s (medians); the node, same comparison:
+docs/ros_benchmark_runs/identity_stage.md. One encoder call over both crops of a frame (concatenated)
+instead of two would save 0.4, 3.3 and 3.2 ms of the shared encoder's 6.0, 10.8 and 15.3 ms at 1, 2
+and 3 faces (ad hoc, one thread, medians of 200 calls), only on frames where an identity is due, and
+would put the identity crop back into the encoder stage: not done.
 """
 
 
