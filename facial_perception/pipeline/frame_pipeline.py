@@ -513,7 +513,7 @@ class FramePipeline:
             if faces:
                 # the identity columns then run in complete(): this stage already holds the face crops'
                 # encoder passes (standalone members too), and the stages stay balanced
-                # (docs/BENCHMARK_BAGS.md: 42.8 against 37.6 frames/s with both crops here)
+                # (docs/ros_benchmark_runs/identity_stage.md)
                 encoded = _SplitEncoding(predictor.encode(batch, faces), None, [])
             else:
                 rows = _due_rows(prepared)
