@@ -590,6 +590,7 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
         "identity_every_1",
         "one_crop",
         "without_mirror",
+        "standalone_every_1",
         "without_standalone",
     ]
     # the identity columns' own crop: on a track's 1st and every 3rd frame, on every frame, or no own crop
@@ -601,7 +602,12 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     assert f"| one crop for every column (`crop_margin`) | {one['offline_fps']:.1f} |" in text
     alone = r["without_standalone"]  # the shipped model averages gender with a standalone member
     assert alone["standalone_tasks"] == ["gender"] and alone["ratio"] > 0
-    assert f"| columns alone | {alone['offline_fps']:.1f} |" in text
+    assert f"| columns alone (`standalone_members: false`) | {alone['offline_fps']:.1f} |" in text
+    # that member on a track's 1st and every 3rd frame (default), or on every frame
+    members_always = r["standalone_every_1"]
+    assert r["standalone_every"] == 3 and members_always["member_faces_run"] == faces
+    assert 0 < r["member_faces_run"] < faces and members_always["ratio"] > 0
+    assert f"members on {r['member_faces_run']} of {faces} faces | {r['offline_fps']:.1f} |" in text
     threaded = r["first_stage_thread"]  # read, detect and track in a thread instead of a worker process
     assert r["first_stage_process"] and not threaded["first_stage_process"] and threaded["ratio"] > 0
     assert f"| thread | {threaded['offline_fps']:.1f} |" in text

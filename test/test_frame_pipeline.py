@@ -14,6 +14,7 @@ import torch
 from data_fixtures import real_face_files
 from PIL import Image
 
+from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
 from facial_perception.core import inference
 from facial_perception.core.config import get_config
 from facial_perception.core.preprocess import preprocess_batch
@@ -41,9 +42,9 @@ class CountingPredictor(inference.FacePredictor):
         super().__init__(*args, **kwargs)
         self.batch_shapes: list[tuple[int, ...]] = []
 
-    def predict(self, batch: torch.Tensor, tasks=None):  # type: ignore[override]
+    def predict(self, batch: torch.Tensor, tasks=None, **kwargs):  # type: ignore[override]
         self.batch_shapes.append(tuple(batch.shape))
-        return super().predict(batch, tasks)
+        return super().predict(batch, tasks, **kwargs)
 
 
 def _model(extra: list[TaskSpec] | None = None) -> ProgressiveNet:
@@ -321,6 +322,59 @@ def test_identity_every_nth_frame_of_a_track(predictor, detector, frame: np.ndar
     with pytest.raises(FacePipelineError, match="identity_every"):
         _pipeline(predictor, detector, identity_every=0)
     gallery.close()
+
+
+def test_standalone_members_every_nth_frame_of_a_track(detector, frame: np.ndarray) -> None:
+    """standalone_every=3: a standalone member (an encoder of its own) runs on a track's 1st and 4th
+    frame only; in between its probabilities of the 1st frame are mixed with the column's fresh ones.
+    The encoder stage plans the same, and encodes again when the held probabilities are gone."""
+    # the shipped model: its gender column has a standalone member (an untrained one would answer
+    # about the same for every face)
+    predictor = CountingPredictor.from_checkpoint(DEFAULT_MODEL, device="cpu")
+    assert list(predictor.model.standalone) == ["gender"]
+    every = _pipeline(predictor, detector, standalone_every=3)
+    staged = _pipeline(predictor, detector, standalone_every=3)
+    always = _pipeline(predictor, detector)
+    shifted = np.roll(frame, 8, axis=1)  # another crop of the same faces: other outputs
+    for i, rgb in enumerate([frame, shifted, shifted, shifted]):
+        got, want = every.process(rgb), always.process(rgb)
+        three = staged.complete(staged.encode(staged.prepare(rgb)))
+        assert len(got.faces) == len(want.faces) == len(three.faces) == 2
+        for a, b, c in zip(got.faces, want.faces, three.faces, strict=True):
+            same = np.allclose(a.tasks["gender"].probabilities, b.tasks["gender"].probabilities, atol=1e-5)
+            assert same == (i in (0, 3)), i  # frames 2 and 3 mix in frame 1's member
+            assert a.members_fresh == (i in (0, 3)) and b.members_fresh and c.members_fresh == a.members_fresh
+            for name in ("age", "emotion"):  # columns without members: always fresh
+                np.testing.assert_allclose(
+                    a.tasks[name].probabilities, b.tasks[name].probabilities, atol=1e-5
+                )
+            np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
+            np.testing.assert_allclose(
+                c.tasks["gender"].probabilities, a.tasks["gender"].probabilities, atol=1e-5
+            )
+    # held probabilities gone between the stages (reset): the frame is encoded again, members fresh
+    prepared = staged.encode(staged.prepare(shifted))
+    assert prepared.member_rows == []  # 5th frame of both tracks: nothing due
+    staged.reset()
+    again = staged.complete(prepared)
+    assert all(face.members_fresh for face in again.faces)
+    for a, b in zip(again.faces, want.faces, strict=True):
+        np.testing.assert_allclose(
+            a.tasks["gender"].probabilities, b.tasks["gender"].probabilities, atol=1e-5
+        )
+    # a benchmark's model-only call does the same work: the members only on the first member_rows faces
+    boxes = [face.box for face in want.faces]
+    batch = preprocess_batch([every.crop(shifted, box) for box in boxes], every.input_size)
+    named = preprocess_batch([every.crop_identity(shifted, box) for box in boxes], every.input_size)
+    full, part = every.run_model(batch, named), every.run_model(batch, named, member_rows=1)
+    np.testing.assert_allclose(
+        full[0].tasks["gender"].probabilities, part[0].tasks["gender"].probabilities, atol=1e-5
+    )
+    np.testing.assert_allclose(part[1].tasks["gender"].members, [0.5, 0.5])  # stand-ins: same work
+    with pytest.raises(FacePipelineError, match="member_rows"):
+        every.run_model(batch, named, member_rows=3)
+    with pytest.raises(FacePipelineError, match="standalone_every"):
+        _pipeline(predictor, detector, standalone_every=0)
 
 
 def test_embed_faces_for_enrolment_from_files(predictor, detector, real_faces: list[np.ndarray]) -> None:

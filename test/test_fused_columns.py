@@ -14,7 +14,7 @@ from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
 from facial_perception.core.checkpoint import load_model
 from facial_perception.core.config import get_config
 from facial_perception.core.fused_columns import FusedColumns
-from facial_perception.core.inference import FacePredictor
+from facial_perception.core.inference import FacePredictor, InferenceError
 from facial_perception.core.preprocess import preprocess_batch
 from facial_perception.core.progressive import ModelError, ProgressiveNet, TaskSpec
 
@@ -100,6 +100,21 @@ def test_predictor_averages_standalone_members_like_the_network(fuse: bool) -> N
     alone = np.stack([face.tasks["gender"].probabilities for face in faster.predict(x)])
     np.testing.assert_allclose(alone, column_alone, atol=1e-5)  # the columns alone, members kept in the model
     assert len(faster.model.standalone["gender"]) == 1
+    # the members on face 1 only (chunks of 2 faces: rows are the frame's, not the chunk's); faces 0
+    # and 2 mix in their members' probabilities of an earlier call, as a pipeline does for a track
+    full = FacePredictor(net, device="cpu", fuse_columns=fuse).predict(x)
+    held = {i: {"gender": full[i].tasks["gender"].members} for i in (0, 2)}
+    chunked = FacePredictor(net, device="cpu", fuse_columns=fuse, max_batch=2)
+    partial = chunked.predict(x, standalone_rows=[1], held_members=held)
+    for a, b in zip(full, partial, strict=True):
+        for name in a.tasks:
+            np.testing.assert_allclose(a.tasks[name].probabilities, b.tasks[name].probabilities, atol=1e-5)
+        np.testing.assert_allclose(a.tasks["gender"].members, b.tasks["gender"].members, atol=1e-5)
+    assert full[0].tasks["age"].members is None
+    with pytest.raises(InferenceError, match="face 2: its 'gender' standalone members did not run"):
+        chunked.predict(x, standalone_rows=[1], held_members={0: held[0]})
+    with pytest.raises(InferenceError, match=r"standalone_rows must be within 0\.\.2"):
+        chunked.predict(x, standalone_rows=[3])
 
 
 def test_fused_columns_of_the_lite_model_in_channels_last() -> None:

@@ -57,6 +57,7 @@ PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "min_face_size": (Parameter.Type.INTEGER, (8, 4096)),
     "crop_margin": (Parameter.Type.DOUBLE, (-1.0, 2.0)),
     "identity_every": (Parameter.Type.INTEGER, (1, 30)),
+    "standalone_every": (Parameter.Type.INTEGER, (1, 30)),
     "crop_offset_y": (Parameter.Type.DOUBLE, (-1.0, 1.0)),
     "tracker_iou": (Parameter.Type.DOUBLE, (0.0, 1.0)),
     "track_max_missed": (Parameter.Type.INTEGER, (0, 100)),

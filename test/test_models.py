@@ -350,6 +350,30 @@ def test_standalone_member_weighs_as_much_as_the_column_and_survives_a_checkpoin
         mirrors = (probs(net, x.flip(-1)) + probs(alone[0], x.flip(-1)) + probs(alone[1], x.flip(-1))) / 3
     torch.testing.assert_close(got["b"].probabilities, (faces + mirrors) / 2)
     torch.testing.assert_close(got["a"].probabilities, column_only["a"].probabilities)  # others untouched
+    members = (
+        probs(alone[0], x) + probs(alone[1], x) + probs(alone[0], x.flip(-1)) + probs(alone[1], x.flip(-1))
+    ) / 4
+    torch.testing.assert_close(got["b"].members, members)  # what a pipeline holds for a tracked face
+    assert got["a"].members is None
+    # the members on faces 1 and 3 only; faces 0 and 2 bring their members' probabilities of before
+    with torch.inference_mode():
+        encoded = net.encode(x, standalone_rows=[3, 1])
+        assert encoded.standalone_rows == (1, 3) and encoded.standalone["b"][0].shape[0] == 4  # 2 + mirrors
+        held = torch.zeros_like(members)
+        held[[0, 2]] = members[[0, 2]]
+        partial = net.predict_encoded(encoded, held_members={"b": held})
+        torch.testing.assert_close(partial["b"].probabilities, got["b"].probabilities)
+        torch.testing.assert_close(partial["b"].members, members)
+        stale = net.predict_encoded(encoded, held_members={"b": torch.full_like(members, 1 / 3)})
+        assert not torch.allclose(stale["b"].probabilities[[0, 2]], got["b"].probabilities[[0, 2]], atol=1e-4)
+        torch.testing.assert_close(stale["b"].probabilities[[1, 3]], got["b"].probabilities[[1, 3]])
+        with pytest.raises(ModelError, match=r"ran on 2 of 4 faces; the others need held_members\['b'\]"):
+            net.predict_encoded(encoded)
+        with pytest.raises(ModelError, match=r"standalone_rows must be within 0\.\.3"):
+            net.encode(x, standalone_rows=[4])
+        assert net.encode(x, standalone_rows=range(4)).standalone_rows is None  # every face
+        none_run = net.predict_encoded(net.encode(x, standalone_rows=[]), held_members={"b": members})
+        torch.testing.assert_close(none_run["b"].probabilities, got["b"].probabilities)
     torch.testing.assert_close(got["b"].embedding, column_only["b"].embedding)  # the column's embedding
     with torch.inference_mode():  # forward (training, feature caches) runs the columns only
         torch.testing.assert_close(torch.softmax(net(x)["b"].logits, dim=1), probs(net, x))

@@ -142,6 +142,13 @@ def add_subcommands(subparsers: Any) -> None:
         "1 for bags of one frame per face)",
     )
     off.add_argument(
+        "--standalone-every",
+        type=int,
+        default=3,
+        help="the columns' standalone members on a track's first frame, then every n-th "
+        "(node: standalone_every)",
+    )
+    off.add_argument(
         "--detect-every",
         type=int,
         default=1,
@@ -332,6 +339,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             standalone_members=not args.no_standalone,
             detect_every=args.detect_every,
             identity_every=args.identity_every,
+            standalone_every=args.standalone_every,
         )
         evaluation = evaluate_offline(
             args.bag,
@@ -436,7 +444,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         standalone_tasks = [] if args.no_compare_standalone else standalone_tasks
         if mirror_tasks:  # the model averages some columns over mirror images: measure it without, too
             configs["without_mirror"] = PipelineSettings(checkpoint=args.checkpoint, mirror_average=False)
-        if standalone_tasks:  # columns with standalone members (own encoders): measure them without, too
+        if standalone_tasks:  # columns with standalone members (own encoders): on every frame and without
+            configs["standalone_every_1"] = PipelineSettings(checkpoint=args.checkpoint, standalone_every=1)
             alone = PipelineSettings(checkpoint=args.checkpoint, standalone_members=False)
             configs["without_standalone"] = alone
         measured = dict(
@@ -469,7 +478,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             if "without_standalone" in compared
             else None
         )
-        for key in ("identity_every_1", "one_crop"):
+        for key in ("identity_every_1", "one_crop", "standalone_every_1"):
             result[key] = compared.get(key)
         result["interleaved_configurations"] = list(configs)
     result["bag_description"] = made or f"`{args.bag}`"
@@ -496,6 +505,7 @@ _COMPARED = (
     "fuse_columns",
     "first_stage_process",
     "identity_faces_run",
+    "member_faces_run",
 )
 
 
@@ -588,13 +598,6 @@ _MODEL_OPTIONS = {
         "as benchmarked: mirror averaging on {tasks}",
         "mirror averaging off",
     ),
-    "without_standalone": (
-        "standalone_tasks",
-        "The same model without its standalone members (networks with an encoder of their own, averaged "
-        "with their column; docs/MODEL_CARD.md), same bag, same run:",
-        "as benchmarked: standalone members of {tasks}",
-        "columns alone",
-    ),
 }
 
 
@@ -604,6 +607,31 @@ def _model_option_tables(r: dict[str, Any]) -> str:
         tasks = ", ".join((r.get(key) or {}).get(columns_key, []))
         tables.append(_versus_table(r, key, intro, "model", (on.format(tasks=tasks), off)))
     return "".join(tables)
+
+
+def _members_table(r: dict[str, Any]) -> str:
+    """The standalone members on a track's first and every n-th frame, on every frame, or not at all."""
+    alone, every = r.get("without_standalone"), r.get("standalone_every_1")
+    if not alone and not every:
+        return ""
+    faces = sum(int(k) * n for k, n in r["faces_per_frame"].items())
+    tasks = ", ".join((alone or {}).get("standalone_tasks", []))
+
+    def runs(o: dict[str, Any]) -> str:
+        return f"members on {o.get('member_faces_run', 0)} of {faces} faces"
+
+    rows = [(f"`standalone_every: {r.get('standalone_every', 3)}` (default): {runs(r)}", r)]
+    if every:
+        rows.append((f"`standalone_every: 1`: {runs(every)}", every))
+    if alone:
+        rows.append(("columns alone (`standalone_members: false`)", alone))
+    intro = (
+        f"The standalone members of {tasks or 'the columns'} (networks with an encoder of their own, "
+        "averaged with their column; docs/MODEL_CARD.md), same bag, same run: on a track's first frame and "
+        "then every n-th, their last probabilities standing in between (default), on every frame, or not "
+        "at all; each model-only pass runs the members where its evaluation ran them:"
+    )
+    return _model_table(intro, "standalone members", rows)
 
 
 def _framing_table(r: dict[str, Any]) -> str:
@@ -771,7 +799,7 @@ Reproduce: `python -m facial_perception.bags.cli benchmark` (writes `{json_path}
 | latency per frame p50 / p90 (ms, overlapped) | {r["latency_ms"]["p50"]:.1f} / {r["latency_ms"]["p90"]:.1f} |
 
 Mean time per stage (ms, overlapped run; the stages run at the same time on {r["cores"]} cores): {stages}.
-{_model_comparison_tables(r)}{_framing_table(r)}{_model_option_tables(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
+{_model_comparison_tables(r)}{_framing_table(r)}{_model_option_tables(r)}{_members_table(r)}{_detect_every_table(r)}{_other_detectors_table(r)}
 {_verdict_paragraph(r)}
 What was tried (measured on this machine; earlier runs of this file are in git): BlazeFace on the
 LiteRT interpreter instead of the mediapipe graph (same faces, ~1 ms less per frame: the default

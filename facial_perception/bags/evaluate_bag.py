@@ -520,6 +520,7 @@ class PipelineSettings:
     identity_every: int = 3  # identity columns on a track's 1st frame, then every n-th (the node's parameter)
     fuse_columns: bool = True  # the columns as one stack of wide layers (FusedColumns; the node's parameter)
     standalone_members: bool = True  # columns averaged with their standalone members (the node's parameter)
+    standalone_every: int = 3  # those members on a track's 1st frame, then every n-th (the node's parameter)
 
 
 #: The trained default model shipped inside the package (the node uses the same file).
@@ -577,6 +578,8 @@ def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = No
         raise BagError(f"detect_every must be >= 1, got {settings.detect_every}")
     if settings.identity_every < 1:
         raise BagError(f"identity_every must be >= 1, got {settings.identity_every}")
+    if settings.standalone_every < 1:
+        raise BagError(f"standalone_every must be >= 1, got {settings.standalone_every}")
     detector = _detector_of(settings)
     gallery = None
     if not settings.gallery:
@@ -606,6 +609,7 @@ def _pipeline_with(settings: PipelineSettings, predictor: Any, detector: Any, ga
         max_faces=settings.max_faces,
         detect_every=settings.detect_every,
         identity_every=settings.identity_every,
+        standalone_every=settings.standalone_every,
         framings=_framing_of(settings),
     )
 
@@ -650,6 +654,7 @@ def build_first_stage(settings: PipelineSettings, input_size: int) -> Any:
         max_faces=settings.max_faces,
         detect_every=settings.detect_every,
         identity_every=settings.identity_every,
+        standalone_every=settings.standalone_every,
         framings=_framing_of(settings),
     )
 
@@ -1120,11 +1125,19 @@ def _clock_msg(cls: Any, stamp_ns: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def _count_faces_into(counts: list[tuple[int, int]]) -> Callable[[int, Any], None]:
-    """An ``on_frame`` callback that appends each frame's (faces, faces whose identity ran) to ``counts``."""
+def _count_faces_into(counts: list[tuple[int, int, int]]) -> Callable[[int, Any], None]:
+    """An ``on_frame`` callback that appends each frame's (faces, faces whose identity ran, faces whose
+    standalone members ran) to ``counts``."""
 
     def count(_index: int, result: Any) -> None:
-        counts.append((len(result.faces), sum(bool(face.identity_fresh) for face in result.faces)))
+        faces = result.faces
+        counts.append(
+            (
+                len(faces),
+                sum(bool(face.identity_fresh) for face in faces),
+                sum(bool(face.members_fresh) for face in faces),
+            )
+        )
 
     return count
 
@@ -1170,7 +1183,8 @@ class _BenchmarkRun:
     identity_pool: Any  # the same faces framed for the identity columns (``pool`` with one framing)
     offline_runs: list[float] = field(default_factory=list)  # frames/s of each evaluation
     model_passes: list[float] = field(default_factory=list)  # seconds per model-only pass
-    batch_sizes: list[tuple[int, int]] = field(default_factory=list)  # per frame: faces, identities run
+    # per frame: faces, identities run, faces the standalone members ran on
+    batch_sizes: list[tuple[int, int, int]] = field(default_factory=list)
     evaluation: BagEvaluation | None = None
 
 
@@ -1197,9 +1211,11 @@ def benchmark_offline_configs(
             )
             run.offline_runs.append(len(run.batch_sizes) / run.evaluation.summary["elapsed_s"])
             start = time.perf_counter()
-            for b, named in run.batch_sizes:
-                if b:  # the frame's work: one forward per framing, identity where it was due
-                    run.pipeline.run_model(run.pool[:b], run.identity_pool[:b], identity_rows=named)
+            for b, named, members in run.batch_sizes:
+                if b:  # the frame's work: one forward per framing, identity and members where they were due
+                    run.pipeline.run_model(
+                        run.pool[:b], run.identity_pool[:b], identity_rows=named, member_rows=members
+                    )
             run.model_passes.append(time.perf_counter() - start)
     return [_benchmark_result(bag, run, progress) for run in runs]
 
@@ -1227,7 +1243,7 @@ def _benchmark_setup(bag: str | os.PathLike[str], settings: PipelineSettings) ->
     identity_pool = preprocess_batch([identity_crops[i] for i in picks], size)
     for b in range(1, 4):  # warm up every common batch shape once, for both measurements
         pipeline.run_model(pool[:b], identity_pool[:b])
-        pipeline.run_model(pool[:b], identity_pool[:b], identity_rows=b - 1)
+        pipeline.run_model(pool[:b], identity_pool[:b], identity_rows=b - 1, member_rows=b - 1)
     return _BenchmarkRun(settings, predictor, source, pipeline, pool, identity_pool)
 
 
@@ -1246,8 +1262,9 @@ def _benchmark_result(bag: str | os.PathLike[str], run: _BenchmarkRun, progress:
     )
     s = evaluation.summary
     frames = len(batch_sizes)
-    identities_run = sum(named for _faces, named in batch_sizes)
-    batch_sizes = [faces for faces, _named in batch_sizes]
+    identities_run = sum(named for _faces, named, _members in batch_sizes)
+    members_run = sum(members for _faces, _named, members in batch_sizes)
+    batch_sizes = [faces for faces, _named, _members in batch_sizes]
     ratios = [fps * t / frames for fps, t in zip(offline_runs, model_passes, strict=True)]
     offline_fps = float(np.median(offline_runs))
     model_s = float(np.median(model_passes))
@@ -1276,6 +1293,8 @@ def _benchmark_result(bag: str | os.PathLike[str], run: _BenchmarkRun, progress:
         "faces_per_frame": {str(k): batch_sizes.count(k) for k in sorted(set(batch_sizes))},
         "identity_faces_run": identities_run,  # faces the identity columns ran on (identity_every)
         "identity_every": settings.identity_every,
+        "member_faces_run": members_run,  # faces the standalone members ran on (standalone_every)
+        "standalone_every": settings.standalone_every,
         "crop_margin": settings.crop_margin,
         "repeats": len(offline_runs),
         "offline_fps": offline_fps,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ class TaskPrediction:
     confidence: float
     probabilities: np.ndarray
     labels: list[str]
+    # the mean of the column's standalone members' probabilities (included in ``probabilities``),
+    # which a caller may hold for the face's next frames (FacePredictor.predict's held_members)
+    members: np.ndarray | None = None
 
 
 @dataclass
@@ -196,10 +199,20 @@ class FacePredictor:
         model = self.model
         return list(self._tasks) if self._tasks is not None else model.task_names
 
-    def predict(self, batch: torch.Tensor, tasks: Sequence[str] | None = None) -> list[FacePrediction]:
+    def predict(
+        self,
+        batch: torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        standalone_rows: Sequence[int] | None = None,
+        held_members: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    ) -> list[FacePrediction]:
         """``batch``: float tensor (N, C, S, S) in [-1, 1] as made by ``preprocess_batch``; ``tasks``: only
-        these of :attr:`task_names` (e.g. the identity column on a crop framed for it), default all."""
-        return self.predict_encoded(self.encode(batch, tasks))
+        these of :attr:`task_names` (e.g. the identity column on a crop framed for it), default all.
+
+        ``standalone_rows``: the standalone members run on these faces only (default all); every other
+        face needs ``held_members[face][task]``, its members' probabilities of an earlier frame
+        (:attr:`TaskPrediction.members`)."""
+        return self.predict_encoded(self.encode(batch, tasks, standalone_rows), held_members)
 
     def _model_and_columns(
         self, tasks: Sequence[str] | None
@@ -226,7 +239,12 @@ class FacePredictor:
             cache[subset] = fused  # a racing thread may build it too: same weights, either wins
         return model, cache[subset], subset
 
-    def encode(self, batch: torch.Tensor, tasks: Sequence[str] | None = None) -> EncodedBatch:
+    def encode(
+        self,
+        batch: torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        standalone_rows: Sequence[int] | None = None,
+    ) -> EncodedBatch:
         """First half of :meth:`predict`: the encoder (on the faces and, where asked, their mirror images)
         and, with fused columns, their first layer.
 
@@ -246,6 +264,9 @@ class FacePredictor:
                 f"batch has shape {tuple(batch.shape)}, the model expects (N, {channels}, {size}, {size})"
             )
         dtype = torch.float16 if self.half else torch.float32
+        rows = None if standalone_rows is None else sorted({int(row) for row in standalone_rows})
+        if rows and (rows[0] < 0 or rows[-1] >= batch.shape[0]):
+            raise InferenceError(f"standalone_rows must be within 0..{batch.shape[0] - 1}, got {rows}")
         chunks: list[EncodedFaces] = []
         with torch.inference_mode():
             for start in range(0, batch.shape[0], self.max_batch):
@@ -257,25 +278,40 @@ class FacePredictor:
                     subset if subset is not None else self._tasks,
                     mirror=self.mirror_average,
                     standalone=self.standalone_members,
+                    standalone_rows=None
+                    if rows is None
+                    else [row - start for row in rows if start <= row < start + x.shape[0]],
                 )
                 if columns is not None:
                     encoded = encoded._replace(features=columns.stem(encoded.features))
                 chunks.append(encoded)
         return EncodedBatch(model, chunks, columns)
 
-    def predict_encoded(self, encoded: EncodedBatch) -> list[FacePrediction]:
-        """Second half of :meth:`predict`: the columns on :meth:`encode`'s features."""
+    def predict_encoded(
+        self, encoded: EncodedBatch, held_members: Mapping[int, Mapping[str, np.ndarray]] | None = None
+    ) -> list[FacePrediction]:
+        """Second half of :meth:`predict`: the columns on :meth:`encode`'s features (``held_members``:
+        see :meth:`predict`)."""
         results: list[FacePrediction] = []
+        start = 0
         for chunk in encoded.chunks:
-            results.extend(self._predict_chunk(encoded.model, chunk, encoded.columns))
+            results.extend(self._predict_chunk(encoded.model, chunk, encoded.columns, held_members, start))
+            start += chunk.count
         return results
 
     def _predict_chunk(
-        self, model: ProgressiveNet, encoded: EncodedFaces, columns: FusedColumns | None
+        self,
+        model: ProgressiveNet,
+        encoded: EncodedFaces,
+        columns: FusedColumns | None,
+        held_members: Mapping[int, Mapping[str, np.ndarray]] | None,
+        start: int,
     ) -> list[FacePrediction]:
+        held = _held_tensors(model, encoded, held_members, start)
         with torch.inference_mode():
-            outputs = model.predict_encoded(encoded, columns.finish if columns is not None else None)
+            outputs = model.predict_encoded(encoded, columns.finish if columns is not None else None, held)
             probabilities = {n: o.probabilities.cpu().numpy() for n, o in outputs.items()}
+            members = {n: o.members.cpu().numpy() for n, o in outputs.items() if o.members is not None}
             identity = _identity_column(model, outputs)
             embeddings = (
                 F.normalize(outputs[identity].embedding.float(), dim=1).cpu().numpy() if identity else None
@@ -287,7 +323,8 @@ class FacePredictor:
                 labels = model.specs[name].labels
                 p = probs[row]
                 index = int(p.argmax())
-                per_task[name] = TaskPrediction(labels[index], index, float(p[index]), p, list(labels))
+                held = members[name][row] if name in members else None
+                per_task[name] = TaskPrediction(labels[index], index, float(p[index]), p, list(labels), held)
             faces.append(FacePrediction(per_task, embeddings[row] if embeddings is not None else None))
         return faces
 
@@ -298,6 +335,36 @@ class FacePredictor:
         from facial_perception.core.preprocess import preprocess_batch
 
         return self.predict(preprocess_batch(images, self.input_size))
+
+
+def _held_tensors(
+    model: ProgressiveNet,
+    encoded: EncodedFaces,
+    held_members: Mapping[int, Mapping[str, np.ndarray]] | None,
+    start: int,
+) -> dict[str, torch.Tensor] | None:
+    """Per column with standalone members, the (count, C) tensor of the chunk's held member
+    probabilities (zeros where the members ran now); None when they ran on every face."""
+    rows = encoded.standalone_rows
+    if rows is None or encoded.standalone is None:
+        return None
+    fresh = set(rows)
+    held: dict[str, torch.Tensor] = {}
+    for name in encoded.standalone:
+        table = np.zeros((encoded.count, len(model.specs[name].labels)), dtype=np.float32)
+        for row in range(encoded.count):
+            if row in fresh:
+                continue
+            face = held_members.get(start + row) if held_members is not None else None
+            values = face.get(name) if face is not None else None
+            if values is None or np.shape(values) != table.shape[1:]:
+                raise InferenceError(
+                    f"face {start + row}: its {name!r} standalone members did not run (standalone_rows)"
+                    f" and held_members gives no {table.shape[1]} probabilities for it"
+                )
+            table[row] = values
+        held[name] = torch.from_numpy(table)
+    return held
 
 
 def _identity_column(model: ProgressiveNet, tasks: Iterable[str]) -> str | None:

@@ -157,6 +157,9 @@ class TaskProbabilities(NamedTuple):
 
     probabilities: torch.Tensor
     embedding: torch.Tensor
+    # (N, C): the mean of the column's standalone members' probabilities per face, fresh or as held
+    # (:meth:`ProgressiveNet.predict_encoded`); None: no members answered
+    members: torch.Tensor | None = None
 
 
 class EncodedFaces(NamedTuple):
@@ -167,7 +170,8 @@ class EncodedFaces(NamedTuple):
     ``FusedColumns.stem``);
     ``tasks`` are the columns to report; ``standalone`` holds, per reported task with standalone
     members (:meth:`ProgressiveNet.add_standalone`), each member's own encoder map of the same batch
-    (None: encoded without them, the columns alone answer).
+    (None: encoded without them, the columns alone answer), of the faces ``standalone_rows`` only
+    when given (and their mirror images, in that order).
     """
 
     features: torch.Tensor
@@ -175,6 +179,7 @@ class EncodedFaces(NamedTuple):
     mirrored: bool
     tasks: tuple[str, ...]
     standalone: Mapping[str, tuple[torch.Tensor, ...]] | None = None
+    standalone_rows: tuple[int, ...] | None = None
 
 
 class LateralAdapter(nn.Module):
@@ -811,16 +816,25 @@ class ProgressiveNet(nn.Module):
         tasks: Iterable[str] | None = None,
         mirror: bool = True,
         standalone: bool = True,
+        standalone_rows: Sequence[int] | None = None,
     ) -> EncodedFaces:
         """Inference, first half: the encoder's feature maps of a batch ``x`` (and of its mirror images
         when a requested column averages over them; see :meth:`predict`), and those of the requested
         columns' standalone members unless ``standalone`` is False (faster: the columns alone answer).
+        ``standalone_rows``: the members run on these faces only (default all); the others need their
+        members' earlier probabilities in :meth:`predict_encoded` (a tracked face, whose members need
+        not look again on every frame).
 
         Split from :meth:`predict_encoded` so that a pipeline can run the encoder of one batch in
         one thread while the columns of the previous batch run in another.
         """
         _, keep = self._resolve(tasks)
         count = x.shape[0]
+        rows = None
+        if standalone_rows is not None:
+            rows = tuple(sorted({int(row) for row in standalone_rows}))
+            if rows and (rows[0] < 0 or rows[-1] >= count):
+                raise ModelError(f"standalone_rows must be within 0..{count - 1}, got {list(rows)}")
         mirrored = mirror and any(self.specs[name].mirror_average for name in keep)
         if mirrored:
             both = torch.cat([x, x.flip(-1)])
@@ -829,22 +843,34 @@ class ProgressiveNet(nn.Module):
             x = both
         maps = None
         if standalone:
+            members_x = x
+            if rows is not None and len(rows) < count:
+                index = list(rows) + ([row + count for row in rows] if mirrored else [])
+                members_x = x[index]
             maps = {
-                name: tuple(member.encoder.forward_features(x) for member in self.standalone[name])
+                name: tuple(member.encoder.forward_features(members_x) for member in self.standalone[name])
                 for name in keep
                 if name in self.standalone
             }
-        return EncodedFaces(self.encoder.forward_features(x), count, mirrored, tuple(keep), maps)
+        if rows is not None and len(rows) == count:
+            rows = None  # every face
+        return EncodedFaces(
+            self.encoder.forward_features(x), count, mirrored, tuple(keep), maps, rows if maps else None
+        )
 
     def predict_encoded(
         self,
         encoded: EncodedFaces,
         columns: Callable[[torch.Tensor], Mapping[str, ColumnOutput]] | None = None,
+        held_members: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, TaskProbabilities]:
         """Inference, second half: the columns on :meth:`encode`'s features -> probabilities, embeddings.
 
         ``columns``: what runs the columns on the features, returning exactly ``encoded.tasks``
         (e.g. a ``FusedColumns`` of this network); default :meth:`forward_features`.
+        ``held_members``: per column with standalone members, (N, C) members' mean probabilities
+        (:attr:`TaskProbabilities.members` of an earlier call) for the faces ``encoded`` did not run
+        them on (``standalone_rows``); the other rows are not read.
         """
         n, mirrored = encoded.count, encoded.mirrored
         result: dict[str, TaskProbabilities] = {}
@@ -858,18 +884,28 @@ class ProgressiveNet(nn.Module):
                 )
         for name, out in outputs.items():
             probs = torch.softmax(out.logits.float(), dim=1)
-            if name in self.standalone and encoded.standalone is not None:
-                probs = self._with_standalone(name, probs, encoded)
+            averaged = mirrored and self.specs[name].mirror_average
             if mirrored:
-                probs = (probs[:n] + probs[n:]) / 2 if self.specs[name].mirror_average else probs[:n]
+                probs = (probs[:n] + probs[n:]) / 2 if averaged else probs[:n]
+            members = None
+            if name in self.standalone and encoded.standalone is not None:
+                held = held_members.get(name) if held_members is not None else None
+                members = self._standalone_probabilities(name, encoded, averaged, held)
+                # the mean of the column's and each member's probabilities (equal weights); mirror
+                # averaging first or last gives the same, it is linear
+                k = len(self.standalone[name])
+                probs = (probs + k * members) / (k + 1)
             embedding = out.embedding[:n]
             if name in self.whitening:
                 embedding = self.whitening[name](embedding)
-            result[name] = TaskProbabilities(probs, embedding)
+            result[name] = TaskProbabilities(probs, embedding, members)
         return result
 
-    def _with_standalone(self, name: str, probs: torch.Tensor, encoded: EncodedFaces) -> torch.Tensor:
-        """The mean of the column's probabilities and of each standalone member's (equal weights)."""
+    def _standalone_probabilities(
+        self, name: str, encoded: EncodedFaces, averaged: bool, held: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(N, C) the mean of column ``name``'s standalone members' probabilities (mirror-averaged when
+        ``averaged``): run on ``encoded.standalone_rows``, taken from ``held`` for the other faces."""
         members = self.standalone[name]
         maps = encoded.standalone.get(name) if encoded.standalone is not None else None
         if maps is None or len(maps) != len(members):
@@ -877,11 +913,26 @@ class ProgressiveNet(nn.Module):
                 f"the encoded batch lacks the encoder maps of {name!r}'s standalone members:"
                 " encode it with this very network"
             )
-        parts = [probs]
+        parts = []
         for member, features in zip(members, maps, strict=True):
             logits = member.forward_features(features, [name])[name].logits
             parts.append(torch.softmax(logits.float(), dim=1))
-        return torch.stack(parts).mean(dim=0)
+        fresh = torch.stack(parts).mean(dim=0)
+        n, rows = encoded.count, encoded.standalone_rows
+        m = n if rows is None else len(rows)
+        if encoded.mirrored:
+            fresh = (fresh[:m] + fresh[m:]) / 2 if averaged else fresh[:m]
+        if rows is None:
+            return fresh
+        if held is None or tuple(held.shape) != (n, fresh.shape[1]):
+            got = "none" if held is None else f"shape {tuple(held.shape)}"
+            raise ModelError(
+                f"column {name!r}: its standalone members ran on {m} of {n} faces; the others need"
+                f" held_members[{name!r}] of shape ({n}, {fresh.shape[1]}), got {got}"
+            )
+        members = held.to(device=fresh.device, dtype=fresh.dtype).clone()
+        members[list(rows)] = fresh
+        return members
 
     def predict(
         self,

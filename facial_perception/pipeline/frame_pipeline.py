@@ -101,6 +101,9 @@ class FaceResult:
     # False: the identity columns did not run on this frame's crop, the track's last identity
     # prediction and embedding stand (``identity_every``)
     identity_fresh: bool = True
+    # False: the standalone members did not run on this frame's crop, their last probabilities for
+    # the track stand in the mix (``standalone_every``)
+    members_fresh: bool = True
 
 
 @dataclass
@@ -140,6 +143,10 @@ class PreparedFrame:
     identity_batch: Any = None
     # per face, whether its identity is due this frame (``identity_every``); None: every face
     identity_due: list[bool] | None = None
+    # per face, whether the standalone members are due this frame (``standalone_every``); None: every face
+    members_due: list[bool] | None = None
+    # the faces whose standalone members ``encoded`` ran on (None: every face)
+    member_rows: list[int] | None = None
 
 
 @dataclass
@@ -220,6 +227,7 @@ class FramePipeline:
         known_identity_threshold: float = 1.01,
         detect_every: int = 1,
         identity_every: int = 1,
+        standalone_every: int = 1,
     ) -> None:
         if max_faces < 1:
             raise FacePipelineError(f"max_faces must be >= 1, got {max_faces}")
@@ -227,6 +235,8 @@ class FramePipeline:
             raise FacePipelineError(f"detect_every must be >= 1, got {detect_every}")
         if identity_every < 1:
             raise FacePipelineError(f"identity_every must be >= 1, got {identity_every}")
+        if standalone_every < 1:
+            raise FacePipelineError(f"standalone_every must be >= 1, got {standalone_every}")
         self.detector = detector
         self.tracker = tracker if tracker is not None else FaceTracker()
         # No smoother means no smoothing (alpha = 1 keeps only the newest frame), not a default one.
@@ -259,6 +269,12 @@ class FramePipeline:
         # identity prediction stands in (per track id: (predictor, prediction)).
         self.identity_every = int(identity_every)
         self._identity_cache: dict[int, tuple[Any, Any]] = {}
+        # Likewise the columns' standalone members (each its own encoder pass per face: as much again
+        # as the shared encoder) run on a track's first frame and every ``standalone_every``-th; in
+        # between their last probabilities for the track are mixed with the columns' fresh ones (per
+        # track id: (model, {task: members' mean probabilities})).
+        self.standalone_every = int(standalone_every)
+        self._member_cache: dict[int, tuple[Any, dict[str, np.ndarray]]] = {}
         self._lock = threading.Lock()
         self._collectors: list[EnrolmentCollector] = []
         self._predictor = predictor
@@ -279,12 +295,14 @@ class FramePipeline:
             self.input_size = size
             self.smoother.reset()
             self._identity_cache = {}
+            self._member_cache = {}
 
     def reset(self) -> None:
         """Forget tracks and smoothing state (e.g. between bag sequences)."""
         self.tracker.reset()
         self.smoother.reset()
         self._identity_cache = {}
+        self._member_cache = {}
         self._frames_since_detection = self.detect_every
 
     def _detect_or_predict(self, frame: np.ndarray) -> list[Detection]:
@@ -336,7 +354,11 @@ class FramePipeline:
         return [name for name in names if name not in identity], identity
 
     def run_model(
-        self, batch: Any, identity_batch: Any = None, identity_rows: int | None = None
+        self,
+        batch: Any,
+        identity_batch: Any = None,
+        identity_rows: int | None = None,
+        member_rows: int | None = None,
     ) -> list[Any]:
         """The model on one frame's preprocessed faces as :meth:`complete` runs it: one forward, or one
         per framing (``identity_batch``: the identity crops; default ``batch``). For warm-ups and
@@ -344,7 +366,9 @@ class FramePipeline:
 
         ``identity_rows``: with two framings, the identity columns run on the first this many faces only
         (a frame where the other faces' identity is not due, ``identity_every``); those others get the
-        face columns' predictions alone. Default: every face.
+        face columns' predictions alone. ``member_rows``: the standalone members run on the first this
+        many faces only (``standalone_every``); the others mix in uniform probabilities where a frame
+        would mix in their track's last ones (the same work, not the same answers). Default: every face.
         """
         with self._lock:
             predictor = self._predictor
@@ -354,24 +378,50 @@ class FramePipeline:
         rows = count if identity_rows is None else identity_rows
         if not 0 <= rows <= count:
             raise FacePipelineError(f"identity_rows must be within 0..{count}, got {identity_rows}")
-        if split is None or rows == count:
-            return self._predict(predictor, batch, identity_batch, split)
+        members = count if member_rows is None else member_rows
+        if not 0 <= members <= count:
+            raise FacePipelineError(f"member_rows must be within 0..{count}, got {member_rows}")
+        plan = None if members == count else _uniform_members(predictor, members, count)
+        if split is None:
+            return self._predict_faces(predictor, batch, None, plan)
         faces, identity = split
-        predictions = predictor.predict(batch, faces) if faces else [None] * count
+        predictions = self._predict_faces(predictor, batch, faces, plan) if faces else [None] * count
         if rows:
             named = predictor.predict(identity_batch[:rows], identity)
             predictions[:rows] = named if not faces else _merged(predictions[:rows], named)
         return predictions
 
-    def _predict(self, predictor: Any, batch: Any, identity_batch: Any, split: Any) -> list[Any]:
-        """The predictions of one frame's faces: one forward, or one per framing (merged per face)."""
-        if split is None:
-            return predictor.predict(batch)
-        faces, identity = split
-        named = predictor.predict(identity_batch, identity)
-        if not faces:
-            return named
-        return _merged(predictor.predict(batch, faces), named)
+    @staticmethod
+    def _predict_faces(
+        predictor: Any, batch: Any, tasks: list[str] | None, plan: tuple[list[int], dict] | None
+    ) -> list[Any]:
+        """``predictor.predict`` on the face crops; ``plan``: (faces whose standalone members run, the
+        others' held member probabilities), None: the members run on every face."""
+        if plan is None:
+            return predictor.predict(batch) if tasks is None else predictor.predict(batch, tasks)
+        return predictor.predict(batch, tasks, standalone_rows=plan[0], held_members=plan[1])
+
+    def _member_plan(
+        self, prepared: PreparedFrame, maker: Any, rows: list[int] | None = None
+    ) -> tuple[list[int], dict[int, dict[str, np.ndarray]]] | None:
+        """(the faces whose standalone members run this frame, the held member probabilities of the
+        others); None: every face's (``standalone_every`` 1). With ``rows`` (what the encode stage
+        ran them on), only the held part, or None when a face lacks it (the cache was reset since)."""
+        if prepared.members_due is None:
+            return None
+        cache = self._member_cache
+        planned: list[int] = []
+        held: dict[int, dict[str, np.ndarray]] = {}
+        for i, (track, due) in enumerate(zip(prepared.tracks, prepared.members_due, strict=True)):
+            cached = cache.get(track.track_id)
+            usable = cached is not None and cached[0] is maker
+            if (rows is None and (due or not usable)) or (rows is not None and i in rows):
+                planned.append(i)
+            elif usable:
+                held[i] = cached[1]
+            else:
+                return None
+        return planned, held
 
     def _frame_predictions(
         self,
@@ -381,16 +431,34 @@ class FramePipeline:
         identity_batch: Any,
         split: Any,
         encoded: Any,
-    ) -> tuple[list[Any], list[bool]]:
+    ) -> tuple[list[Any], list[bool], list[bool]]:
         """The predictions of one frame's faces and, per face, whether its identity was computed now
-        (False: the track's last identity prediction, see ``identity_every``)."""
+        (False: the track's last identity prediction, see ``identity_every``) and whether its
+        standalone members ran now (False: the track's last ones, ``standalone_every``)."""
         count = len(prepared.tracks)
+        maker = getattr(predictor, "model", predictor)  # a cached answer of another model is not reused
+        plan = None
+        if encoded is not None and prepared.member_rows is not None:
+            plan = self._member_plan(prepared, maker, prepared.member_rows)
+            if plan is None:
+                encoded = None  # a track's held members are gone (model swapped): encode again
+        if encoded is None:
+            plan = self._member_plan(prepared, maker)
+        held = plan[1] if plan is not None else None
+        members_fresh = [plan is None or i in plan[0] for i in range(count)]
         if split is None:
-            plain = predictor.predict_encoded(encoded) if encoded is not None else predictor.predict(batch)
-            return plain, [True] * count
+            if encoded is not None:
+                plain = (
+                    predictor.predict_encoded(encoded)
+                    if held is None
+                    else predictor.predict_encoded(encoded, held)
+                )
+            else:
+                plain = self._predict_faces(predictor, batch, None, plan)
+            self._hold_members(prepared, maker, plain, members_fresh)
+            return plain, [True] * count, members_fresh
         faces, identity = split
         cache = self._identity_cache  # set_predictor/reset replace it: this frame keeps a consistent one
-        maker = getattr(predictor, "model", predictor)  # a cached identity of another model is not reused
         due = set(range(count)) if prepared.identity_due is None else set(_due_rows(prepared))
         for i, track in enumerate(prepared.tracks):
             cached = cache.get(track.track_id)
@@ -410,13 +478,33 @@ class FramePipeline:
                 named[i] = cache[track.track_id][1]
         ordered = [named[i] for i in range(count)]
         if not faces:
-            return ordered, fresh
-        face_predictions = (
-            predictor.predict_encoded(encoded.faces)
-            if encoded is not None and encoded.faces is not None
-            else predictor.predict(batch, faces)
-        )
-        return _merged(face_predictions, ordered), fresh
+            return ordered, fresh, members_fresh
+        if encoded is not None and encoded.faces is not None:
+            faces_encoded = encoded.faces
+            face_predictions = (
+                predictor.predict_encoded(faces_encoded)
+                if held is None
+                else predictor.predict_encoded(faces_encoded, held)
+            )
+        else:
+            face_predictions = self._predict_faces(predictor, batch, faces, plan)
+        self._hold_members(prepared, maker, face_predictions, members_fresh)
+        return _merged(face_predictions, ordered), fresh, members_fresh
+
+    def _hold_members(
+        self, prepared: PreparedFrame, maker: Any, predictions: list[Any], fresh: list[bool]
+    ) -> None:
+        """Keep each track's fresh standalone members' probabilities for its next frames."""
+        if prepared.members_due is None:
+            return
+        for track, prediction, is_fresh in zip(prepared.tracks, predictions, fresh, strict=True):
+            if is_fresh:
+                members = {
+                    name: task.members
+                    for name, task in prediction.tasks.items()
+                    if getattr(task, "members", None) is not None
+                }
+                self._member_cache[track.track_id] = (maker, members)
 
     # -- per frame -----------------------------------------------------------------------------
     def process(
@@ -468,6 +556,9 @@ class FramePipeline:
             identity_batch = preprocess_batch(identity_crops, input_size) if identity_crops else None
             if self.identity_every > 1:
                 identity_due = [(track.age - 1) % self.identity_every == 0 for track in tracks]
+        members_due = None
+        if self.standalone_every > 1:
+            members_due = [(track.age - 1) % self.standalone_every == 0 for track in tracks]
         _timed(timings, "preprocess", t)
         height, width = frame.shape[:2]
         return PreparedFrame(
@@ -485,6 +576,7 @@ class FramePipeline:
             identity_crops=identity_crops,
             identity_batch=identity_batch,
             identity_due=identity_due,
+            members_due=members_due,
         )
 
     def encode(self, prepared: PreparedFrame) -> PreparedFrame:
@@ -504,8 +596,15 @@ class FramePipeline:
             return prepared
         t = time.perf_counter()
         split = self._task_split(predictor)
+        # by the schedule alone: the held probabilities of the other faces come from frames whose columns
+        # may still be running; complete() runs frames in order, so they are there by then (or it
+        # encodes the frame again)
+        rows = None
+        if prepared.members_due is not None:
+            rows = [i for i, due in enumerate(prepared.members_due) if due]
         if split is None:
-            encoded: Any = predictor.encode(batch)
+            encoded: Any = predictor.encode(batch) if rows is None else predictor.encode(batch, None, rows)
+            prepared.member_rows = rows
         elif prepared.identity_batch is None:
             return prepared  # prepared by a pipeline with one framing: complete() crops again
         else:
@@ -514,7 +613,11 @@ class FramePipeline:
                 # the identity columns then run in complete(): this stage already holds the face crops'
                 # encoder passes (standalone members too), and the stages stay balanced
                 # (docs/ros_benchmark_runs/identity_stage.md)
-                encoded = _SplitEncoding(predictor.encode(batch, faces), None, [])
+                face_encoding = (
+                    predictor.encode(batch, faces) if rows is None else predictor.encode(batch, faces, rows)
+                )
+                encoded = _SplitEncoding(face_encoding, None, [])
+                prepared.member_rows = rows
             else:
                 rows = _due_rows(prepared)
                 named = predictor.encode(prepared.identity_batch[rows], identity) if rows else None
@@ -532,6 +635,7 @@ class FramePipeline:
         self.smoother.drop(prepared.removed_ids)
         for track_id in prepared.removed_ids:
             self._identity_cache.pop(track_id, None)
+            self._member_cache.pop(track_id, None)
         faces: list[FaceResult] = []
         raw_embeddings: list[np.ndarray | None] = []
         fresh: list[bool] = []
@@ -548,16 +652,18 @@ class FramePipeline:
                 identity_batch = preprocess_batch(identity_crops, input_size)
             if encoded is not None and (split is not None) != isinstance(encoded, _SplitEncoding):
                 encoded = None  # encoded for another arrangement of crops (the model changed in between)
-            predictions, fresh = self._frame_predictions(
+            predictions, fresh, members_fresh = self._frame_predictions(
                 predictor, prepared, batch, identity_batch, split, encoded
             )
             if len(predictions) != len(tracks):
                 got, want = len(predictions), len(tracks)
                 raise FacePipelineError(f"predictor returned {got} results for {want} faces")
             t = _timed(timings, "model", t)
-            for track, prediction, is_fresh in zip(tracks, predictions, fresh, strict=True):
+            for track, prediction, is_fresh, members_ran in zip(
+                tracks, predictions, fresh, members_fresh, strict=True
+            ):
                 face, raw = self._smooth_face(track, prediction, width, height)
-                face.identity_fresh = is_fresh
+                face.identity_fresh, face.members_fresh = is_fresh, members_ran
                 faces.append(face)
                 raw_embeddings.append(raw)
             t = _timed(timings, "smooth", t)
@@ -763,6 +869,23 @@ def _due_rows(prepared: PreparedFrame) -> list[int]:
     if prepared.identity_due is None:
         return list(range(len(prepared.tracks)))
     return [i for i, due in enumerate(prepared.identity_due) if due]
+
+
+def _uniform_members(
+    predictor: Any, rows: int, count: int
+) -> tuple[list[int], dict[int, dict[str, np.ndarray]]]:
+    """A member plan for :meth:`FramePipeline.run_model`: the members run on the first ``rows`` faces,
+    the others hold uniform probabilities."""
+    model = predictor.model
+    tasks = list(getattr(model, "standalone", {}))
+    held = {
+        i: {
+            name: np.full(len(model.specs[name].labels), 1.0 / len(model.specs[name].labels), np.float32)
+            for name in tasks
+        }
+        for i in range(rows, count)
+    }
+    return list(range(rows)), held
 
 
 def _merged(faces: Sequence[Any], named: Sequence[Any]) -> list[Any]:

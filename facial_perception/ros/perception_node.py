@@ -189,6 +189,13 @@ PARAMETERS: tuple[_Param, ...] = (
         "between its last identity stands (saves most of the second encoder pass)",
         (1, 30),
     ),
+    _Param(
+        "standalone_every",
+        3,
+        "Run the columns' standalone members (their own encoder each) on a track's first frame and then "
+        "every n-th; in between their last probabilities for the track stay in the mix",
+        (1, 30),
+    ),
     _Param("min_face_size", 24, "Smallest face side in pixels", (8, 4096)),
     _Param(
         "crop_margin",
@@ -569,6 +576,7 @@ class PerceptionNode(LifecycleNode):
             known_identity_threshold=float(self._p("known_identity_threshold")),
             detect_every=int(self._p("detect_every")),
             identity_every=int(self._p("identity_every")),
+            standalone_every=int(self._p("standalone_every")),
             framings=self._crop_framing(),
         )
         self._warm_up()

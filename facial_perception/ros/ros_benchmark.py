@@ -306,6 +306,7 @@ def run_benchmark(
         "encoder_stage": params["encoder_stage"],
         "fuse_columns": params["fuse_columns"],
         "standalone_members": params["standalone_members"],
+        "standalone_every": params.get("standalone_every", 3),
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()}, {machine_summary()}",
@@ -586,7 +587,9 @@ _PARAMETER_COMPARISONS = (
         "Standalone members",
         "With `true` (the default) columns with standalone members average their probabilities with "
         "theirs: one more encoder pass per face for each (the v6 model: one for gender, +0.8 points of "
-        "validation accuracy; docs/MODEL_CARD.md#standalone-gender-member-v6); `false`: the columns alone.",
+        "validation accuracy; docs/MODEL_CARD.md#standalone-gender-member-v6) on a track's first frame and "
+        "every `standalone_every`-th (default 3; in between their last probabilities stand in the mix); "
+        "`false`: the columns alone.",
     ),
 )
 
