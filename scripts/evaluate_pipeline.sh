@@ -2,8 +2,9 @@
 # The shipped model through the node's own pipeline (detector -> crop -> model), not on the datasets'
 # aligned crops: docs/MODEL_CARD.md, "Through the node's pipeline". Makes one labelled bag per validation
 # split (every face once, pasted at 112-200 px into a 640x480 photo, JPEG) and evaluates it offline with the
-# node's defaults, smoothing off and identity on every frame (one frame per face: smoothing would blend a
-# face into the next one placed where it was, and a track's identity would stand for the next face). ~6 min on 2 cores. Writes reports to $OUT/<split>/ (report.md, report.json, PNGs).
+# node's defaults, smoothing off and identity and standalone members on every frame (one frame per face:
+# smoothing would blend a face into the next one placed where it was, and a track's identity or members'
+# probabilities would stand for the next face). ~6 min on 2 cores. Writes reports to $OUT/<split>/ (report.md, report.json, PNGs).
 #
 # env: DATA (../shared/datasets), RUNS (./runs), MODEL (the shipped default), OUT ($RUNS/pipeline_eval),
 #      EVAL_ARGS (more `facial-perception-bag evaluate` options, e.g. "--crop-margin 0.1 --crop-offset-y -0.08")
@@ -30,6 +31,6 @@ make_bag lfw_identity_val "$RUNS/splits/lfw_identity/val" identity
 make_bag ferplus_val "$DATA/ferplus/FER2013Valid" emotion
 for name in utkface_val lfw_identity_val ferplus_val; do
   # shellcheck disable=SC2086
-  "${BAG[@]}" evaluate "$RUNS/bags/$name" --checkpoint "$MODEL" --smoothing 0 --identity-every 1 --report "$OUT/$name" \
+  "${BAG[@]}" evaluate "$RUNS/bags/$name" --checkpoint "$MODEL" --smoothing 0 --identity-every 1 --standalone-every 1 --report "$OUT/$name" \
     --no-progress ${EVAL_ARGS:-} 2>&1 | grep -v "^INFO:"
 done

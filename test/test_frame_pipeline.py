@@ -377,6 +377,48 @@ def test_standalone_members_every_nth_frame_of_a_track(detector, frame: np.ndarr
         _pipeline(predictor, detector, standalone_every=0)
 
 
+def test_held_members_give_way_when_the_column_changes_its_mind(detector, real_faces) -> None:
+    """Another person steps into a running track: the column's own answer differs from the one it gave
+    when the member ran, so that frame gets the column alone and the member runs again on the next."""
+    predictor = inference.FacePredictor.from_checkpoint(DEFAULT_MODEL, device="cpu")
+    every = _pipeline(predictor, detector, standalone_every=3)
+    always = _pipeline(predictor, detector)
+
+    def scene(face: np.ndarray) -> np.ndarray:
+        canvas = np.full((480, 640, 3), 90, np.uint8)
+        canvas[60:460, 200:540] = cv2.resize(face, (340, 400))
+        return canvas
+
+    def column(rgb: np.ndarray) -> np.ndarray | None:  # what the gender column alone says of the face
+        faces = _pipeline(predictor, detector).process(rgb).faces
+        if len(faces) != 1:
+            return None
+        batch = preprocess_batch([every.crop(rgb, faces[0].box)], every.input_size)
+        return every.run_model(batch)[0].tasks["gender"].column
+
+    astronaut = scene(real_faces[0])  # the column: a woman
+    assert np.argmax(column(astronaut)) == 1
+    # a man the column calls a man, among the first UTKFace photos of men (file names: age_gender_race_...)
+    men = [p for p in real_face_files("utkface", 30) if p.name.split("_")[1] == "0"]
+    scenes = (scene(np.asarray(Image.open(p).convert("RGB"))) for p in men)
+    man = next(rgb for rgb in scenes if (said := column(rgb)) is not None and np.argmax(said) == 0)
+    first = every.process(astronaut)
+    always.process(astronaut)
+    second, third = every.process(man), every.process(man)
+    always.process(man)
+    reference = always.process(man)
+    track = first.faces[0].track_id
+    assert [f.track_id for f in (*second.faces, *third.faces)] == [track] * 2  # the same track goes on
+    assert not second.faces[0].members_fresh  # the 2nd frame of the track: the member is not due...
+    np.testing.assert_allclose(second.faces[0].tasks["gender"].probabilities, column(man), atol=1e-5)
+    assert third.faces[0].members_fresh  # ...and runs again on the 3rd, out of its schedule
+    np.testing.assert_allclose(
+        third.faces[0].tasks["gender"].probabilities,
+        reference.faces[0].tasks["gender"].probabilities,
+        atol=1e-5,
+    )
+
+
 def test_embed_faces_for_enrolment_from_files(predictor, detector, real_faces: list[np.ndarray]) -> None:
     pipeline = _pipeline(predictor, detector)
     embeddings, crops = pipeline.embed_faces(real_faces)

@@ -39,6 +39,8 @@ class TaskPrediction:
     # the mean of the column's standalone members' probabilities (included in ``probabilities``),
     # which a caller may hold for the face's next frames (FacePredictor.predict's held_members)
     members: np.ndarray | None = None
+    # the column's own probabilities, when members were mixed in
+    column: np.ndarray | None = None
 
 
 @dataclass
@@ -312,6 +314,7 @@ class FacePredictor:
             outputs = model.predict_encoded(encoded, columns.finish if columns is not None else None, held)
             probabilities = {n: o.probabilities.cpu().numpy() for n, o in outputs.items()}
             members = {n: o.members.cpu().numpy() for n, o in outputs.items() if o.members is not None}
+            alone = {n: o.column.cpu().numpy() for n, o in outputs.items() if o.column is not None}
             identity = _identity_column(model, outputs)
             embeddings = (
                 F.normalize(outputs[identity].embedding.float(), dim=1).cpu().numpy() if identity else None
@@ -324,7 +327,10 @@ class FacePredictor:
                 p = probs[row]
                 index = int(p.argmax())
                 held = members[name][row] if name in members else None
-                per_task[name] = TaskPrediction(labels[index], index, float(p[index]), p, list(labels), held)
+                own = alone[name][row] if name in alone else None
+                per_task[name] = TaskPrediction(
+                    labels[index], index, float(p[index]), p, list(labels), held, own
+                )
             faces.append(FacePrediction(per_task, embeddings[row] if embeddings is not None else None))
         return faces
 

@@ -160,6 +160,8 @@ class TaskProbabilities(NamedTuple):
     # (N, C): the mean of the column's standalone members' probabilities per face, fresh or as held
     # (:meth:`ProgressiveNet.predict_encoded`); None: no members answered
     members: torch.Tensor | None = None
+    # (N, C): the column's own probabilities when members were mixed in (else None)
+    column: torch.Tensor | None = None
 
 
 class EncodedFaces(NamedTuple):
@@ -887,18 +889,18 @@ class ProgressiveNet(nn.Module):
             averaged = mirrored and self.specs[name].mirror_average
             if mirrored:
                 probs = (probs[:n] + probs[n:]) / 2 if averaged else probs[:n]
-            members = None
+            members = column = None
             if name in self.standalone and encoded.standalone is not None:
                 held = held_members.get(name) if held_members is not None else None
                 members = self._standalone_probabilities(name, encoded, averaged, held)
                 # the mean of the column's and each member's probabilities (equal weights); mirror
                 # averaging first or last gives the same, it is linear
                 k = len(self.standalone[name])
-                probs = (probs + k * members) / (k + 1)
+                column, probs = probs, (probs + k * members) / (k + 1)
             embedding = out.embedding[:n]
             if name in self.whitening:
                 embedding = self.whitening[name](embedding)
-            result[name] = TaskProbabilities(probs, embedding, members)
+            result[name] = TaskProbabilities(probs, embedding, members, column)
         return result
 
     def _standalone_probabilities(

@@ -274,7 +274,7 @@ class FramePipeline:
         # between their last probabilities for the track are mixed with the columns' fresh ones (per
         # track id: (model, {task: members' mean probabilities})).
         self.standalone_every = int(standalone_every)
-        self._member_cache: dict[int, tuple[Any, dict[str, np.ndarray]]] = {}
+        self._member_cache: dict[int, _HeldMembers] = {}
         self._lock = threading.Lock()
         self._collectors: list[EnrolmentCollector] = []
         self._predictor = predictor
@@ -414,11 +414,11 @@ class FramePipeline:
         held: dict[int, dict[str, np.ndarray]] = {}
         for i, (track, due) in enumerate(zip(prepared.tracks, prepared.members_due, strict=True)):
             cached = cache.get(track.track_id)
-            usable = cached is not None and cached[0] is maker
-            if (rows is None and (due or not usable)) or (rows is not None and i in rows):
+            usable = cached is not None and cached.model is maker
+            if (rows is None and (due or not usable or cached.refresh)) or (rows is not None and i in rows):
                 planned.append(i)
             elif usable:
-                held[i] = cached[1]
+                held[i] = cached.members
             else:
                 return None
         return planned, held
@@ -455,7 +455,7 @@ class FramePipeline:
                 )
             else:
                 plain = self._predict_faces(predictor, batch, None, plan)
-            self._hold_members(prepared, maker, plain, members_fresh)
+            plain = self._hold_members(prepared, maker, plain, members_fresh)
             return plain, [True] * count, members_fresh
         faces, identity = split
         cache = self._identity_cache  # set_predictor/reset replace it: this frame keeps a consistent one
@@ -488,23 +488,52 @@ class FramePipeline:
             )
         else:
             face_predictions = self._predict_faces(predictor, batch, faces, plan)
-        self._hold_members(prepared, maker, face_predictions, members_fresh)
+        face_predictions = self._hold_members(prepared, maker, face_predictions, members_fresh)
         return _merged(face_predictions, ordered), fresh, members_fresh
 
     def _hold_members(
         self, prepared: PreparedFrame, maker: Any, predictions: list[Any], fresh: list[bool]
-    ) -> None:
-        """Keep each track's fresh standalone members' probabilities for its next frames."""
+    ) -> list[Any]:
+        """Keep each track's fresh standalone members' probabilities for its next frames; check the
+        held ones against the column's fresh answer.
+
+        A track can go on with another person (one leaves, another steps into the same place within
+        ``track_max_missed`` frames). When a column's own answer differs from the one it gave when the
+        members last ran, the held members may describe someone else: that frame gets the column
+        alone, and the members run again on the track's next encoded frame."""
         if prepared.members_due is None:
-            return
-        for track, prediction, is_fresh in zip(prepared.tracks, predictions, fresh, strict=True):
+            return predictions
+        checked = list(predictions)
+        for i, (track, prediction, is_fresh) in enumerate(
+            zip(prepared.tracks, predictions, fresh, strict=True)
+        ):
+            tasks = prediction.tasks
             if is_fresh:
-                members = {
-                    name: task.members
-                    for name, task in prediction.tasks.items()
-                    if getattr(task, "members", None) is not None
-                }
-                self._member_cache[track.track_id] = (maker, members)
+                mixed = {n: t for n, t in tasks.items() if getattr(t, "members", None) is not None}
+                self._member_cache[track.track_id] = _HeldMembers(
+                    maker,
+                    {n: t.members for n, t in mixed.items()},
+                    {
+                        n: _argmax(t.column)
+                        for n, t in mixed.items()
+                        if getattr(t, "column", None) is not None
+                    },
+                )
+                continue
+            held = self._member_cache.get(track.track_id)
+            if held is None:
+                continue
+            changed = {
+                name: _column_alone(tasks[name])
+                for name, label in held.labels.items()
+                if name in tasks
+                and getattr(tasks[name], "column", None) is not None
+                and _argmax(tasks[name].column) != label
+            }
+            if changed:
+                held.refresh = True
+                checked[i] = dataclasses.replace(prediction, tasks={**tasks, **changed})
+        return checked
 
     # -- per frame -----------------------------------------------------------------------------
     def process(
@@ -601,7 +630,12 @@ class FramePipeline:
         # encodes the frame again)
         rows = None
         if prepared.members_due is not None:
-            rows = [i for i, due in enumerate(prepared.members_due) if due]
+            cache = self._member_cache
+            rows = [
+                i
+                for i, (track, due) in enumerate(zip(prepared.tracks, prepared.members_due, strict=True))
+                if due or getattr(cache.get(track.track_id), "refresh", False)
+            ]
         if split is None:
             encoded: Any = predictor.encode(batch) if rows is None else predictor.encode(batch, None, rows)
             prepared.member_rows = rows
@@ -869,6 +903,29 @@ def _due_rows(prepared: PreparedFrame) -> list[int]:
     if prepared.identity_due is None:
         return list(range(len(prepared.tracks)))
     return [i for i, due in enumerate(prepared.identity_due) if due]
+
+
+@dataclass
+class _HeldMembers:
+    """A track's standalone members' probabilities, held for its next frames (``standalone_every``)."""
+
+    model: Any  # the predictor's model that made them: another model's are not reused
+    members: dict[str, np.ndarray]  # task -> the members' mean probabilities
+    labels: dict[str, int]  # task -> the column's own answer on that frame
+    refresh: bool = False  # the column's answer changed since: run the members on the next frame
+
+
+def _argmax(probabilities: Any) -> int:
+    return int(np.argmax(np.asarray(probabilities)))
+
+
+def _column_alone(task: Any) -> Any:
+    """A task prediction with the column's own probabilities instead of its mix with the members."""
+    column = np.asarray(task.column)
+    index = _argmax(column)
+    return dataclasses.replace(
+        task, label=task.labels[index], index=index, confidence=float(column[index]), probabilities=column
+    )
 
 
 def _uniform_members(
