@@ -849,6 +849,8 @@ class ProgressiveNet(nn.Module):
             if rows is not None and len(rows) < count:
                 index = list(rows) + ([row + count for row in rows] if mirrored else [])
                 members_x = x[index]
+                if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+                    members_x = members_x.contiguous(memory_format=torch.channels_last)  # the CPU layout
             maps = {
                 name: tuple(member.encoder.forward_features(members_x) for member in self.standalone[name])
                 for name in keep

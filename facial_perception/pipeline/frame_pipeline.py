@@ -277,7 +277,7 @@ class FramePipeline:
         # Likewise the columns' standalone members (each its own encoder pass per face: as much again
         # as the shared encoder) run on a track's first frame and every ``standalone_every``-th; in
         # between their last probabilities for the track are mixed with the columns' fresh ones (per
-        # track id: (model, {task: members' mean probabilities})).
+        # track id: _HeldMembers).
         self.standalone_every = int(standalone_every)
         self._member_cache: dict[int, _HeldMembers] = {}
         self._lock = threading.Lock()
