@@ -406,6 +406,19 @@ class FramePipeline:
             return predictor.predict(batch) if tasks is None else predictor.predict(batch, tasks)
         return predictor.predict(batch, tasks, standalone_rows=plan[0], held_members=plan[1])
 
+    def _face_predictions(
+        self, predictor: Any, encoded: Any, batch: Any, tasks: list[str] | None, plan: Any
+    ) -> list[Any]:
+        """The face crops' columns: on the encoder stage's output when there is one, else from ``batch``
+        (``plan``: see :meth:`_predict_faces`)."""
+        if encoded is None:
+            return self._predict_faces(predictor, batch, tasks, plan)
+        return (
+            predictor.predict_encoded(encoded)
+            if plan is None
+            else predictor.predict_encoded(encoded, plan[1])
+        )
+
     def _member_plan(
         self, prepared: PreparedFrame, maker: Any, rows: list[int] | None = None
     ) -> tuple[list[int], dict[int, dict[str, np.ndarray]]] | None:
@@ -449,17 +462,9 @@ class FramePipeline:
                 encoded = None  # a track's held members are gone (model swapped): encode again
         if encoded is None:
             plan = self._member_plan(prepared, maker)
-        held = plan[1] if plan is not None else None
         members_fresh = [plan is None or i in plan[0] for i in range(count)]
         if split is None:
-            if encoded is not None:
-                plain = (
-                    predictor.predict_encoded(encoded)
-                    if held is None
-                    else predictor.predict_encoded(encoded, held)
-                )
-            else:
-                plain = self._predict_faces(predictor, batch, None, plan)
+            plain = self._face_predictions(predictor, encoded, batch, None, plan)
             plain = self._hold_members(prepared, maker, plain, members_fresh)
             return plain, [True] * count, members_fresh
         faces, identity = split
@@ -484,15 +489,8 @@ class FramePipeline:
         ordered = [named[i] for i in range(count)]
         if not faces:
             return ordered, fresh, members_fresh
-        if encoded is not None and encoded.faces is not None:
-            faces_encoded = encoded.faces
-            face_predictions = (
-                predictor.predict_encoded(faces_encoded)
-                if held is None
-                else predictor.predict_encoded(faces_encoded, held)
-            )
-        else:
-            face_predictions = self._predict_faces(predictor, batch, faces, plan)
+        faces_encoded = encoded.faces if encoded is not None else None
+        face_predictions = self._face_predictions(predictor, faces_encoded, batch, faces, plan)
         face_predictions = self._hold_members(prepared, maker, face_predictions, members_fresh)
         return _merged(face_predictions, ordered), fresh, members_fresh
 
