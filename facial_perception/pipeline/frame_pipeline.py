@@ -60,8 +60,8 @@ _U = TypeVar("_U")
 STANDARD_TASKS = ("identity", "age", "gender", "emotion")
 #: A track's held standalone members give way when its column's probabilities have moved by more than
 #: this share of their mass since the members ran (``standalone_every``: another person in the track).
-#: A change of answer alone also caught borderline faces that only flicker (ad hoc, the ROS benchmark's
-#: scenes: 40 column-alone frames of 780 faces, none with this threshold).
+#: A change of answer alone also caught borderline faces that only flicker
+#: (docs/ros_benchmark_runs/standalone_every.md).
 MEMBERS_GIVE_WAY = 0.5
 
 
@@ -919,10 +919,6 @@ class _HeldMembers:
     refresh: bool = False  # the column's answer changed since: run the members on the next frame
 
 
-def _argmax(probabilities: Any) -> int:
-    return int(np.argmax(np.asarray(probabilities)))
-
-
 def _total_variation(p: Any, q: Any) -> float:
     """Half the L1 distance of two probability vectors: the share of the mass that moved (0..1)."""
     return 0.5 * float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
@@ -931,7 +927,7 @@ def _total_variation(p: Any, q: Any) -> float:
 def _column_alone(task: Any) -> Any:
     """A task prediction with the column's own probabilities instead of its mix with the members."""
     column = np.asarray(task.column)
-    index = _argmax(column)
+    index = int(np.argmax(column))
     return dataclasses.replace(
         task, label=task.labels[index], index=index, confidence=float(column[index]), probabilities=column
     )
