@@ -47,6 +47,7 @@ PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "cpu_threads": (Parameter.Type.INTEGER, None),
     "overlap_stages": (Parameter.Type.BOOL, None),
     "encoder_stage": (Parameter.Type.BOOL, None),
+    "max_frames_in_flight": (Parameter.Type.INTEGER, (0, 5)),
     "fuse_columns": (Parameter.Type.BOOL, None),
     "standalone_members": (Parameter.Type.BOOL, None),
     "model_path": (Parameter.Type.STRING, None),

@@ -4,13 +4,14 @@ real DDS; the report's figures are measured, so only their consistency is checke
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from facial_perception.ros.ros_benchmark import parse_param_override
+from facial_perception.ros.ros_benchmark import BenchmarkResult, parse_param_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,25 @@ def test_short_benchmark_writes_json_and_markdown_with_its_comparisons(tmp_path:
     assert "Node parameters set in every run (`--param`): `detection_threshold=0.5`." in text
     assert "## Node parameter `cpu_threads`" in text and "| 1 (default) |" in text and "| 2 |" in text
     assert "Fast DDS transports" not in text  # --compare-transports with no names: no such run
+    rows = result["by_faces"]  # every result belongs to a scene the camera showed (1-5 faces)
+    assert sum(row["results"] for row in rows) == summary["results_received"]
+    assert {row["faces"] for row in rows} <= {1, 2, 3, 4, 5}
+    assert all(0 <= row["detected"] <= row["faces"] for row in rows)
+    assert "## Latency by faces in the frame" in text
+
+
+def test_latency_by_faces_splits_each_scene_into_its_start_and_the_rest() -> None:
+    result = BenchmarkResult(settings={"warmup_s": 0.0})
+    # a scene of 1 face (frames 0-11 of it), then one of 2 faces (frames 0-2): latency = 10 x frame + faces
+    scenes = [(1, i) for i in range(12)] + [(2, i) for i in range(3)]
+    result.scene_per_result = scenes
+    result.faces_per_result = [faces for faces, _ in scenes]
+    result.latencies_ms = [10.0 * since + faces for faces, since in scenes]
+    one, two = result.by_faces(scene_start=10)
+    assert (one["faces"], one["results"], one["detected"]) == (1, 12, 1.0)
+    assert one["scene_start_p99_ms"] < 92.0 < one["steady_p50_ms"] == 106.0
+    assert (two["results"], two["scene_start_p50_ms"]) == (3, 12.0)
+    assert math.isnan(two["steady_p50_ms"])  # no frame of that scene after its start
 
 
 @pytest.mark.parametrize(

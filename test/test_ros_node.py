@@ -267,8 +267,11 @@ def test_image_in_faces_out_with_header_and_lifecycle(harness, tmp_path):
 def test_malformed_images_never_stop_the_node(harness, tmp_path):
     # also the two-thread path (encoder_stage false: the whole model in one thread); bad frames fail
     # in the first stage, before any hand-over, whatever the number of stages
-    # "checkpoint" is no parameter of the node (model_path is): a warning names it, the node runs on
-    node = NodeUnderTest(harness, tmp_path, encoder_stage=False, checkpoint="/nowhere.safetensors")
+    # "checkpoint" is no parameter of the node (model_path is): a warning names it, the node runs on;
+    # one frame in flight: a bad frame that kept its token would stop the node taking frames
+    node = NodeUnderTest(
+        harness, tmp_path, encoder_stage=False, max_frames_in_flight=1, checkpoint="/nowhere.safetensors"
+    )
     try:
         node.up()
         harness.wait_for_subscriber(harness.raw_pub)

@@ -153,7 +153,16 @@ PARAMETERS: tuple[_Param, ...] = (
         "encoder_stage",
         True,
         "With overlap_stages: the model's encoder in a third worker thread, its columns in the second, so "
-        "three frames are in flight (higher throughput on CPU); false: the whole model in one thread",
+        "up to three frames are in flight (max_frames_in_flight); false: the whole model in one thread",
+    ),
+    _Param(
+        "max_frames_in_flight",
+        2,
+        "With overlap_stages: most frames between taking a camera frame and publishing its faces; the "
+        "first stage takes the newest frame only when one finishes, so when the model is slower than "
+        "the camera frames are skipped at the input instead of waiting between stages (lower latency); "
+        "0 = as many as the stages and their hand-over slots hold (up to 5)",
+        (0, 5),
     ),
     _Param(
         "cpu_threads",
@@ -429,6 +438,8 @@ class PerceptionNode(LifecycleNode):
         # smooth, identify, publish)
         self._stage_workers: list[threading.Thread] = []
         self._handoff: queue.Queue[Any] | None = None
+        # max_frames_in_flight: a token per frame between the first stage and publication
+        self._in_flight: threading.BoundedSemaphore | None = None
         self._stop = threading.Event()
         self._subscription: Any = None
         self._entities: list[Any] = []  # services, action server, timers: destroyed on cleanup
@@ -648,7 +659,10 @@ class PerceptionNode(LifecycleNode):
         else:
             self._subscription = self.create_subscription(Image, topic, self._frames.put, qos)
         self._stop.clear()
-        if bool(self._p("overlap_stages")):
+        limit = int(self._p("max_frames_in_flight"))
+        overlap = bool(self._p("overlap_stages"))
+        self._in_flight = threading.BoundedSemaphore(limit) if overlap and limit > 0 else None
+        if overlap:
             later: list[tuple[str, Callable[[Any], Any]]] = [("model", self._complete_stage)]
             if bool(self._p("encoder_stage")):
                 later.insert(0, ("encoder", self._encode_stage))
@@ -758,8 +772,11 @@ class PerceptionNode(LifecycleNode):
     def _work(self) -> None:
         """Worker thread: take the newest frame, prepare it, and complete it here or hand it over."""
         while not self._stop.is_set():
+            if self._in_flight is not None and not self._in_flight.acquire(timeout=0.1):
+                continue  # as many frames in flight as allowed: the camera's newest waits in its slot
             msg = self._frames.take(timeout=0.1)
             if msg is None:
+                self._frame_done()
                 continue
             rate = float(self._p("processing_rate"))
             if rate > 0.0:
@@ -767,6 +784,7 @@ class PerceptionNode(LifecycleNode):
                 if wait > 0 and self._stop.wait(wait):
                     break
             self._last_process = time.monotonic()
+            handed_over = False
             try:
                 prepared = self._prepare(msg)
                 if prepared is None:
@@ -776,8 +794,17 @@ class PerceptionNode(LifecycleNode):
                     self._complete(*prepared)
                 else:
                     self._hand_over(handoff, prepared)
+                    handed_over = True  # its token goes with it
             except Exception as exc:  # whatever happens to one frame, the node keeps running
                 self._frame_failed(exc)
+            finally:
+                if not handed_over:
+                    self._frame_done()
+
+    def _frame_done(self) -> None:
+        """A frame left the pipeline (published, dropped or failed): the first stage may take another."""
+        if self._in_flight is not None:
+            self._in_flight.release()
 
     def _hand_over(self, outbox: queue.Queue[Any], item: Any) -> None:
         """Put into the next stage's one-slot queue once it has taken the last item (or we stop)."""
@@ -801,9 +828,12 @@ class PerceptionNode(LifecycleNode):
                 result = work(item)
             except Exception as exc:  # a failed frame is dropped; the stage goes on
                 self._frame_failed(exc)
+                self._frame_done()
                 continue
             if outbox is not None:
                 self._hand_over(outbox, result)
+            else:
+                self._frame_done()
 
     def _encode_stage(self, prepared: tuple[Any, ...]) -> tuple[Any, ...]:
         """Encoder stage (encoder_stage): the model's encoder on the prepared frame's faces."""

@@ -109,6 +109,10 @@ class ProcessSampler:
             last_cpu, last_t = cpu, now
 
 
+#: frames published after a scene change counted as the scene's start (BenchmarkResult.by_faces)
+SCENE_START_FRAMES = 10
+
+
 @dataclass
 class BenchmarkResult:
     """Everything measured; ``to_dict`` is the JSON written next to the Markdown report."""
@@ -120,6 +124,8 @@ class BenchmarkResult:
     latencies_ms: list[float] = field(default_factory=list)
     receipts: list[float] = field(default_factory=list)  # monotonic seconds, measured window only
     faces_per_result: list[int] = field(default_factory=list)
+    # per result: (faces the camera showed, frames published since its scene began)
+    scene_per_result: list[tuple[int, int]] = field(default_factory=list)
     resources: list[dict[str, float]] = field(default_factory=list)
     window_s: float = 0.0
     # the same benchmark with other node transports, run right after this one: [{settings, summary}]
@@ -181,11 +187,43 @@ class BenchmarkResult:
             )
         return rows
 
+    def by_faces(self, scene_start: int = SCENE_START_FRAMES) -> list[dict[str, float]]:
+        """Latency per number of faces the camera showed, over a scene's first frames and the rest.
+
+        Why: the tail of the latency comes from frames with many faces or from a scene change, when
+        every face is a new track (identity crop and standalone member due on its first frame); this
+        tells the two apart.  ``detected`` is the mean number of faces in those frames' results.
+        """
+        rows: list[dict[str, float]] = []
+        if not self.scene_per_result:
+            return rows
+        lat = np.asarray(self.latencies_ms, dtype=np.float64)
+        shown, since = (np.asarray(column) for column in zip(*self.scene_per_result, strict=True))
+        detected = np.asarray(self.faces_per_result, dtype=np.float64)
+        early = since < scene_start
+        for faces in sorted(set(shown.tolist())):
+            row: dict[str, float] = {
+                "faces": int(faces),
+                "results": int((shown == faces).sum()),
+                "detected": float(detected[shown == faces].mean()),
+            }
+            for name, mask in (
+                ("all", shown == faces),
+                ("scene_start", (shown == faces) & early),
+                ("steady", (shown == faces) & ~early),
+            ):
+                values = lat[mask]
+                for q in (50, 99):
+                    row[f"{name}_p{q}_ms"] = float(np.percentile(values, q)) if values.size else math.nan
+            rows.append(row)
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "settings": self.settings,
             "summary": self.summary(),
             "timeline": self.timeline(),
+            "by_faces": self.by_faces(),
             "resources": self.resources,
             "comparisons": self.comparisons,
         }
@@ -206,7 +244,8 @@ def camera_process(width: int, height: int, rate: float, seconds: float, go: Any
     Why a separate process: in one process with the result subscriber, the executor's threads held
     the GIL and the publishing loop stalled (gaps up to 1.8 s, then bursts), which measured the
     benchmark rather than the node.  Reports ``("ready", None)`` once the node has subscribed and
-    ``("published", [header stamps in ns])`` at the end (wall-clock time, as the results' stamps).
+    ``("published", [(header stamp in ns, faces shown, frames since the scene began)])`` at the end
+    (wall-clock stamps, as the results' stamps).
     """
     rclpy.init()
     node = rclpy.create_node("fp_benchmark_camera")
@@ -222,7 +261,8 @@ def camera_process(width: int, height: int, rate: float, seconds: float, go: Any
         reports.put(("ready", None))
         go.wait()
         period, start = 1.0 / rate, time.monotonic()
-        stamps: list[int] = []
+        stamps: list[tuple[int, int, int]] = []
+        scene_began, last_scene = 0, -1
         tick = 0
         while True:
             target = start + tick * period
@@ -232,10 +272,12 @@ def camera_process(width: int, height: int, rate: float, seconds: float, go: Any
             if target > now:
                 time.sleep(target - now)
             scene = int((time.monotonic() - start) / 2.0) % 5  # 1..5 faces, 2 s each
-            _, msg = frames[scene * 3 + tick % 3]
+            if scene != last_scene:
+                scene_began, last_scene = tick, scene
+            faces, msg = frames[scene * 3 + tick % 3]
             stamp = node.get_clock().now()
             msg.header = Header(stamp=stamp.to_msg(), frame_id="benchmark_camera")
-            stamps.append(stamp.nanoseconds)
+            stamps.append((stamp.nanoseconds, faces, tick - scene_began))
             publisher.publish(msg)
             tick += 1
         reports.put(("published", stamps))
@@ -306,7 +348,10 @@ def run_benchmark(
         "encoder_stage": params["encoder_stage"],
         "fuse_columns": params["fuse_columns"],
         "standalone_members": params["standalone_members"],
-        "standalone_every": params.get("standalone_every", 3),
+        **{
+            name: params.get(name, _param_defaults()[name])
+            for name in ("standalone_every", "max_frames_in_flight")
+        },
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()}, {machine_summary()}",
@@ -393,7 +438,8 @@ def run_benchmark(
         # frames and results are both counted by the frames' stamps: every counted result is one of
         # the counted frames
         first_ns, end_ns = (int(t * 1e9) + wall_minus_monotonic_ns for t in (window_start, end))
-        result.published = sum(1 for stamp_ns in stamps if first_ns <= stamp_ns < end_ns)
+        result.published = sum(1 for stamp_ns, _, _ in stamps if first_ns <= stamp_ns < end_ns)
+        scenes = {stamp_ns: (faces, since) for stamp_ns, faces, since in stamps}
         with lock:
             for stamp_ns, latency_ms, receipt, faces in results:
                 if first_ns <= stamp_ns < end_ns:  # frames published inside the window
@@ -401,6 +447,7 @@ def run_benchmark(
                     result.latencies_ms.append(latency_ms)
                     result.receipts.append(receipt)
                     result.faces_per_result.append(faces)
+                    result.scene_per_result.append(scenes.get(stamp_ns, (0, 0)))
     finally:
         stop_process(process)  # first: a failure below must never leave the node running
         if camera.is_alive():
@@ -486,6 +533,23 @@ def write_markdown(result: BenchmarkResult, path: Path, json_path: Path) -> None
     for row in result.timeline():
         cells = [f"{row['t_s']:.0f}", _fmt(row["fps"]), _fmt(row["latency_p95_ms"]), _fmt(row["cpu_percent"])]
         lines.append("| " + " | ".join([*cells, _fmt(row["rss_mb"])]) + " |")
+    lines += [
+        "",
+        "## Latency by faces in the frame",
+        "",
+        f"Faces the camera showed; a scene's start is its first {SCENE_START_FRAMES} published frames "
+        "(every face a new track: its identity crop and standalone member are due); steady is the rest.",
+        "",
+        "| faces shown | detected (mean) | results | p50 / p99 all (ms) | p50 / p99 scene start (ms) "
+        "| p50 / p99 steady (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result.by_faces():
+        cells = [str(row["faces"]), _fmt(row["detected"], 2), str(row["results"])] + [
+            f"{_fmt(row[f'{name}_p50_ms'])} / {_fmt(row[f'{name}_p99_ms'])}"
+            for name in ("all", "scene_start", "steady")
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     base = st.get("base_params", {})
 
     def section(title: str, text: str, header: str, runs: list[tuple[Any, dict[str, Any]]]) -> None:
