@@ -377,6 +377,52 @@ def test_standalone_members_every_nth_frame_of_a_track(detector, frame: np.ndarr
         _pipeline(predictor, detector, standalone_every=0)
 
 
+def test_face_columns_every_nth_frame_of_a_track(detector, frame: np.ndarray) -> None:
+    """attributes_every=2: the face columns (the shared encoder, every column but the identity ones on
+    their own crop, and their standalone members) run on a track's 1st, 3rd, 5th... frame; in between
+    the track's last predictions stand. The identity crop keeps its own schedule, the three-stage path
+    plans the same, and a frame whose held predictions are gone (reset) runs the columns again."""
+    predictor = CountingPredictor.from_checkpoint(DEFAULT_MODEL, device="cpu")
+    every = _pipeline(predictor, detector, attributes_every=2, standalone_every=3)
+    staged = _pipeline(predictor, detector, attributes_every=2, standalone_every=3)
+    always = _pipeline(predictor, detector, standalone_every=3)
+    shifted = np.roll(frame, 8, axis=1)  # another crop of the same faces: other outputs
+    last_run = None
+    for i, rgb in enumerate([frame, shifted, shifted, frame, frame]):
+        predictor.batch_shapes.clear()
+        got = every.process(rgb)
+        calls = len(predictor.batch_shapes)
+        want = always.process(rgb)
+        three = staged.complete(staged.encode(staged.prepare(rgb)))
+        assert len(got.faces) == len(want.faces) == len(three.faces) == 2
+        due = i % 2 == 0
+        assert calls == (2 if due else 1), i  # the identity crops on every frame, the faces when due
+        last_run = want if due else last_run
+        for a, b, c, held in zip(got.faces, want.faces, three.faces, last_run.faces, strict=True):
+            assert a.attributes_fresh == c.attributes_fresh == due and b.attributes_fresh, i
+            assert a.identity_fresh and c.identity_fresh
+            np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)  # identity: its own schedule
+            for name in ("age", "emotion", "gender"):  # this frame's (due) or the last due frame's
+                np.testing.assert_allclose(
+                    a.tasks[name].probabilities, held.tasks[name].probabilities, atol=1e-5
+                )
+                np.testing.assert_allclose(
+                    c.tasks[name].probabilities, a.tasks[name].probabilities, atol=1e-5
+                )
+    # held predictions gone between the stages (reset): the frame runs the face columns again
+    prepared = staged.encode(staged.prepare(shifted))
+    assert prepared.attribute_rows == [] and prepared.encoded is None  # 6th frame: nothing due
+    staged.reset()
+    again = staged.complete(prepared)
+    reference = _pipeline(predictor, detector).process(shifted)
+    assert all(face.attributes_fresh for face in again.faces)
+    for a, b in zip(again.faces, reference.faces, strict=True):
+        for name in ("age", "emotion"):
+            np.testing.assert_allclose(a.tasks[name].probabilities, b.tasks[name].probabilities, atol=1e-5)
+    with pytest.raises(FacePipelineError, match="attributes_every"):
+        _pipeline(predictor, detector, attributes_every=0)
+
+
 def test_held_members_give_way_when_the_column_changes_its_mind(detector, real_faces) -> None:
     """Another person steps into a running track: the column's own answer differs from the one it gave
     when the member ran, so that frame gets the column alone and the member runs again on the next."""

@@ -59,6 +59,7 @@ PERCEPTION_PARAMETERS: dict[str, tuple[Parameter.Type, object]] = {
     "crop_margin": (Parameter.Type.DOUBLE, (-1.0, 2.0)),
     "identity_every": (Parameter.Type.INTEGER, (1, 30)),
     "standalone_every": (Parameter.Type.INTEGER, (1, 30)),
+    "attributes_every": (Parameter.Type.INTEGER, (1, 30)),
     "crop_offset_y": (Parameter.Type.DOUBLE, (-1.0, 1.0)),
     "tracker_iou": (Parameter.Type.DOUBLE, (0.0, 1.0)),
     "track_max_missed": (Parameter.Type.INTEGER, (0, 100)),

@@ -149,6 +149,13 @@ def add_subcommands(subparsers: Any) -> None:
         "(node: standalone_every)",
     )
     off.add_argument(
+        "--attributes-every",
+        type=int,
+        default=1,
+        help="the face columns (all but the identity ones on their own crop) on a track's first frame, "
+        "then every n-th (node: attributes_every)",
+    )
+    off.add_argument(
         "--detect-every",
         type=int,
         default=1,
@@ -340,6 +347,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             detect_every=args.detect_every,
             identity_every=args.identity_every,
             standalone_every=args.standalone_every,
+            attributes_every=args.attributes_every,
         )
         evaluation = evaluate_offline(
             args.bag,

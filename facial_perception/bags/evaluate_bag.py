@@ -521,6 +521,7 @@ class PipelineSettings:
     fuse_columns: bool = True  # the columns as one stack of wide layers (FusedColumns; the node's parameter)
     standalone_members: bool = True  # columns averaged with their standalone members (the node's parameter)
     standalone_every: int = 3  # those members on a track's 1st frame, then every n-th (the node's parameter)
+    attributes_every: int = 1  # the face columns on a 1st frame, then every n-th (the node's parameter)
 
 
 #: The trained default model shipped inside the package (the node uses the same file).
@@ -580,6 +581,8 @@ def build_pipeline(settings: PipelineSettings | None = None, predictor: Any = No
         raise BagError(f"identity_every must be >= 1, got {settings.identity_every}")
     if settings.standalone_every < 1:
         raise BagError(f"standalone_every must be >= 1, got {settings.standalone_every}")
+    if settings.attributes_every < 1:
+        raise BagError(f"attributes_every must be >= 1, got {settings.attributes_every}")
     detector = _detector_of(settings)
     gallery = None
     if not settings.gallery:
@@ -610,6 +613,7 @@ def _pipeline_with(settings: PipelineSettings, predictor: Any, detector: Any, ga
         detect_every=settings.detect_every,
         identity_every=settings.identity_every,
         standalone_every=settings.standalone_every,
+        attributes_every=settings.attributes_every,
         framings=_framing_of(settings),
     )
 
@@ -655,6 +659,7 @@ def build_first_stage(settings: PipelineSettings, input_size: int) -> Any:
         detect_every=settings.detect_every,
         identity_every=settings.identity_every,
         standalone_every=settings.standalone_every,
+        attributes_every=settings.attributes_every,
         framings=_framing_of(settings),
     )
 

@@ -109,6 +109,9 @@ class FaceResult:
     # False: the standalone members did not run on this frame's crop, their last probabilities for
     # the track stand in the mix (``standalone_every``)
     members_fresh: bool = True
+    # False: the face columns (every column but the identity ones that have a crop of their own) did
+    # not run on this frame's crop, the track's last predictions stand (``attributes_every``)
+    attributes_fresh: bool = True
 
 
 @dataclass
@@ -150,8 +153,13 @@ class PreparedFrame:
     identity_due: list[bool] | None = None
     # per face, whether the standalone members are due this frame (``standalone_every``); None: every face
     members_due: list[bool] | None = None
-    # the faces whose standalone members ``encoded`` ran on (None: every face)
+    # the faces whose standalone members ``encoded`` ran on (None: every face; with ``attribute_rows``,
+    # indices among those rows)
     member_rows: list[int] | None = None
+    # per face, whether the face columns are due this frame (``attributes_every``); None: every face
+    attributes_due: list[bool] | None = None
+    # the faces ``encoded`` holds the face columns' encoding of (None: every face)
+    attribute_rows: list[int] | None = None
 
 
 @dataclass
@@ -233,6 +241,7 @@ class FramePipeline:
         detect_every: int = 1,
         identity_every: int = 1,
         standalone_every: int = 1,
+        attributes_every: int = 1,
     ) -> None:
         if max_faces < 1:
             raise FacePipelineError(f"max_faces must be >= 1, got {max_faces}")
@@ -242,6 +251,8 @@ class FramePipeline:
             raise FacePipelineError(f"identity_every must be >= 1, got {identity_every}")
         if standalone_every < 1:
             raise FacePipelineError(f"standalone_every must be >= 1, got {standalone_every}")
+        if attributes_every < 1:
+            raise FacePipelineError(f"attributes_every must be >= 1, got {attributes_every}")
         self.detector = detector
         self.tracker = tracker if tracker is not None else FaceTracker()
         # No smoother means no smoothing (alpha = 1 keeps only the newest frame), not a default one.
@@ -280,6 +291,13 @@ class FramePipeline:
         # track id: _HeldMembers).
         self.standalone_every = int(standalone_every)
         self._member_cache: dict[int, _HeldMembers] = {}
+        # And the face columns as a whole (the shared encoder, every column but the identity ones with
+        # a crop of their own, and their members) on a track's first frame and every
+        # ``attributes_every``-th: age, gender and emotion change slowly next to 30 frames/s, and the
+        # smoother averages over frames anyway. In between the track's last face predictions stand
+        # (per track id: (predictor, prediction)).
+        self.attributes_every = int(attributes_every)
+        self._attribute_cache: dict[int, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
         self._collectors: list[EnrolmentCollector] = []
         self._predictor = predictor
@@ -301,6 +319,7 @@ class FramePipeline:
             self.smoother.reset()
             self._identity_cache = {}
             self._member_cache = {}
+            self._attribute_cache = {}
 
     def reset(self) -> None:
         """Forget tracks and smoothing state (e.g. between bag sequences)."""
@@ -308,6 +327,7 @@ class FramePipeline:
         self.smoother.reset()
         self._identity_cache = {}
         self._member_cache = {}
+        self._attribute_cache = {}
         self._frames_since_detection = self.detect_every
 
     def _detect_or_predict(self, frame: np.ndarray) -> list[Detection]:
@@ -441,6 +461,70 @@ class FramePipeline:
                 return None
         return planned, held
 
+    def _face_part(
+        self,
+        predictor: Any,
+        view: PreparedFrame,
+        batch: Any,
+        tasks: list[str] | None,
+        encoded: Any,
+        maker: Any,
+    ) -> tuple[list[Any], list[bool]]:
+        """The face columns (``tasks``; None: all) on the faces of ``view`` with their standalone members
+        (run now or held, ``standalone_every``): predictions and, per face, whether the members ran."""
+        plan = None
+        if encoded is not None and view.member_rows is not None:
+            plan = self._member_plan(view, maker, view.member_rows)
+            if plan is None:
+                encoded = None  # a track's held members are gone (model swapped): encode again
+        if encoded is None:
+            plan = self._member_plan(view, maker)
+        members_fresh = [plan is None or i in plan[0] for i in range(len(view.tracks))]
+        predictions = self._face_predictions(predictor, encoded, batch, tasks, plan)
+        return self._hold_members(view, maker, predictions, members_fresh), members_fresh
+
+    def _face_predictions_held(
+        self,
+        predictor: Any,
+        prepared: PreparedFrame,
+        batch: Any,
+        tasks: list[str] | None,
+        encoded: Any,
+        maker: Any,
+    ) -> tuple[list[Any], list[bool], list[bool]]:
+        """:meth:`_face_part` on the faces whose face columns are due (``attributes_every``: by the
+        schedule, or where the track's held predictions are gone); the track's last predictions for
+        the others. Returns predictions, members run now, face columns run now (per face)."""
+        count = len(prepared.tracks)
+        if prepared.attributes_due is None:
+            predictions, members_fresh = self._face_part(predictor, prepared, batch, tasks, encoded, maker)
+            return predictions, members_fresh, [True] * count
+        cache = self._attribute_cache
+        rows = [
+            i
+            for i, (track, due) in enumerate(zip(prepared.tracks, prepared.attributes_due, strict=True))
+            if due or cache.get(track.track_id, (None,))[0] is not maker
+        ]
+        if encoded is not None and prepared.attribute_rows != rows:
+            encoded = None  # the encode stage planned other faces (held predictions gone): run them again
+        ran: dict[int, tuple[Any, bool]] = {}
+        if rows:
+            view = _face_rows(prepared, rows)
+            view.member_rows = prepared.member_rows if encoded is not None else None
+            predictions, members_fresh = self._face_part(predictor, view, batch[rows], tasks, encoded, maker)
+            ran = dict(zip(rows, zip(predictions, members_fresh, strict=True), strict=True))
+        out, members, fresh = [], [], []
+        for i, track in enumerate(prepared.tracks):
+            if i in ran:
+                prediction, members_ran = ran[i]
+                cache[track.track_id] = (maker, prediction)
+            else:
+                prediction, members_ran = cache[track.track_id][1], False
+            out.append(prediction)
+            members.append(members_ran)
+            fresh.append(i in ran)
+        return out, members, fresh
+
     def _frame_predictions(
         self,
         predictor: Any,
@@ -449,24 +533,19 @@ class FramePipeline:
         identity_batch: Any,
         split: Any,
         encoded: Any,
-    ) -> tuple[list[Any], list[bool], list[bool]]:
+    ) -> tuple[list[Any], list[bool], list[bool], list[bool]]:
         """The predictions of one frame's faces and, per face, whether its identity was computed now
-        (False: the track's last identity prediction, see ``identity_every``) and whether its
-        standalone members ran now (False: the track's last ones, ``standalone_every``)."""
+        (False: the track's last identity prediction, see ``identity_every``), whether its
+        standalone members ran now (False: the track's last ones, ``standalone_every``) and whether
+        its face columns ran now (False: the track's last predictions, ``attributes_every``)."""
         count = len(prepared.tracks)
         maker = getattr(predictor, "model", predictor)  # a cached answer of another model is not reused
-        plan = None
-        if encoded is not None and prepared.member_rows is not None:
-            plan = self._member_plan(prepared, maker, prepared.member_rows)
-            if plan is None:
-                encoded = None  # a track's held members are gone (model swapped): encode again
-        if encoded is None:
-            plan = self._member_plan(prepared, maker)
-        members_fresh = [plan is None or i in plan[0] for i in range(count)]
         if split is None:
-            plain = self._face_predictions(predictor, encoded, batch, None, plan)
-            plain = self._hold_members(prepared, maker, plain, members_fresh)
-            return plain, [True] * count, members_fresh
+            plain, members_fresh, attributes_fresh = self._face_predictions_held(
+                predictor, prepared, batch, None, encoded, maker
+            )
+            # one crop for every column: the identity ran with the others
+            return plain, attributes_fresh, members_fresh, attributes_fresh
         faces, identity = split
         cache = self._identity_cache  # set_predictor/reset replace it: this frame keeps a consistent one
         due = set(range(count)) if prepared.identity_due is None else set(_due_rows(prepared))
@@ -488,11 +567,12 @@ class FramePipeline:
                 named[i] = cache[track.track_id][1]
         ordered = [named[i] for i in range(count)]
         if not faces:
-            return ordered, fresh, members_fresh
+            return ordered, fresh, [True] * count, [True] * count
         faces_encoded = encoded.faces if encoded is not None else None
-        face_predictions = self._face_predictions(predictor, faces_encoded, batch, faces, plan)
-        face_predictions = self._hold_members(prepared, maker, face_predictions, members_fresh)
-        return _merged(face_predictions, ordered), fresh, members_fresh
+        face_predictions, members_fresh, attributes_fresh = self._face_predictions_held(
+            predictor, prepared, batch, faces, faces_encoded, maker
+        )
+        return _merged(face_predictions, ordered), fresh, members_fresh, attributes_fresh
 
     def _hold_members(
         self, prepared: PreparedFrame, maker: Any, predictions: list[Any], fresh: list[bool]
@@ -592,6 +672,9 @@ class FramePipeline:
         members_due = None
         if self.standalone_every > 1:
             members_due = [(track.age - 1) % self.standalone_every == 0 for track in tracks]
+        attributes_due = None
+        if self.attributes_every > 1:
+            attributes_due = [(track.age - 1) % self.attributes_every == 0 for track in tracks]
         _timed(timings, "preprocess", t)
         height, width = frame.shape[:2]
         return PreparedFrame(
@@ -610,6 +693,7 @@ class FramePipeline:
             identity_batch=identity_batch,
             identity_due=identity_due,
             members_due=members_due,
+            attributes_due=attributes_due,
         )
 
     def encode(self, prepared: PreparedFrame) -> PreparedFrame:
@@ -632,12 +716,20 @@ class FramePipeline:
         # by the schedule alone: the held probabilities of the other faces come from frames whose columns
         # may still be running; complete() runs frames in order, so they are there by then (or it
         # encodes the frame again)
+        view = prepared
+        if prepared.attributes_due is not None and (split is None or split[0]):
+            due = [i for i, is_due in enumerate(prepared.attributes_due) if is_due]
+            prepared.attribute_rows = due
+            if not due:
+                return prepared  # no face's columns due: nothing to encode
+            view = _face_rows(prepared, due)
+            batch = view.batch
         rows = None
-        if prepared.members_due is not None:
+        if view.members_due is not None:
             cache = self._member_cache
             rows = [
                 i
-                for i, (track, due) in enumerate(zip(prepared.tracks, prepared.members_due, strict=True))
+                for i, (track, due) in enumerate(zip(view.tracks, view.members_due, strict=True))
                 if due or getattr(cache.get(track.track_id), "refresh", False)
             ]
         if split is None:
@@ -674,6 +766,7 @@ class FramePipeline:
         for track_id in prepared.removed_ids:
             self._identity_cache.pop(track_id, None)
             self._member_cache.pop(track_id, None)
+            self._attribute_cache.pop(track_id, None)
         faces: list[FaceResult] = []
         raw_embeddings: list[np.ndarray | None] = []
         fresh: list[bool] = []
@@ -690,18 +783,19 @@ class FramePipeline:
                 identity_batch = preprocess_batch(identity_crops, input_size)
             if encoded is not None and (split is not None) != isinstance(encoded, _SplitEncoding):
                 encoded = None  # encoded for another arrangement of crops (the model changed in between)
-            predictions, fresh, members_fresh = self._frame_predictions(
+            predictions, fresh, members_fresh, attributes_fresh = self._frame_predictions(
                 predictor, prepared, batch, identity_batch, split, encoded
             )
             if len(predictions) != len(tracks):
                 got, want = len(predictions), len(tracks)
                 raise FacePipelineError(f"predictor returned {got} results for {want} faces")
             t = _timed(timings, "model", t)
-            for track, prediction, is_fresh, members_ran in zip(
-                tracks, predictions, fresh, members_fresh, strict=True
+            for track, prediction, is_fresh, members_ran, attributes_ran in zip(
+                tracks, predictions, fresh, members_fresh, attributes_fresh, strict=True
             ):
                 face, raw = self._smooth_face(track, prediction, width, height)
                 face.identity_fresh, face.members_fresh = is_fresh, members_ran
+                face.attributes_fresh = attributes_ran
                 faces.append(face)
                 raw_embeddings.append(raw)
             t = _timed(timings, "smooth", t)
@@ -900,6 +994,29 @@ class _SplitEncoding:
     faces: Any  # None when every column is an identity column
     identity: Any  # None when no face's identity is due this frame, or it is left to complete()
     rows: list[int]  # the faces ``identity`` holds, by index in the frame
+
+
+def _face_rows(prepared: PreparedFrame, rows: list[int]) -> PreparedFrame:
+    """The frame with only the faces ``rows`` (those whose face columns run, ``attributes_every``)."""
+
+    def pick(items: Any) -> Any:
+        return None if items is None else [items[i] for i in rows]
+
+    return dataclasses.replace(
+        prepared,
+        tracks=pick(prepared.tracks),
+        crops=pick(prepared.crops),
+        batch=None if prepared.batch is None else prepared.batch[rows],
+        identity_crops=pick(prepared.identity_crops),
+        identity_batch=None if prepared.identity_batch is None else prepared.identity_batch[rows],
+        identity_due=pick(prepared.identity_due),
+        members_due=pick(prepared.members_due),
+        attributes_due=None,
+        encoded=None,
+        encoded_by=None,
+        member_rows=None,
+        attribute_rows=None,
+    )
 
 
 def _due_rows(prepared: PreparedFrame) -> list[int]:

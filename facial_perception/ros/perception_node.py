@@ -205,6 +205,14 @@ PARAMETERS: tuple[_Param, ...] = (
         "every n-th; in between their last probabilities for the track stay in the mix",
         (1, 30),
     ),
+    _Param(
+        "attributes_every",
+        1,
+        "Run the face columns (shared encoder, every column but the identity ones on their own crop, "
+        "and their standalone members) on a track's first frame and then every n-th; in between the "
+        "track's last predictions stand (less CPU per frame; labels refresh every n frames)",
+        (1, 30),
+    ),
     _Param("min_face_size", 24, "Smallest face side in pixels", (8, 4096)),
     _Param(
         "crop_margin",
@@ -588,6 +596,7 @@ class PerceptionNode(LifecycleNode):
             detect_every=int(self._p("detect_every")),
             identity_every=int(self._p("identity_every")),
             standalone_every=int(self._p("standalone_every")),
+            attributes_every=int(self._p("attributes_every")),
             framings=self._crop_framing(),
         )
         self._warm_up()

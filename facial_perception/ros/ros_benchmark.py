@@ -350,7 +350,7 @@ def run_benchmark(
         "standalone_members": params["standalone_members"],
         **{
             name: params.get(name, _param_defaults()[name])
-            for name in ("standalone_every", "max_frames_in_flight")
+            for name in ("standalone_every", "max_frames_in_flight", "attributes_every")
         },
         "model": str(source.path) if source.path else "untrained lite model (random weights, same compute)",
         "cpu_count": os.cpu_count(),
