@@ -509,8 +509,7 @@ class FramePipeline:
             encoded = None  # the encode stage planned other faces (held predictions gone): run them again
         ran: dict[int, tuple[Any, bool]] = {}
         if rows:
-            view = _face_rows(prepared, rows)
-            view.member_rows = prepared.member_rows if encoded is not None else None
+            view = _face_rows(prepared, rows, prepared.member_rows if encoded is not None else None)
             predictions, members_fresh = self._face_part(predictor, view, batch[rows], tasks, encoded, maker)
             ran = dict(zip(rows, zip(predictions, members_fresh, strict=True), strict=True))
         out, members, fresh = [], [], []
@@ -722,8 +721,7 @@ class FramePipeline:
             prepared.attribute_rows = due
             if not due:
                 return prepared  # no face's columns due: nothing to encode
-            view = _face_rows(prepared, due)
-            batch = view.batch
+            view, batch = _face_rows(prepared, due), batch[due]
         rows = None
         if view.members_due is not None:
             cache = self._member_cache
@@ -996,25 +994,25 @@ class _SplitEncoding:
     rows: list[int]  # the faces ``identity`` holds, by index in the frame
 
 
-def _face_rows(prepared: PreparedFrame, rows: list[int]) -> PreparedFrame:
-    """The frame with only the faces ``rows`` (those whose face columns run, ``attributes_every``)."""
-
-    def pick(items: Any) -> Any:
-        return None if items is None else [items[i] for i in rows]
-
+def _face_rows(
+    prepared: PreparedFrame, rows: list[int], member_rows: list[int] | None = None
+) -> PreparedFrame:
+    """The faces ``rows`` of a frame (those whose face columns run, ``attributes_every``) as the face
+    columns' planning reads them: their tracks and member schedule. The caller slices the batch; the
+    crops and the identity framing stay with the whole frame."""
     return dataclasses.replace(
         prepared,
-        tracks=pick(prepared.tracks),
-        crops=pick(prepared.crops),
-        batch=None if prepared.batch is None else prepared.batch[rows],
-        identity_crops=pick(prepared.identity_crops),
-        identity_batch=None if prepared.identity_batch is None else prepared.identity_batch[rows],
-        identity_due=pick(prepared.identity_due),
-        members_due=pick(prepared.members_due),
+        tracks=[prepared.tracks[i] for i in rows],
+        crops=[],
+        batch=None,
+        identity_crops=None,
+        identity_batch=None,
+        identity_due=None,
+        members_due=None if prepared.members_due is None else [prepared.members_due[i] for i in rows],
         attributes_due=None,
         encoded=None,
         encoded_by=None,
-        member_rows=None,
+        member_rows=member_rows,
         attribute_rows=None,
     )
 
