@@ -34,6 +34,7 @@ demo: setup
 
 lint: setup
 	@$(RUN) ruff check .
+	@$(RUN) ruff format --check .
 
 pytest: setup
 	@$(RUN) python -m pytest $(TESTS) -o 'markers=slow: builds or runs long (still part of make test)' $(PYTEST_ARGS)

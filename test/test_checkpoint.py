@@ -39,8 +39,6 @@ SPECS = [
 ]
 
 
-
-
 def _trained_net(seed: int = 0) -> ProgressiveNet:
     """A network with non-default weights and BatchNorm statistics in every column."""
     torch.manual_seed(seed)

@@ -39,5 +39,7 @@ def test_private_mode(tmp_path):
 def test_jsonable_makes_strict_json():
     value = {"a": (np.float32(0.5), float("nan")), 1: np.arange(3), "b": [math.inf, np.int64(2)]}
     assert json.loads(json.dumps(jsonable(value), allow_nan=False)) == {
-        "a": [0.5, None], "1": [0, 1, 2], "b": [None, 2]
+        "a": [0.5, None],
+        "1": [0, 1, 2],
+        "b": [None, 2],
     }

@@ -22,8 +22,13 @@ PACKAGE = "facial_perception"
 ROS_EXECUTABLES = ("perception_node", "demo_camera", "demo_listener", "demo")
 # what survives into the subprocesses' minimal environment
 KEPT_ENVIRONMENT = (
-    "HOME", "LANG", "LC_ALL", "TMPDIR", "USER",
-    "ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "USER",
+    "ROS_DOMAIN_ID",
+    "ROS_AUTOMATIC_DISCOVERY_RANGE",
 )
 
 
@@ -36,11 +41,7 @@ def _version() -> str:
 
 def _clean_env(**extra: str) -> dict[str, str]:
     """A minimal environment, as a fresh shell would have it (no PYTHONPATH to the sources under test)."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key in KEPT_ENVIRONMENT
-    }
+    env = {key: value for key, value in os.environ.items() if key in KEPT_ENVIRONMENT}
     env["PATH"] = os.pathsep.join([str(VENV / "bin"), "/usr/local/bin", "/usr/bin", "/bin"])
     env.update(extra)
     return env

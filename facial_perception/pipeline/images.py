@@ -200,8 +200,13 @@ def _format_family(fmt: str) -> str:
     text = (fmt or "").lower()
     if "compresseddepth" in text:
         return "compresseddepth"
-    for family, words in (("jpeg", ("jpeg", "jpg")), ("png", ("png",)), ("webp", ("webp",)),
-                          ("bmp", ("bmp",)), ("tiff", ("tiff", "tif"))):
+    for family, words in (
+        ("jpeg", ("jpeg", "jpg")),
+        ("png", ("png",)),
+        ("webp", ("webp",)),
+        ("bmp", ("bmp",)),
+        ("tiff", ("tiff", "tif")),
+    ):
         if any(word in text for word in words):
             return family
     return ""
@@ -274,8 +279,11 @@ def encode_compressed(rgb: np.ndarray, format: str = "jpeg", *, quality: int = 9
             f"encode_compressed needs a non-empty RGB uint8 image, got {rgb.dtype} {rgb.shape}"
         )
     params = [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)] if family == "jpeg" else []
-    ok, out = cv2.imencode("." + {"jpeg": "jpg", "tiff": "tif"}.get(family, family),
-                           cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), params)
+    ok, out = cv2.imencode(
+        "." + {"jpeg": "jpg", "tiff": "tif"}.get(family, family),
+        cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
+        params,
+    )
     if not ok:
         raise ImageDecodeError(f"OpenCV could not encode the image as {family}")
     return out.tobytes()

@@ -47,9 +47,7 @@ class PredictionSmoother:
         probs = np.asarray(probabilities, dtype=np.float64).reshape(-1)
         key_labels = tuple(str(label) for label in labels)
         if probs.size != len(key_labels) or probs.size == 0:
-            raise SmootherError(
-                f"task {task!r}: {probs.size} probabilities for {len(key_labels)} labels"
-            )
+            raise SmootherError(f"task {task!r}: {probs.size} probabilities for {len(key_labels)} labels")
         if not np.all(np.isfinite(probs)):
             raise SmootherError(f"task {task!r}: probabilities contain NaN or infinity")
         key = (int(track_id), str(task))

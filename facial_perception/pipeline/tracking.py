@@ -170,8 +170,13 @@ class FaceTracker:
             if c in matched_dets:
                 continue
             survivors.append(
-                Track(track_id=self._next_id, box=np.asarray(det.box, dtype=np.float32).copy(),
-                      score=float(det.score), keypoints=det.keypoints, detection_index=c)
+                Track(
+                    track_id=self._next_id,
+                    box=np.asarray(det.box, dtype=np.float32).copy(),
+                    score=float(det.score),
+                    keypoints=det.keypoints,
+                    detection_index=c,
+                )
             )
             self._next_id += 1
         self._tracks = survivors
