@@ -704,3 +704,68 @@ def test_split_writes_deterministic_disjoint_stratified_folders(data, tmp_path, 
     assert main(["split", "--data", str(data["utkface"]), "--out", str(first)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in (first / "val").iterdir()) == names["val"]
+
+
+def test_train_task_init_from_fine_tunes_a_copy_and_leaves_the_source(data, gender_model, capsys):
+    source = load_model(gender_model)[0].columns["gender"].state_dict()
+    args = [
+        "train-task",
+        "--checkpoint",
+        str(gender_model),
+        "--data",
+        str(data["utkface"]),
+        "--target",
+        "gender",
+    ]
+    args += ["--seed", "5"]  # the source was trained with seed 0: a fresh layer starts elsewhere
+    trained = {k: v for k, v in source.items() if "running_" not in k and "num_batches" not in k}
+    # a learning rate too small to move a weight: the new column must be the source, layer for layer
+    out = data["tmp"] / "fine_tuned.safetensors"
+    assert main([*args, "--task", "gender_site", "--init-from", "gender", "--lr", "1e-12",
+                 *_one_epoch_into(out)]) == 0  # fmt: skip
+    model, meta = load_model(out)
+    assert model.task_names == ["gender", "gender_site"] and model.specs["gender_site"].laterals == []
+    record = meta["training"]["gender_site"]
+    assert record["init_from"] == "gender" and 0.0 <= record["val_acc_before"] <= 1.0
+    copy = model.columns["gender_site"].state_dict()
+    assert all(torch.allclose(copy[k], v, atol=1e-6) for k, v in trained.items())
+    assert all(torch.equal(model.columns["gender"].state_dict()[k], v) for k, v in source.items())
+    # the same classes in another order get a fresh output layer; every other layer is copied
+    out2 = data["tmp"] / "fine_tuned_relabelled.safetensors"
+    assert main([*args, "--task", "gender_swapped", "--labels", "female", "male", "--init-from", "gender",
+                 "--lr", "1e-12", *_one_epoch_into(out2)]) == 0  # fmt: skip
+    swapped = load_model(out2)[0].columns["gender_swapped"].state_dict()
+    assert not torch.allclose(swapped["out.weight"], source["out.weight"], atol=1e-3)
+    body = {k: v for k, v in trained.items() if not k.startswith("out.")}
+    assert all(torch.allclose(swapped[k], v, atol=1e-6) for k, v in body.items())
+    # without --init-from the same run starts elsewhere
+    out3 = data["tmp"] / "from_scratch.safetensors"
+    assert main([*args, "--task", "gender_new", "--lr", "1e-12", *_one_epoch_into(out3)]) == 0
+    scratch = load_model(out3)[0].columns["gender_new"].state_dict()
+    assert not torch.allclose(scratch["convs.0.weight"], source["convs.0.weight"], atol=1e-3)
+    # mistakes: one line, exit 2, nothing written
+    bad = data["tmp"] / "never_written.safetensors"
+    assert main([*args, "--task", "x", "--init-from", "nose", *_one_epoch_into(bad)]) == 2
+    assert "--init-from: no column 'nose'" in _one_line_error(capsys)
+    assert main([*args, "--task", "x", "--init-from", "gender", "--laterals", "gender",
+                 *_one_epoch_into(bad)]) == 2  # fmt: skip
+    assert "needs its lateral sources []" in _one_line_error(capsys)
+    assert not bad.exists()
+
+
+def test_fine_tuning_keeps_the_starting_weights_when_no_epoch_beats_them(data, capsys):
+    """The shipped gender column on real faces, then a learning rate that wrecks every epoch."""
+    shipped = REPO / "facial_perception" / "models" / "default.safetensors"
+    source = load_model(shipped)[0]
+    out = data["tmp"] / "wrecked.safetensors"
+    args = ["train-task", "--checkpoint", str(shipped), "--task", "gender_site", "--target", "gender"]
+    args += ["--data", str(data["utkface"]), "--init-from", "gender", "--lr", "50", "--epochs", "2"]
+    assert main([*args, "--val-fraction", "0.3", "--out", str(out), *TINY]) == 0
+    model, meta = load_model(out)
+    record = meta["training"]["gender_site"]
+    assert record["val_acc_before"] >= 0.7  # the shipped column, on faces it was trained for
+    assert record["best_epoch"] == 0 and record["best_val_acc"] == record["val_acc_before"]
+    assert model.specs["gender_site"].laterals == source.specs["gender"].laterals == ["emotion"]
+    start = source.columns["gender"].members[0].state_dict()  # an ensemble: its first member
+    kept = model.columns["gender_site"].state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in start.items())

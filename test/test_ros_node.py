@@ -405,6 +405,10 @@ def test_bad_service_requests_change_nothing(harness, tmp_path, shared_datasets)
             "not among the requested": dict(name="smile", labels=["happy", "sad"], dataset_path=ds),
             "have no images": dict(name="smile", labels=["male", "female", "other"], dataset_path=ds),
             "must match": dict(name="Bad Name", labels=["male", "female"], dataset_path=ds),
+            "no column 'nose' to start from": dict(name="smile", labels=["male", "female"], dataset_path=ds,
+                                                   init_from="nose"),
+            "keeps its lateral sources": dict(name="smile", labels=["male", "female"], dataset_path=ds,
+                                              init_from="gender", lateral_sources=["identity"]),
         }  # fmt: skip
         for why, fields in bad_goals.items():
             goal = AddTaskColumn.Goal(**fields)
@@ -485,20 +489,21 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
         assert live.success, live.message
         assert live.samples_used == 3
 
-        # add a column in the background; feedback arrives; the hot swap shows in the output
+        # add a column in the background, fine-tuned from the gender column (so it keeps that column's
+        # lateral sources); feedback arrives; the hot swap shows in the output
         client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
         assert client.wait_for_server(timeout_sec=30.0)
         goal = AddTaskColumn.Goal(
-            name="utk_gender",
-            labels=["male", "female"],
-            dataset_path=str(dataset),
-            lateral_sources=["gender"],
-            epochs=2,
+            name="utk_gender", labels=["male", "female"], dataset_path=str(dataset), epochs=2
         )
+        goal.init_from = "gender"
         result, feedback = _run_goal(client, goal, timeout=120.0)
         assert result.success, result.message + "\n" + node.log_text()[-2000:]
-        assert result.task.name == "utk_gender" and list(result.task.laterals) == ["gender"]
-        assert 0.0 <= result.val_accuracy <= 1.0
+        listed = harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
+        gender_sources = next(t.laterals for t in listed if t.name == "gender")
+        assert result.task.name == "utk_gender" and list(result.task.laterals) == list(gender_sources)
+        # it starts as the trained gender column on real faces, and keeps no epoch worse than that start
+        assert result.val_accuracy >= 0.6
         assert feedback and any(f.state == "running" for f in feedback)
         assert max(f.epoch for f in feedback) == 2
         harness.faces.clear()

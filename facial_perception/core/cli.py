@@ -369,6 +369,10 @@ def cmd_train_task(args: argparse.Namespace) -> int:
     _check_exists(args.data)
     _check_exists(args.val_data)
     model = _load_base(args)
+    if args.init_from is not None and args.init_from not in model.specs:
+        raise CLIError(
+            f"--init-from: no column {args.init_from!r} in the checkpoint (columns: {model.task_names})"
+        )
     size = model.config.input_size
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}_{args.task}_work"
@@ -393,9 +397,12 @@ def cmd_train_task(args: argparse.Namespace) -> int:
         kind = args.kind or (
             "identity" if args.task.startswith("identity") or args.layout == "identity" else None
         )
-        spec = TaskSpec(
-            args.task, train.label_names or [], list(args.laterals or []), kind or "classification"
-        )
+        laterals = args.laterals
+        if args.init_from in model.specs:  # fine-tuning keeps the source's inputs and kind
+            source = model.specs[args.init_from]
+            laterals = source.laterals if laterals is None else laterals
+            kind = kind or source.kind
+        spec = TaskSpec(args.task, train.label_names or [], list(laterals or []), kind or "classification")
         _say_sizes(args, args.task, train, val)
         result = train_column(
             model,
@@ -409,6 +416,7 @@ def cmd_train_task(args: argparse.Namespace) -> int:
             balance_by=args.balance_by,
             ema_decay=args.ema,
             augmented_views=args.augmented_views,
+            init_from=args.init_from,
             cache_dir=args.feature_cache,
             workers=args.workers if args.loader_workers else 0,
             checkpoint_path=out,
@@ -958,7 +966,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="FER+ / FER2013 split folder name (e.g. FER2013Train)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="label names/order (default: the dataset's)")
     p.add_argument(
-        "--laterals", nargs="*", metavar="COLUMN", default=[], help="existing columns to connect from"
+        "--laterals",
+        nargs="*",
+        metavar="COLUMN",
+        help="existing columns to connect from (default: none, or those of --init-from's column)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="COLUMN",
+        help="fine-tune: start from this existing column's weights (it stays frozen and unchanged)",
     )
     p.add_argument("--kind", choices=["classification", "identity"], help="default: identity for identity*")
     p.add_argument("--val-data", metavar="PATH", help="separate validation dataset (else --val-fraction)")

@@ -36,6 +36,7 @@ from torch import nn
 from facial_perception.core import distributed as fdist
 from facial_perception.core.features import FeatureSet, cached_features, images_to_tensor
 from facial_perception.core.preprocess import Augment, normalise_tensor
+from facial_perception.core.progressive import column_members
 
 PathLike = str | os.PathLike[str]
 ProgressCallback = Callable[[int, int, float, float], None]
@@ -463,6 +464,46 @@ def prepare_column(model: nn.Module, spec: Any, train_encoder: bool, allow_exist
         model.freeze("encoder")
 
 
+def init_column_from(model: nn.Module, task: str, source: str) -> list[str]:
+    """Start column ``task`` from the weights of column ``source`` (fine-tuning); returns what stays new.
+
+    Why: a column that already solves a related task (the shipped emotion column, for a robot's own
+    users and light) starts near a good answer, so few labels and epochs adapt it. The source stays
+    frozen and unchanged, so the tasks that use it keep their answers. Both columns must have the same
+    lateral sources; every layer is copied, the output layer (and the lateral into it) only when the
+    label lists are the same: other labels get a fresh output layer. From an ensemble, its first member
+    (the one that feeds later columns' laterals) is copied.
+    """
+    if source == task:
+        raise TrainingError(f"column {task!r} cannot start from itself")
+    if source not in model.columns:
+        raise TrainingError(f"no column {source!r} to start {task!r} from (columns: {model.task_names})")
+    target_spec, source_spec = model.specs[task], model.specs[source]
+    if list(target_spec.laterals) != list(source_spec.laterals):
+        raise TrainingError(
+            f"column {task!r} starts from {source!r}, so it needs its lateral sources "
+            f"{list(source_spec.laterals)}, not {list(target_spec.laterals)}"
+        )
+    target = model.columns[task]
+    weights = column_members(model.columns[source])[0].state_dict()
+    same_labels = list(target_spec.labels) == list(source_spec.labels)
+    head = (f"laterals.{len(target.convs) + 1}.", "out.")
+    fresh: list[str] = []
+    copied: dict[str, torch.Tensor] = {}
+    for key, value in target.state_dict().items():
+        source_value = weights.get(key)
+        if (
+            source_value is None
+            or source_value.shape != value.shape
+            or (not same_labels and key.startswith(head))
+        ):
+            fresh.append(key)
+        else:
+            copied[key] = source_value
+    target.load_state_dict(copied, strict=False)
+    return fresh
+
+
 class _Inputs:
     """Batches of model inputs from cached features or raw images, with cheap augmentation."""
 
@@ -572,6 +613,7 @@ def train_column(
     weight_decay: float = 0.0,
     ema_decay: float | None = None,
     augmented_views: int = 0,
+    init_from: str | None = None,
     device: str | torch.device = "auto",
     seed: int = 0,
     resume: bool = True,
@@ -605,6 +647,9 @@ def train_column(
       validation, the best epoch and the saved column use the average. Why: the plain column's
       validation accuracy jumps by a point between epochs, the average's curve is smooth, so the best
       epoch is less a lucky pick (on the shipped encoder it did not raise the best accuracy).
+    - ``init_from`` (fine-tuning): the new column starts from that column's weights
+      (:func:`init_column_from`) and its validation accuracy before the first epoch is the first to beat:
+      if no epoch beats it, the starting weights are saved ("best epoch 0").
     - Files in ``out_dir``: ``<task>_log.csv``, ``<task>_state.pt`` (resume), and at the end
       ``<task>_curves.png``, ``<task>_confusion.png`` and the checkpoint (``checkpoint_path``,
       default ``out_dir/<task>.safetensors``; skipped with ``save_checkpoint=False``).
@@ -624,6 +669,11 @@ def train_column(
     saved = load_state(state_path, "column") if resume and state_path.is_file() else None
     if saved is not None:
         _check_resume(saved, spec, train_encoder, state_path)
+        if saved.get("init_from") != init_from:
+            raise TrainingError(
+                f"cannot resume from {state_path}: it started from column {saved.get('init_from')!r}, "
+                f"not {init_from!r}"
+            )
 
     train = as_column_data(train_data, model.config.input_size, workers, progress and ctx.is_main)
     val = as_column_data(val_data, model.config.input_size, workers, progress and ctx.is_main)
@@ -649,6 +699,11 @@ def train_column(
 
     seed_everything(seed)
     prepare_column(model, spec, train_encoder, allow_existing=saved is not None)
+    if init_from is not None and saved is None:  # a resumed run loads its own weights below
+        fresh = init_column_from(model, task, init_from)
+        if ctx.is_main and progress:
+            kept = "all layers" if not fresh else "all layers but the output layer"
+            print(f"{task}: starts from column {init_from!r} ({kept})")
     model.to(dev)
     # Every rank must run the same frozen parts (and features); DDP itself only syncs the trainable view.
     fdist.broadcast_parameters(model, ctx)
@@ -698,6 +753,7 @@ def train_column(
     best = {"epoch": 0, "val_acc": -math.inf, "val_loss": math.inf}
     best_state = _trainable_state(model, task, train_encoder)
     bad_epochs, start_epoch = 0, 0
+    best_before: float | None = None  # fine-tuning: validation accuracy of the starting weights
     if saved is not None:
         if (saved.get("ema") is None) != (averaged is None) or (
             averaged is not None and saved.get("ema_decay") != ema_decay
@@ -713,8 +769,21 @@ def train_column(
         scheduler.load_state_dict(saved["scheduler"])
         history, best, best_state = list(saved["history"]), dict(saved["best"]), dict(saved["best_state"])
         bad_epochs, start_epoch = int(saved["bad_epochs"]), int(saved["epoch"])
+        best_before = saved.get("val_acc_before")
         if ctx.is_main and progress:
             print(f"resuming {task} from epoch {start_epoch} ({state_path})")
+    elif init_from is not None:  # fine-tuning: the starting weights are the first best, at epoch 0
+        model.eval()
+        logits, labels = predict_logits(view, val_in, fdist.shard(len(val), ctx), eval_batch_size)
+        vloss = float(F.cross_entropy(logits, labels, reduction="sum")) if len(labels) else 0.0
+        vcorrect = float((logits.argmax(1) == labels).sum()) if len(labels) else 0.0
+        totals = ctx.all_reduce_sum([vloss, vcorrect, float(len(labels))])
+        best = {"epoch": 0, "val_acc": totals[1] / totals[2], "val_loss": totals[0] / totals[2]}
+        best_before = float(best["val_acc"])
+        if ctx.is_main and progress:
+            print(
+                f"{task} before fine-tuning: val loss {best['val_loss']:.4f} acc {100 * best['val_acc']:.1f}%"
+            )
 
     files = {"log": str(out / f"{task}_log.csv"), "state": str(state_path)}
     stopped_early = cancelled = False
@@ -808,6 +877,8 @@ def train_column(
                     "world_size": ctx.world_size,
                     "ema_decay": ema_decay,
                     "ema": averaged.state_dict() if averaged is not None else None,
+                    "init_from": init_from,
+                    "val_acc_before": best_before,
                 },
                 optimizer,
                 scheduler,
@@ -845,7 +916,8 @@ def train_column(
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience_lr": patience_lr,
             "early_stopping": early_stopping, "train_encoder": bool(train_encoder), "augment": bool(augment),
             "soft_targets": bool(soft_targets), "balance_by": list(balance_by), "seed": seed,
-            "ema_decay": ema_decay, "augmented_views": augmented_views,
+            "ema_decay": ema_decay, "augmented_views": augmented_views, "init_from": init_from,
+            "val_acc_before": best_before,
             "world_size": ctx.world_size,
             "train_samples": len(train), "val_samples": len(val),
         })  # fmt: skip

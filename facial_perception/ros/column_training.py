@@ -65,6 +65,7 @@ class ColumnRequest:
     dataset_path: str
     lateral_sources: list[str] = field(default_factory=list)
     epochs: int = 0
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,22 @@ class ColumnTrainer:
             )
         if int(request.epochs) < 0 or int(request.epochs) > 1000:
             raise ColumnRequestError(f"epochs must be in 0..1000 (0 = default), got {request.epochs}")
+        laterals, kind = list(request.lateral_sources), "classification"
+        source = str(request.init_from).strip()
+        if source:  # fine-tuning: the new column has the source's inputs, kind and layout
+            if source not in model.specs:
+                raise ColumnRequestError(
+                    f"init_from: no column {source!r} to start from (columns: {model.task_names})"
+                )
+            kind = model.specs[source].kind
+            wanted = list(model.specs[source].laterals)
+            if laterals and laterals != wanted:
+                raise ColumnRequestError(
+                    f"a column started from {source!r} keeps its lateral sources {wanted}, not {laterals}"
+                )
+            laterals = wanted
         try:
-            spec = TaskSpec(name, labels, list(request.lateral_sources))
+            spec = TaskSpec(name, labels, laterals, kind)
         except ModelError as exc:
             raise ColumnRequestError(str(exc)) from None
         dataset = self._open_dataset(request.dataset_path, spec, model.config.input_size)
@@ -209,7 +224,7 @@ class ColumnTrainer:
         self._set(message=f"loading {len(dataset)} images")
         self._thread = threading.Thread(
             target=self._run,
-            args=(spec, dataset, epochs, model, on_success),
+            args=(spec, dataset, epochs, model, on_success, str(request.init_from).strip() or None),
             name=f"train-{spec.name}",
             daemon=True,
         )
@@ -242,6 +257,7 @@ class ColumnTrainer:
         epochs: int,
         model: ProgressiveNet,
         on_success: Callable[[ProgressiveNet, TaskSpec, TrainingState], None],
+        init_from: str | None = None,
     ) -> None:
         work_dir = self.columns_dir / "training" / spec.name
         try:
@@ -273,6 +289,7 @@ class ColumnTrainer:
                 epochs=epochs,
                 batch_size=self.batch_size,
                 early_stopping=None,
+                init_from=init_from,
                 device=self.device,
                 resume=False,
                 workers=0,
@@ -326,4 +343,5 @@ def describe_request(request: ColumnRequest) -> str:
     return (
         f"add column {request.name!r} labels={list(request.labels)} dataset={request.dataset_path} "
         f"laterals={list(sources)} epochs={request.epochs or 'default'}"
+        + (f" init_from={request.init_from!r}" if str(request.init_from).strip() else "")
     )

@@ -1076,6 +1076,7 @@ class PerceptionNode(LifecycleNode):
             dataset_path=goal.dataset_path,
             lateral_sources=list(goal.lateral_sources),
             epochs=int(goal.epochs),
+            init_from=goal.init_from,
         )
         result = AddTaskColumn.Result()
         self.get_logger().info(describe_request(request))
