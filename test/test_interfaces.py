@@ -114,6 +114,7 @@ ACTIONS: dict[str, dict[str, dict[str, str]]] = {
             "dataset_path": "string",
             "lateral_sources": "sequence<string>",
             "epochs": "uint32",
+            "init_from": "string",
         },
         "result": {
             "success": "boolean",
@@ -234,6 +235,7 @@ def test_action_and_service_round_trips() -> None:
     goal = fp_action.AddTaskColumn.Goal(
         name="glasses", labels=["no", "yes"], dataset_path="/data/g", lateral_sources=["emotion"], epochs=5
     )
+    goal.init_from = "gender"
     assert deserialize_message(serialize_message(goal), fp_action.AddTaskColumn.Goal) == goal
 
     request = fp_srv.EnrolIdentity.Request(name="ada", num_frames=5, track_id=0, image_paths=["a.jpg"])
