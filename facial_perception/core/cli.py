@@ -398,7 +398,7 @@ def cmd_train_task(args: argparse.Namespace) -> int:
             "identity" if args.task.startswith("identity") or args.layout == "identity" else None
         )
         laterals = args.laterals
-        if args.init_from in model.specs:  # fine-tuning keeps the source's inputs and kind
+        if args.init_from is not None:  # fine-tuning keeps the source's inputs and kind (checked above)
             source = model.specs[args.init_from]
             laterals = source.laterals if laterals is None else laterals
             kind = kind or source.kind

@@ -65,7 +65,10 @@ class ColumnRequest:
     dataset_path: str
     lateral_sources: list[str] = field(default_factory=list)
     epochs: int = 0
-    init_from: str = ""
+    init_from: str = ""  # fine-tune from this column ("" = a fresh column)
+
+    def __post_init__(self) -> None:
+        self.init_from = str(self.init_from).strip()
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class ColumnTrainer:
         if int(request.epochs) < 0 or int(request.epochs) > 1000:
             raise ColumnRequestError(f"epochs must be in 0..1000 (0 = default), got {request.epochs}")
         laterals, kind = list(request.lateral_sources), "classification"
-        source = str(request.init_from).strip()
+        source = request.init_from
         if source:  # fine-tuning: the new column has the source's inputs, kind and layout
             if source not in model.specs:
                 raise ColumnRequestError(
@@ -224,7 +227,7 @@ class ColumnTrainer:
         self._set(message=f"loading {len(dataset)} images")
         self._thread = threading.Thread(
             target=self._run,
-            args=(spec, dataset, epochs, model, on_success, str(request.init_from).strip() or None),
+            args=(spec, dataset, epochs, model, on_success, request.init_from or None),
             name=f"train-{spec.name}",
             daemon=True,
         )
@@ -343,5 +346,5 @@ def describe_request(request: ColumnRequest) -> str:
     return (
         f"add column {request.name!r} labels={list(request.labels)} dataset={request.dataset_path} "
         f"laterals={list(sources)} epochs={request.epochs or 'default'}"
-        + (f" init_from={request.init_from!r}" if str(request.init_from).strip() else "")
+        + (f" init_from={request.init_from!r}" if request.init_from else "")
     )
