@@ -66,29 +66,42 @@ ENV
 # AMENT_PREFIX_PATH=venv lets rosidl find its typesupports; Python3_EXECUTABLE pins the venv interpreter (the
 # generated C extensions are built for it); prefix=venv makes `import facial_perception.msg` work without any
 # extra environment. The build and the install are incremental, so a re-run with nothing changed takes seconds.
-if [ -f "$REPO/CMakeLists.txt" ]; then
-  BUILD="$VENV/build/facial_perception"
-  mkdir -p "$BUILD"
+cmake_install() {  # cmake_install NAME SOURCE_DIR: configure (once), build and install one CMake package into the venv
+  local name=$1 src=$2 build="$VENV/build/$1"
+  mkdir -p "$build"
   ( set +u; . "$VENV/bin/ros_env.sh"
-    if [ ! -f "$BUILD/CMakeCache.txt" ]; then
-      log "configuring the package (CMake; the first build takes a minute or two)"
-      if ! cmake -S "$REPO" -B "$BUILD" -DCMAKE_INSTALL_PREFIX="$VENV" -DPython3_EXECUTABLE="$VENV/bin/python" \
-          -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release > "$BUILD.configure.log" 2>&1; then
-        tail -40 "$BUILD.configure.log" >&2
-        rm -f "$BUILD/CMakeCache.txt"   # a failed configure must not be mistaken for a done one next time
-        echo "setup: CMake configure failed (full log: $BUILD.configure.log)" >&2; exit 1
+    if [ ! -f "$build/CMakeCache.txt" ]; then
+      log "configuring $name (CMake; the first build takes a minute or two)"
+      if ! cmake -S "$src" -B "$build" -DCMAKE_INSTALL_PREFIX="$VENV" -DPython3_EXECUTABLE="$VENV/bin/python" \
+          -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release > "$build.configure.log" 2>&1; then
+        tail -40 "$build.configure.log" >&2
+        rm -f "$build/CMakeCache.txt"   # a failed configure must not be mistaken for a done one next time
+        echo "setup: CMake configure of $name failed (full log: $build.configure.log)" >&2; exit 1
       fi
     fi
-    cmake --build "$BUILD" -j"$(nproc)" > "$BUILD.build.log" 2>&1 \
-      || { tail -40 "$BUILD.build.log" >&2; echo "setup: build failed (log: $BUILD.build.log)" >&2; exit 1; }
-    cmake --install "$BUILD" > "$BUILD.install.log" 2>&1 \
-      || { tail -40 "$BUILD.install.log" >&2; echo "setup: install failed (log: $BUILD.install.log)" >&2; exit 1; }
+    cmake --build "$build" -j"$(nproc)" > "$build.build.log" 2>&1 \
+      || { tail -40 "$build.build.log" >&2; echo "setup: build of $name failed (log: $build.build.log)" >&2; exit 1; }
+    cmake --install "$build" > "$build.install.log" 2>&1 \
+      || { tail -40 "$build.install.log" >&2; echo "setup: install of $name failed (log: $build.install.log)" >&2; exit 1; }
   )
+}
+if [ -f "$REPO/CMakeLists.txt" ]; then
+  cmake_install facial_perception "$REPO"
   # the generated interfaces import from the venv alone, and combine with the sources on PYTHONPATH
   "$VENV/bin/python" -c 'from facial_perception.msg import FaceArray; from facial_perception.srv import ListTasks; from facial_perception.action import AddTaskColumn' \
-    || { echo "setup: the installed interfaces do not import (see $BUILD.install.log)" >&2; exit 1; }
+    || { echo "setup: the installed interfaces do not import (see $VENV/build/facial_perception.install.log)" >&2; exit 1; }
   ( cd "$REPO" && PYTHONPATH="$REPO" "$VENV/bin/python" -c 'import facial_perception.msg, facial_perception.core' ) \
     || { echo "setup: facial_perception.msg does not import beside the sources on PYTHONPATH" >&2; exit 1; }
   log "package built and installed into $VENV"
+fi
+
+# ---- 5. hri_msgs for the ROS4HRI bridge: no PyPI wheel exists, so the REP-155 subset in third_party/ is built ----
+# (a robot installs ros-$ROS_DISTRO-hri-msgs instead; an importable hri_msgs, or one built before, is kept)
+if [ -d "$REPO/third_party/hri_msgs" ] && { [ -f "$VENV/build/hri_msgs/CMakeCache.txt" ] \
+    || ! ( set +u; . "$VENV/bin/ros_env.sh"; python -c 'import hri_msgs.msg' ) 2>/dev/null; }; then
+  cmake_install hri_msgs "$REPO/third_party/hri_msgs"
+  "$VENV/bin/python" -c 'from hri_msgs.msg import IdsList, IdsMatch, NormalizedRegionOfInterest2D, SoftBiometrics, Expression' \
+    || { echo "setup: the built hri_msgs does not import (see $VENV/build/hri_msgs.install.log)" >&2; exit 1; }
+  log "hri_msgs (REP-155 subset) built and installed into $VENV"
 fi
 log "done; activate with: source $VENV/bin/ros_env.sh"

@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)
 PACKAGE = "facial_perception"
-ROS_EXECUTABLES = ("perception_node", "demo_camera", "demo_listener", "demo")
+ROS_EXECUTABLES = ("perception_node", "demo_camera", "demo_listener", "demo", "hri_bridge")
 # what survives into the subprocesses' minimal environment
 KEPT_ENVIRONMENT = (
     "HOME",
@@ -148,6 +148,8 @@ def test_colcon_build_of_a_workspace(tmp_path: Path) -> None:
     )  # fmt: skip
     assert build.returncode == 0, (build.stdout + build.stderr)[-4000:]
     assert f"Finished <<< {PACKAGE}" in build.stdout
+    # third_party/hri_msgs (COLCON_IGNORE) is not a second package: a robot uses its installed hri_msgs
+    assert "hri_msgs" not in build.stdout and not (workspace / "install" / "hri_msgs").exists()
 
     # colcon chose the ament_cmake build (CMake cache), not setup.py
     assert (workspace / "build" / PACKAGE / "CMakeCache.txt").is_file()
@@ -163,9 +165,9 @@ def test_colcon_build_of_a_workspace(tmp_path: Path) -> None:
     for model in (REPO / PACKAGE / "models").glob("*.safetensors"):
         assert (site / "models" / model.name).is_file(), f"shipped model {model.name} not installed"
     share = prefix / "share" / PACKAGE
-    for name in ("perception.launch.py", "camera_perception.launch.py"):
+    for name in ("perception.launch.py", "camera_perception.launch.py", "hri_bridge.launch.py"):
         assert (share / "launch" / name).is_file()
-    for name in ("perception.yaml", "demo.yaml"):
+    for name in ("perception.yaml", "demo.yaml", "hri_bridge.yaml"):
         assert (share / "config" / name).read_text() == (REPO / "config" / name).read_text()
     assert (share / "package.xml").is_file() and (share / "msg" / "FaceArray.msg").is_file()
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / PACKAGE).is_file()

@@ -1,0 +1,362 @@
+"""ROS4HRI bridge: the perception node's faces republished on the REP-155 ``/humans/...`` topics.
+
+ROS4HRI (REP-155) is the ROS standard for human-robot interaction; nodes such as
+``hri_person_manager``, ``hri_engagement`` or ``rqt_human_radar`` and the ``pyhri``/``libhri``
+client libraries read faces from these topics. This node adapts our ``FaceArray`` to them:
+
+  * ``/humans/faces/tracked``            ``hri_msgs/IdsList``: the ids of the faces in view, every frame
+  * ``/humans/faces/<id>/roi``           ``hri_msgs/NormalizedRegionOfInterest2D`` (c = detector score)
+  * ``/humans/faces/<id>/softbiometrics`` ``hri_msgs/SoftBiometrics``: age in years (the middle of the
+    age group; 60+ -> 65), gender FEMALE/MALE, their confidences
+  * ``/humans/faces/<id>/expression``    ``hri_msgs/Expression``: the emotion column's label in the
+    REP's words (happiness -> happy, ...), its confidence; valence and arousal stay 0 (the column is
+    categorical)
+  * ``/humans/candidate_matches``        ``hri_msgs/IdsMatch``: face id -> person id (the enrolled
+    name, made a valid topic token) with the identity confidence, when a face is recognised or
+    changes person; confidence 0 withdraws the match when the face leaves or becomes unknown
+
+Face ids are short random strings, one per track of the perception node (``deterministic_ids``:
+``f00001``-style, from the track id); per-face publishers are created when a face appears and
+destroyed when it leaves. Cropped and aligned face images are not republished (no images leave
+the perception node unless its debug image is enabled).
+
+It is a lifecycle node (``configure`` checks ``hri_msgs`` and reads the parameters, ``activate``
+subscribes). ``hri_msgs`` comes from ``apt install ros-$ROS_DISTRO-hri-msgs`` on a robot; the
+wheel-based setup builds the subset in ``third_party/hri_msgs``.
+
+    python -m facial_perception.ros.hri_bridge --ros-args -p faces_topic:=/facial_perception/faces
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import string
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.duration import Duration
+from rclpy.exceptions import InvalidTopicNameException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.validate_full_topic_name import validate_full_topic_name
+from std_msgs.msg import Header
+
+from facial_perception.msg import Face, FaceArray
+
+__all__ = [
+    "EXPRESSIONS",
+    "HriBridge",
+    "age_years",
+    "expression_name",
+    "face_id_for_track",
+    "gender_code",
+    "main",
+    "person_id",
+]
+
+#: The emotion column's FER+ labels in REP-155's ``Expression`` words; other labels pass unchanged.
+EXPRESSIONS = {
+    "neutral": "neutral",
+    "happiness": "happy",
+    "surprise": "surprised",
+    "sadness": "sad",
+    "anger": "angry",
+    "disgust": "disgusted",
+    "fear": "scared",
+}
+#: Years reported for an open-ended age group ("60+"): its lower bound plus this.
+OPEN_AGE_GROUP_OFFSET = 5
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_OPEN = re.compile(r"^\s*(\d+)\s*\+\s*$")
+_NOT_TOKEN = re.compile(r"[^0-9A-Za-z_]+")
+# hri_msgs constants, repeated so that the pure helpers below need no hri_msgs import
+_UNDEFINED, _FEMALE, _MALE = 0, 1, 2
+
+
+def age_years(group: str) -> int | None:
+    """Years for an age-group label: the middle of "25-32" (29, rounded up), "60+" -> 65; None otherwise."""
+    if match := _RANGE.match(group):
+        low, high = int(match[1]), int(match[2])
+        return min((low + high + 1) // 2, 255)
+    if match := _OPEN.match(group):
+        return min(int(match[1]) + OPEN_AGE_GROUP_OFFSET, 255)
+    return None
+
+
+def gender_code(label: str) -> int:
+    """``SoftBiometrics.gender`` for a gender label (FEMALE=1, MALE=2, anything else UNDEFINED=0)."""
+    return {"female": _FEMALE, "male": _MALE}.get(label.strip().lower(), _UNDEFINED)
+
+
+def expression_name(label: str) -> str:
+    """REP-155's word for an emotion label (``happiness`` -> ``happy``); unknown labels lower-cased."""
+    name = label.strip().lower()
+    return EXPRESSIONS.get(name, name)
+
+
+def person_id(name: str) -> str:
+    """A persistent person id from an enrolled name, valid in topic names ("Ada Lovelace": Ada_Lovelace)."""
+    token = _NOT_TOKEN.sub("_", name.strip()).strip("_")
+    if not token:
+        return ""
+    return token if token[0].isalpha() else f"p_{token}"
+
+
+def face_id_for_track(track_id: int, deterministic: bool, rng: random.Random) -> str:
+    """A REP-155 face id: ``f00042`` for track 42 (deterministic), else 5 random letters."""
+    if deterministic:
+        return f"f{track_id:05d}"
+    return "".join(rng.choices(string.ascii_lowercase, k=5))
+
+
+def _unit(value: float) -> float:
+    """A confidence or normalised coordinate clamped to [0, 1] (NaN -> 0): bad input never propagates."""
+    return 0.0 if not math.isfinite(value) else min(max(float(value), 0.0), 1.0)
+
+
+@dataclass
+class _TrackedFace:
+    """The publishers of one face in view and the person it was last matched to."""
+
+    face_id: str
+    roi: Any
+    softbiometrics: Any
+    expression: Any
+    person: str = ""
+
+
+class HriBridge(LifecycleNode):
+    """Subscribes to a ``FaceArray`` topic and publishes REP-155 topics (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("hri_bridge", **kwargs)
+
+        def declare(name: str, default: object, description: str) -> None:
+            self.declare_parameter(
+                name, default, ParameterDescriptor(description=description, read_only=True)
+            )
+
+        declare("faces_topic", "/facial_perception/faces", "FaceArray topic of the perception node")
+        declare("humans_namespace", "/humans", "Root of the REP-155 topics")
+        declare("deterministic_ids", False, "Face ids f<track id> (5 digits) instead of random letters")
+        declare(
+            "publish_matches", True, "Publish face -> person matches on <humans_namespace>/candidate_matches"
+        )
+        self._hri: Any = None  # the hri_msgs.msg module, imported at configure
+        self._faces: dict[int, _TrackedFace] = {}
+        self._rng = random.Random()
+        self._subscription: Any = None
+        self._tracked_pub: Any = None
+        self._matches_pub: Any = None
+        self.bad_messages = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            import hri_msgs.msg as hri
+        except ImportError:
+            self.get_logger().error(
+                "hri_msgs is not installed: 'sudo apt install ros-$ROS_DISTRO-hri-msgs' "
+                "(or run scripts/setup.sh, which builds third_party/hri_msgs)"
+            )
+            return TransitionCallbackReturn.FAILURE
+        root = "/" + str(self.get_parameter("humans_namespace").value).strip("/")
+        try:
+            validate_full_topic_name(f"{root}/faces/tracked")
+        except InvalidTopicNameException as exc:
+            self.get_logger().error(f"humans_namespace {root!r} is not a valid topic namespace: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self._hri = hri
+        self._root = root
+        self._deterministic = bool(self.get_parameter("deterministic_ids").value)
+        self._publish_matches = bool(self.get_parameter("publish_matches").value)
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        hri = self._hri
+        depth1 = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)  # as hri_face_detect publishes
+        self._tracked_pub = self.create_publisher(hri.IdsList, f"{self._root}/faces/tracked", depth1)
+        if self._publish_matches:
+            matches_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)  # every match counts
+            self._matches_pub = self.create_publisher(
+                hri.IdsMatch, f"{self._root}/candidate_matches", matches_qos
+            )
+        faces_topic = str(self.get_parameter("faces_topic").value)
+        self._subscription = self.create_subscription(
+            FaceArray,
+            faces_topic,
+            self._on_faces,
+            QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE),
+        )
+        self.get_logger().info(f"republishing {faces_topic} on {self._root}/faces/... (REP-155)")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        self._hri = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _teardown(self) -> None:
+        """Tell listeners that no face is in view any more, then drop every topic."""
+        if self._subscription is not None:
+            self.destroy_subscription(self._subscription)
+            self._subscription = None
+        if self._tracked_pub is not None:
+            for track_id in list(self._faces):
+                self._drop_face(track_id)
+            self._tracked_pub.publish(self._hri.IdsList(header=Header(stamp=self.get_clock().now().to_msg())))
+        for publisher in (self._tracked_pub, self._matches_pub):
+            if publisher is not None:
+                publisher.wait_for_all_acked(Duration(seconds=1))  # the last words reach reliable readers
+                self.destroy_publisher(publisher)
+        self._tracked_pub = self._matches_pub = None
+
+    # -- faces ----------------------------------------------------------------------------------
+    def _on_faces(self, msg: FaceArray) -> None:
+        """One FaceArray -> tracked list, topics of each face, matches; a bad message is logged, skipped."""
+        try:
+            self._republish(msg)
+        except Exception as exc:  # a malformed message must never stop the bridge
+            self.bad_messages += 1
+            self.get_logger().warning(
+                f"skipped a FaceArray that cannot be republished: {type(exc).__name__}: {exc}",
+                throttle_duration_sec=5.0,
+            )
+
+    def _republish(self, msg: FaceArray) -> None:
+        in_view: list[str] = []
+        seen: set[int] = set()
+        for face in msg.faces:
+            if face.track_id in seen:
+                continue  # a track appears once per frame; a duplicate is a malformed message
+            seen.add(face.track_id)
+            tracked = self._faces.get(face.track_id) or self._add_face(face.track_id)
+            self._publish_face(tracked, face, msg.header)
+            in_view.append(tracked.face_id)
+        for track_id in [t for t in self._faces if t not in seen]:
+            self._drop_face(track_id)
+        self._tracked_pub.publish(self._hri.IdsList(header=msg.header, ids=in_view))
+
+    def _add_face(self, track_id: int) -> _TrackedFace:
+        hri = self._hri
+        face_id = face_id_for_track(track_id, self._deterministic, self._rng)
+        while any(f.face_id == face_id for f in self._faces.values()):
+            face_id = face_id_for_track(track_id, False, self._rng)
+        ns = f"{self._root}/faces/{face_id}"
+        depth1 = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+        tracked = _TrackedFace(
+            face_id=face_id,
+            roi=self.create_publisher(hri.NormalizedRegionOfInterest2D, f"{ns}/roi", depth1),
+            softbiometrics=self.create_publisher(hri.SoftBiometrics, f"{ns}/softbiometrics", depth1),
+            expression=self.create_publisher(hri.Expression, f"{ns}/expression", depth1),
+        )
+        self._faces[track_id] = tracked
+        self.get_logger().info(f"new face {face_id} (track {track_id})")
+        return tracked
+
+    def _drop_face(self, track_id: int) -> None:
+        tracked = self._faces.pop(track_id)
+        self._match(tracked, "", 0.0)
+        for publisher in (tracked.roi, tracked.softbiometrics, tracked.expression):
+            self.destroy_publisher(publisher)
+        self.get_logger().info(f"face {tracked.face_id} left (track {track_id})")
+
+    def _publish_face(self, tracked: _TrackedFace, face: Face, header: Header) -> None:
+        hri = self._hri
+        box = face.roi_normalized
+        tracked.roi.publish(
+            hri.NormalizedRegionOfInterest2D(
+                header=header,
+                xmin=_unit(box.x_min),
+                ymin=_unit(box.y_min),
+                xmax=_unit(box.x_max),
+                ymax=_unit(box.y_max),
+                c=_unit(face.detection_score),
+            )
+        )
+        years = age_years(face.age_group)
+        gender = gender_code(face.gender)
+        if years is not None or gender != _UNDEFINED:
+            tracked.softbiometrics.publish(
+                hri.SoftBiometrics(
+                    header=header,
+                    age=years or 0,
+                    age_confidence=_unit(face.age_confidence) if years is not None else 0.0,
+                    gender=gender,
+                    gender_confidence=_unit(face.gender_confidence) if gender != _UNDEFINED else 0.0,
+                )
+            )
+        if face.emotion:
+            tracked.expression.publish(
+                hri.Expression(
+                    header=header,
+                    expression=expression_name(face.emotion),
+                    confidence=_unit(face.emotion_confidence),
+                )
+            )
+        known = face.identity not in ("", "unknown")
+        self._match(tracked, person_id(face.identity) if known else "", _unit(face.identity_confidence))
+
+    def _match(self, tracked: _TrackedFace, person: str, confidence: float) -> None:
+        """Publish a face -> person match when it changes; withdraw the previous one (confidence 0)."""
+        if self._matches_pub is None or person == tracked.person:
+            return
+        hri = self._hri
+        if tracked.person:
+            self._matches_pub.publish(
+                hri.IdsMatch(
+                    id1=tracked.face_id,
+                    id1_type=hri.IdsMatch.FACE,
+                    id2=tracked.person,
+                    id2_type=hri.IdsMatch.PERSON,
+                    confidence=0.0,
+                )
+            )
+        if person:
+            self._matches_pub.publish(
+                hri.IdsMatch(
+                    id1=tracked.face_id,
+                    id1_type=hri.IdsMatch.FACE,
+                    id2=person,
+                    id2_type=hri.IdsMatch.PERSON,
+                    confidence=max(confidence, 1e-3),  # 0 would mean "not associated"
+                )
+            )
+        tracked.person = person
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the bridge until Ctrl-C / SIGTERM (it starts unconfigured; hri_bridge.launch.py activates it)."""
+    rclpy.init(args=list(args) if args is not None else sys.argv)
+    node = HriBridge()
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

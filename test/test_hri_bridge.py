@@ -1,0 +1,391 @@
+"""The ROS4HRI (REP-155) bridge over real DDS: the bridge runs in a child process, this test publishes
+FaceArray messages (or runs the real perception node on real photos) and reads the /humans/... topics.
+
+conftest.py gives the run its own ROS_DOMAIN_ID and LOCALHOST discovery. hri_msgs is the package
+scripts/setup.sh builds from third_party/hri_msgs (or a robot's installed one).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("facial_perception.msg", reason="interfaces not built: run scripts/setup.sh")
+hri = pytest.importorskip("hri_msgs.msg", reason="hri_msgs not built: run scripts/setup.sh")
+
+from facial_perception.msg import Face, FaceArray, NormalizedRoi  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from facial_perception.core.datasets import AGE8_GROUPS, FERPLUS_EMOTIONS, UTK_GENDERS  # noqa: E402
+from facial_perception.ros import hri_bridge  # noqa: E402
+from facial_perception.ros.conversions import rgb_to_image_msg, stamp_to_ns  # noqa: E402
+from facial_perception.ros.demo import (  # noqa: E402
+    DemoError,
+    LifecycleClient,
+    param_args,
+    start_perception_node,
+    stop_process,
+)
+from facial_perception.ros.demo_camera import make_frame  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FACES_TOPIC = "/test_bridge/faces"
+STARTUP_S = 90.0
+RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+
+
+# ------------------------------------------------------------------------------------ the mappings
+def test_every_age_group_maps_to_years_inside_it() -> None:
+    years = [hri_bridge.age_years(group) for group in AGE8_GROUPS]
+    assert years == sorted(years) and len(set(years)) == len(years)
+    for group, age in zip(AGE8_GROUPS, years, strict=True):
+        low, _, high = group.rstrip("+").partition("-")
+        assert int(low) <= age <= (int(high) if high else 255), (group, age)
+    assert hri_bridge.age_years("60+") == 65
+    assert hri_bridge.age_years("25-32") == 29
+    for not_an_age in ("", "unknown", "adult", "32-", "-5"):
+        assert hri_bridge.age_years(not_an_age) is None
+
+
+def test_labels_map_to_the_rep155_constants() -> None:
+    values = [getattr(hri.Expression, n) for n in dir(hri.Expression) if n.isupper()]
+    constants = {value for value in values if isinstance(value, str)}
+    assert {"neutral", "happy", "scared"} <= constants
+    for emotion in FERPLUS_EMOTIONS:
+        name = hri_bridge.expression_name(emotion)
+        # contempt has no REP-155 word: it passes unchanged (the REP allows other expressions)
+        assert name in constants or name == emotion == "contempt", (emotion, name)
+    assert hri_bridge.expression_name(" Happiness ") == "happy"
+    codes = {label: hri_bridge.gender_code(label) for label in UTK_GENDERS}
+    assert codes == {"male": hri.SoftBiometrics.MALE, "female": hri.SoftBiometrics.FEMALE}
+    assert hri_bridge.gender_code("") == hri_bridge.gender_code("x") == hri.SoftBiometrics.UNDEFINED
+
+
+def test_person_ids_are_topic_tokens() -> None:
+    from rclpy.validate_full_topic_name import validate_full_topic_name
+
+    for name, expected in [("Ada Lovelace", "Ada_Lovelace"), ("José-María", "Jos_Mar_a"), ("42", "p_42")]:
+        got = hri_bridge.person_id(name)
+        assert got == expected
+        validate_full_topic_name(f"/humans/persons/{got}/face_id")  # raises if not a valid token
+    assert hri_bridge.person_id("  ") == hri_bridge.person_id("???") == ""
+
+
+def test_parameter_file_lists_exactly_the_declared_parameters() -> None:
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = hri_bridge.HriBridge(context=context)
+        parameters = node.get_parameters_by_prefix("")
+        rcl_own = {"use_sim_time", "start_type_description_service"}  # every rclpy node has these
+        declared = {name: p.value for name, p in parameters.items() if name not in rcl_own}
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+    text = yaml.safe_load((REPO / "config" / "hri_bridge.yaml").read_text())
+    assert text["/**"]["ros__parameters"] == declared
+
+
+# ------------------------------------------------------------------------------------ over DDS
+class Listener:
+    """A test-side node: publishes FaceArray, records every REP-155 message it can subscribe to."""
+
+    def __init__(self) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("hri_test_client", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.lock = threading.Lock()
+        self.received: dict[str, list[Any]] = {}
+        self.faces_pub = self.node.create_publisher(FaceArray, FACES_TOPIC, RELIABLE)
+        self.subscribe(hri.IdsList, "/humans/faces/tracked")
+        self.subscribe(hri.IdsMatch, "/humans/candidate_matches")
+        self.lifecycle = LifecycleClient(self.node, "/hri_bridge")
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def subscribe(self, msg_type: Any, topic: str) -> None:
+        self.received.setdefault(topic, [])
+
+        def record(msg: Any) -> None:
+            with self.lock:
+                self.received[topic].append(msg)
+
+        self.node.create_subscription(msg_type, topic, record, RELIABLE)
+
+    def subscribe_face(self, face_id: str) -> None:
+        root = f"/humans/faces/{face_id}"
+        self.subscribe(hri.NormalizedRegionOfInterest2D, f"{root}/roi")
+        self.subscribe(hri.SoftBiometrics, f"{root}/softbiometrics")
+        self.subscribe(hri.Expression, f"{root}/expression")
+
+    def messages(self, topic: str) -> list[Any]:
+        with self.lock:
+            return list(self.received.get(topic, []))
+
+    def publish_until(self, make: Callable[[Header], FaceArray], done: Callable[[], bool], what: str) -> None:
+        """Publish frames (new stamp each) until ``done()``: a new face's topics need discovery first."""
+        deadline = time.monotonic() + 30.0
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            self.faces_pub.publish(make(Header(stamp=self.node.get_clock().now().to_msg(), frame_id="cam")))
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def start_bridge(log: Path, **params: Any) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "facial_perception.ros.hri_bridge", "--ros-args", *param_args(params)]
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def listener():
+    client = Listener()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _face(track_id: int, identity: str, age: str, gender: str, emotion: str, box: tuple[float, ...]) -> Face:
+    face = Face(track_id=track_id, identity=identity, identity_confidence=0.8, detection_score=0.95)
+    face.roi_normalized = NormalizedRoi(x_min=box[0], y_min=box[1], x_max=box[2], y_max=box[3])
+    face.age_group, face.age_confidence = age, 0.6
+    face.gender, face.gender_confidence = gender, 0.7
+    face.emotion, face.emotion_confidence = emotion, 0.9
+    return face
+
+
+def test_faces_appear_change_person_and_leave_on_the_rep155_topics(listener, tmp_path):
+    log = tmp_path / "bridge.log"
+    process = start_bridge(log, faces_topic=FACES_TOPIC, deterministic_ids=True)
+    try:
+        listener.lifecycle.bring_up(STARTUP_S)
+        wait_until(lambda: listener.faces_pub.get_subscription_count() > 0, 30.0, "the bridge's subscription")
+        ada = _face(7, "Ada Lovelace", "25-32", "female", "happiness", (0.1, 0.2, 0.3, 0.4))
+        stranger = _face(9, "unknown", "60+", "male", "contempt", (0.5, 0.5, 0.9, 1.0))
+        listener.subscribe_face("f00007")
+        listener.subscribe_face("f00009")
+
+        def both(header: Header) -> FaceArray:
+            return FaceArray(header=header, faces=[ada, stranger])
+
+        per_face = [
+            f"/humans/faces/f0000{t}/{k}" for t in (7, 9) for k in ("roi", "softbiometrics", "expression")
+        ]
+        listener.publish_until(
+            both, lambda: all(listener.messages(t) for t in per_face), "both faces' topics"
+        )
+
+        tracked = listener.messages("/humans/faces/tracked")[-1]
+        assert tracked.ids == ["f00007", "f00009"] and tracked.header.frame_id == "cam"
+        roi = listener.messages("/humans/faces/f00007/roi")[-1]
+        assert [roi.xmin, roi.ymin, roi.xmax, roi.ymax] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+        assert roi.c == pytest.approx(0.95)
+        assert stamp_to_ns(roi.header.stamp) > 0 and roi.header.frame_id == "cam"
+        bio = listener.messages("/humans/faces/f00007/softbiometrics")[-1]
+        assert (bio.age, bio.gender) == (29, hri.SoftBiometrics.FEMALE)
+        assert (bio.age_confidence, bio.gender_confidence) == pytest.approx((0.6, 0.7))
+        old = listener.messages("/humans/faces/f00009/softbiometrics")[-1]
+        assert (old.age, old.gender) == (65, hri.SoftBiometrics.MALE)
+        assert listener.messages("/humans/faces/f00007/expression")[-1].expression == hri.Expression.HAPPY
+        assert listener.messages("/humans/faces/f00007/expression")[-1].confidence == pytest.approx(0.9)
+        assert listener.messages("/humans/faces/f00009/expression")[-1].expression == "contempt"
+        # one match, for the enrolled face only, published once however many frames carried it
+        matches = listener.messages("/humans/candidate_matches")
+        assert [(m.id1, m.id1_type, m.id2, m.id2_type) for m in matches] == [
+            ("f00007", hri.IdsMatch.FACE, "Ada_Lovelace", hri.IdsMatch.PERSON)
+        ]
+        assert matches[0].confidence == pytest.approx(0.8)
+
+        # the stranger is recognised as someone else: the old match is not withdrawn (there was none)
+        # and a new one is published; Ada leaves: her match is withdrawn, her topics disappear
+        stranger.identity = "Grace Hopper"
+
+        def only_stranger(header: Header) -> FaceArray:
+            return FaceArray(header=header, faces=[stranger])
+
+        listener.publish_until(
+            only_stranger, lambda: len(listener.messages("/humans/candidate_matches")) >= 3, "the new matches"
+        )
+        changes = [
+            (m.id1, m.id2, round(m.confidence, 2)) for m in listener.messages("/humans/candidate_matches")
+        ]
+        assert sorted(changes[1:]) == [("f00007", "Ada_Lovelace", 0.0), ("f00009", "Grace_Hopper", 0.8)]
+        assert listener.messages("/humans/faces/tracked")[-1].ids == ["f00009"]
+        wait_until(
+            lambda: listener.node.count_publishers("/humans/faces/f00007/roi") == 0, 10.0, "f00007 gone"
+        )
+        assert listener.node.count_publishers("/humans/faces/f00009/roi") == 1
+
+        # malformed content never stops the bridge: NaN, out-of-range values, a duplicate track,
+        # the largest track id, labels of no known column
+        weird = _face(2**64 - 1, "???", "adult", "", "", (math.nan, -3.0, 7.0, math.inf))
+        weird.detection_score = math.nan
+        weird.identity_confidence = math.inf
+
+        def malformed(header: Header) -> FaceArray:
+            return FaceArray(header=header, faces=[stranger, stranger, weird])
+
+        big = "f18446744073709551615"
+        listener.subscribe_face(big)
+        listener.publish_until(
+            malformed, lambda: bool(listener.messages(f"/humans/faces/{big}/roi")), "weird face"
+        )
+        roi = listener.messages(f"/humans/faces/{big}/roi")[-1]
+        assert [roi.xmin, roi.ymin, roi.xmax, roi.ymax, roi.c] == [0.0, 0.0, 1.0, 0.0, 0.0]
+        assert listener.messages("/humans/faces/tracked")[-1].ids == ["f00009", big]
+        time.sleep(0.5)
+        assert (
+            listener.messages(f"/humans/faces/{big}/softbiometrics") == []
+        )  # no age, no gender: nothing said
+        assert listener.messages(f"/humans/faces/{big}/expression") == []
+        assert all(
+            m.id1 != big for m in listener.messages("/humans/candidate_matches")
+        )  # "???": no person id
+
+        # deactivate: an empty tracked list, every match withdrawn, every per-face topic gone
+        listener.lifecycle.change(Transition.TRANSITION_DEACTIVATE)
+        wait_until(
+            lambda: listener.messages("/humans/faces/tracked")[-1].ids == [], 10.0, "empty tracked list"
+        )
+        last = listener.messages("/humans/candidate_matches")[-1]
+        assert (last.id1, last.id2, last.confidence) == ("f00009", "Grace_Hopper", 0.0)
+        wait_until(
+            lambda: listener.node.count_publishers("/humans/faces/f00009/roi") == 0, 10.0, "f00009 gone"
+        )
+        assert process.poll() is None, log.read_text()
+    finally:
+        stop_process(process)
+
+
+def test_random_face_ids_and_a_bad_namespace(listener, tmp_path):
+    log = tmp_path / "bridge.log"
+    process = start_bridge(log, faces_topic=FACES_TOPIC, humans_namespace="/no spaces allowed")
+    try:
+        with pytest.raises(DemoError, match="transition"):
+            listener.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
+        assert listener.lifecycle.state() == "unconfigured" and process.poll() is None
+        assert "is not a valid topic namespace" in log.read_text()
+    finally:
+        stop_process(process)
+
+    process = start_bridge(log, faces_topic=FACES_TOPIC)  # random ids (the default)
+    try:
+        listener.lifecycle.bring_up(STARTUP_S)
+        wait_until(lambda: listener.faces_pub.get_subscription_count() > 0, 30.0, "the bridge's subscription")
+        face = _face(1, "", "8-12", "male", "neutral", (0.1, 0.1, 0.2, 0.2))
+        tracked: list[str] = []
+
+        def got_ids() -> bool:
+            tracked[:] = next(
+                (m.ids for m in reversed(listener.messages("/humans/faces/tracked")) if m.ids), []
+            )
+            return bool(tracked)
+
+        listener.publish_until(lambda h: FaceArray(header=h, faces=[face]), got_ids, "a tracked face")
+        (face_id,) = tracked
+        assert len(face_id) == 5 and face_id.isalpha() and face_id.islower()
+        listener.subscribe_face(face_id)
+        listener.publish_until(
+            lambda h: FaceArray(header=h, faces=[face]),
+            lambda: bool(listener.messages(f"/humans/faces/{face_id}/softbiometrics")),
+            "the random id's topics",
+        )
+        # the id stays with its track from frame to frame
+        assert {tuple(m.ids) for m in listener.messages("/humans/faces/tracked") if m.ids} == {(face_id,)}
+        assert listener.messages("/humans/candidate_matches") == []  # identity disabled (""): no match
+    finally:
+        stop_process(process)
+
+
+def test_the_perception_node_on_real_photos_through_the_bridge(listener, tmp_path):
+    """Camera frame -> perception node -> bridge -> REP-155: what the node said, in REP-155 words."""
+    camera_topic = "/test_bridge/image_raw"
+    perception = start_perception_node(
+        {
+            "image_topic": camera_topic,
+            "image_reliability": "reliable",
+            "device": "cpu",
+            "gallery_path": str(tmp_path / "gallery.db"),
+            "columns_dir": str(tmp_path / "columns"),
+            "smoothing": 0.0,
+        },
+        log_path=tmp_path / "perception.log",
+    )
+    bridge = start_bridge(
+        tmp_path / "bridge.log", faces_topic="/facial_perception/faces", deterministic_ids=True
+    )
+    node_faces: list[FaceArray] = []
+    listener.node.create_subscription(FaceArray, "/facial_perception/faces", node_faces.append, RELIABLE)
+    camera = listener.node.create_publisher(Image, camera_topic, 10)
+    try:
+        LifecycleClient(listener.node).bring_up(STARTUP_S)
+        listener.lifecycle.bring_up(STARTUP_S)
+        frame = make_frame([0, 1])  # the astronaut and Grace Hopper
+        wait_until(
+            lambda: camera.get_subscription_count() > 0, 30.0, "the perception node's camera subscription"
+        )
+
+        def published() -> bool:
+            ids = next((m.ids for m in reversed(listener.messages("/humans/faces/tracked")) if m.ids), [])
+            for face_id in ids:
+                if f"/humans/faces/{face_id}/softbiometrics" not in listener.received:
+                    listener.subscribe_face(face_id)
+            return len(ids) == 2 and all(
+                listener.messages(f"/humans/faces/{i}/softbiometrics")
+                and listener.messages(f"/humans/faces/{i}/roi")
+                for i in ids
+            )
+
+        deadline = time.monotonic() + 60.0
+        while not published():
+            assert time.monotonic() < deadline, (tmp_path / "bridge.log").read_text()[-2000:]
+            camera.publish(rgb_to_image_msg(frame, Header(stamp=listener.node.get_clock().now().to_msg())))
+            time.sleep(0.2)
+        last = node_faces[-1]
+        assert len(last.faces) == 2
+        for face in last.faces:
+            face_id = f"f{face.track_id:05d}"
+            bio = listener.messages(f"/humans/faces/{face_id}/softbiometrics")[-1]
+            assert bio.gender == hri_bridge.gender_code(face.gender) != hri.SoftBiometrics.UNDEFINED
+            assert bio.age == hri_bridge.age_years(face.age_group)
+            roi = listener.messages(f"/humans/faces/{face_id}/roi")[-1]
+            assert roi.xmin == pytest.approx(face.roi_normalized.x_min) and roi.c == pytest.approx(
+                face.detection_score
+            )
+            expression = listener.messages(f"/humans/faces/{face_id}/expression")[-1]
+            assert expression.expression == hri_bridge.expression_name(face.emotion)
+        assert listener.messages("/humans/candidate_matches") == []  # nobody enrolled
+    finally:
+        stop_process(bridge)
+        stop_process(perception)
