@@ -7,6 +7,7 @@ scripts/setup.sh builds from third_party/hri_msgs (or a robot's installed one).
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -389,3 +390,23 @@ def test_the_perception_node_on_real_photos_through_the_bridge(listener, tmp_pat
     finally:
         stop_process(bridge)
         stop_process(perception)
+
+
+def test_benchmark_command_writes_consistent_json_and_table(tmp_path):
+    from facial_perception.ros import hri_bridge_benchmark
+
+    json_path, markdown = tmp_path / "bench.json", tmp_path / "BENCH.md"
+    argv = ["--seconds", "2", "--faces", "1", "4", "--json", str(json_path), "--markdown", str(markdown)]
+    assert hri_bridge_benchmark.main(argv) == 0
+    result = json.loads(json_path.read_text())
+    assert [s["faces"] for s in result["scenes"]] == [1, 4]
+    table = markdown.read_text()
+    for s in result["scenes"]:
+        assert 50 <= s["frames_published"] <= 61  # 2 s at 30 Hz after the warm-up second
+        assert s["frames_republished"] >= 0.9 * s["frames_published"]  # reliable QoS, nothing lost
+        assert 0.0 < s["added_latency_p50_ms"] <= s["added_latency_p99_ms"]
+        row = f"| {s['faces']} | {s['frames_republished']} / {s['frames_published']} | "
+        assert row + f"{s['added_latency_p50_ms']:.2f} ms" in table
+    with pytest.raises(SystemExit) as bad:
+        hri_bridge_benchmark.main(["--rate", "-1"])
+    assert bad.value.code == 2
