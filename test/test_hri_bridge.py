@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from node_params import perception_test_params
 
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("facial_perception.msg", reason="interfaces not built: run scripts/setup.sh")
@@ -26,7 +27,6 @@ hri = pytest.importorskip("hri_msgs.msg", reason="hri_msgs not built: run script
 
 from facial_perception.msg import Face, FaceArray, NormalizedRoi  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
@@ -42,6 +42,7 @@ from facial_perception.ros.demo import (  # noqa: E402
     stop_process,
 )
 from facial_perception.ros.demo_camera import make_frame  # noqa: E402
+from facial_perception.ros.spinning import BackgroundNode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FACES_TOPIC = "/test_bridge/faces"
@@ -102,23 +103,17 @@ def test_parameter_file_lists_exactly_the_declared_parameters() -> None:
 
 
 # ------------------------------------------------------------------------------------ over DDS
-class Listener:
+class Listener(BackgroundNode):
     """A test-side node: publishes FaceArray, records every REP-155 message it can subscribe to."""
 
     def __init__(self) -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("hri_test_client", context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
+        super().__init__("hri_test_client")
         self.lock = threading.Lock()
         self.received: dict[str, list[Any]] = {}
         self.faces_pub = self.node.create_publisher(FaceArray, FACES_TOPIC, RELIABLE)
         self.subscribe(hri.IdsList, "/humans/faces/tracked")
         self.subscribe(hri.IdsMatch, "/humans/candidate_matches")
         self.lifecycle = LifecycleClient(self.node, "/hri_bridge")
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
 
     def subscribe(self, msg_type: Any, topic: str) -> None:
         self.received.setdefault(topic, [])
@@ -148,18 +143,8 @@ class Listener:
             self.faces_pub.publish(make(Header(stamp=self.node.get_clock().now().to_msg(), frame_id="cam")))
             time.sleep(0.1)
 
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
+wait_until = BackgroundNode.wait_until
 
 
 def start_bridge(log: Path, **params: Any) -> subprocess.Popen[bytes]:
@@ -333,15 +318,7 @@ def test_the_perception_node_on_real_photos_through_the_bridge(listener, tmp_pat
     """Camera frame -> perception node -> bridge -> REP-155: what the node said, in REP-155 words."""
     camera_topic = "/test_bridge/image_raw"
     perception = start_perception_node(
-        {
-            "image_topic": camera_topic,
-            "image_reliability": "reliable",
-            "device": "cpu",
-            "gallery_path": str(tmp_path / "gallery.db"),
-            "columns_dir": str(tmp_path / "columns"),
-            "smoothing": 0.0,
-        },
-        log_path=tmp_path / "perception.log",
+        perception_test_params(tmp_path, camera_topic), log_path=tmp_path / "perception.log"
     )
     bridge = start_bridge(
         tmp_path / "bridge.log", faces_topic="/facial_perception/faces", deterministic_ids=True

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from node_params import perception_test_params
 
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("facial_perception.msg", reason="interfaces not built: run scripts/setup.sh")
@@ -29,7 +30,6 @@ from facial_perception.msg import FaceArray  # noqa: E402
 from facial_perception.srv import EnrolIdentity, ForgetIdentity, ListIdentities, ListTasks  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from rclpy.action import ActionClient  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
@@ -37,20 +37,17 @@ from std_msgs.msg import Header  # noqa: E402
 from facial_perception.ros.conversions import rgb_to_compressed_msg, rgb_to_image_msg, stamp_to_ns  # noqa: E402
 from facial_perception.ros.demo import LifecycleClient, start_perception_node, stop_process  # noqa: E402
 from facial_perception.ros.demo_camera import make_frame  # noqa: E402
+from facial_perception.ros.spinning import BackgroundNode  # noqa: E402
 
 TOPIC = "/test_camera/image_raw"
 STARTUP_S = 90.0
 
 
-class Harness:
+class Harness(BackgroundNode):
     """A test-side rclpy node spinning in a background thread, with publishers/clients for the node."""
 
     def __init__(self) -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("fp_test_client", context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
+        super().__init__("fp_test_client")
         self.faces: list[FaceArray] = []
         self._cond = threading.Condition()
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -60,8 +57,6 @@ class Harness:
         self.raw_pub = self.node.create_publisher(Image, TOPIC, 10)
         self.compressed_pub = self.node.create_publisher(CompressedImage, TOPIC + "/compressed", 10)
         self.lifecycle = LifecycleClient(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
 
     def _on_faces(self, msg: FaceArray) -> None:
         with self._cond:
@@ -73,20 +68,7 @@ class Harness:
             self.diagnostics += [s for s in msg.status if "face perception" in s.name]
             self._cond.notify_all()
 
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-
     # -- waiting ------------------------------------------------------------------------------
-    @staticmethod
-    def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-            time.sleep(0.05)
-
     def wait_for_subscriber(self, publisher: Any, timeout: float = 30.0) -> None:
         self.wait_until(
             lambda: publisher.get_subscription_count() > 0, timeout, f"a subscriber on {publisher.topic}"
@@ -145,17 +127,7 @@ class Harness:
 
 
 def _params(tmp: Path, **extra: Any) -> dict[str, Any]:
-    params = {
-        "image_topic": TOPIC,
-        "image_reliability": "reliable",
-        "device": "cpu",
-        "gallery_path": str(tmp / "gallery.db"),
-        "columns_dir": str(tmp / "columns"),
-        "diagnostics_period": 1.0,
-        "smoothing": 0.0,
-    }
-    params.update(extra)
-    return params
+    return perception_test_params(tmp, TOPIC, **extra)
 
 
 class NodeUnderTest:

@@ -42,7 +42,7 @@ import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.duration import Duration
 from rclpy.exceptions import InvalidTopicNameException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -50,6 +50,7 @@ from rclpy.validate_full_topic_name import validate_full_topic_name
 from std_msgs.msg import Header
 
 from facial_perception.msg import Face, FaceArray
+from facial_perception.ros.spinning import spin_until_shutdown
 
 __all__ = [
     "EXPRESSIONS",
@@ -344,18 +345,7 @@ class HriBridge(LifecycleNode):
 def main(args: Sequence[str] | None = None) -> int:
     """Run the bridge until Ctrl-C / SIGTERM (it starts unconfigured; hri_bridge.launch.py activates it)."""
     rclpy.init(args=list(args) if args is not None else sys.argv)
-    node = HriBridge()
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown(timeout_sec=1.0)
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_until_shutdown(HriBridge(), SingleThreadedExecutor())
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Header
 
@@ -37,6 +35,7 @@ from facial_perception.msg import Face, FaceArray, NormalizedRoi
 from facial_perception.ros.conversions import stamp_to_ns
 from facial_perception.ros.demo import REPO, DemoError, LifecycleClient, param_args, stop_process
 from facial_perception.ros.ros_benchmark import ProcessSampler
+from facial_perception.ros.spinning import BackgroundNode
 
 __all__ = ["main", "run", "scene", "write_markdown"]
 
@@ -61,15 +60,13 @@ def scene(faces: int) -> list[Face]:
     return out
 
 
-class _Probe:
+class _Probe(BackgroundNode):
     """Publishes the scenes and records, per frame stamp, when the FaceArray and the tracked list arrived."""
 
     def __init__(self) -> None:
         import hri_msgs.msg as hri
 
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("hri_bridge_benchmark", context=self.context)
+        super().__init__("hri_bridge_benchmark")
         reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         self.publisher = self.node.create_publisher(FaceArray, FACES_TOPIC, reliable)
         self.lock = threading.Lock()
@@ -78,10 +75,6 @@ class _Probe:
         self.node.create_subscription(FaceArray, FACES_TOPIC, self._record(self.faces_at), reliable)
         self.node.create_subscription(hri.IdsList, TRACKED_TOPIC, self._record(self.tracked_at), reliable)
         self.lifecycle = LifecycleClient(self.node, "/hri_bridge")
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
 
     def _record(self, into: dict[int, float]) -> Any:
         def callback(msg: Any) -> None:
@@ -90,11 +83,6 @@ class _Probe:
                 into[stamp_to_ns(msg.header.stamp)] = now
 
         return callback
-
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -114,11 +102,10 @@ def run(seconds: float, rate: float, face_counts: Sequence[int]) -> dict[str, An
     scenes = []
     try:
         probe.lifecycle.bring_up(60.0)
-        deadline = time.monotonic() + 30.0
-        while probe.publisher.get_subscription_count() < 2:  # the bridge and the probe's own subscription
-            if time.monotonic() > deadline:
-                raise DemoError("the bridge did not subscribe within 30 s")
-            time.sleep(0.05)
+        # the bridge's subscription and the probe's own
+        probe.wait_until(
+            lambda: probe.publisher.get_subscription_count() >= 2, 30.0, "the bridge to subscribe"
+        )
         for faces in face_counts:
             sampler = ProcessSampler(bridge.pid)
             faces_list = scene(faces)
@@ -224,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = run(args.seconds, args.rate, args.faces)
-    except DemoError as exc:
+    except (DemoError, TimeoutError) as exc:
         print(f"hri_bridge_benchmark: error: {exc}", file=sys.stderr)
         return 1
     atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")

@@ -44,7 +44,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import Executor, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.parameter import Parameter
@@ -86,6 +86,7 @@ from facial_perception.ros.conversions import (
 )
 from facial_perception.ros.demo_camera import compressed_topic
 from facial_perception.ros.executors import PooledExecutor
+from facial_perception.ros.spinning import spin_until_shutdown
 from facial_perception.srv import EnrolIdentity, ForgetIdentity, GetTrainingStatus, ListIdentities, ListTasks
 
 __all__ = ["NODE_NAME", "LatestFrame", "ModelSource", "PerceptionNode", "main", "select_model"]
@@ -1210,20 +1211,12 @@ def main(args: Sequence[str] | None = None) -> int:
         )
     if kind != "pooled":
         node.get_logger().info(f"executor: {kind} ({EXECUTOR_ENV})")
-    executor = EXECUTORS[kind]()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            node._stop_worker()
-            node._release()
-        executor.shutdown(timeout_sec=1.0)
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+
+    def release() -> None:
+        node._stop_worker()
+        node._release()
+
+    return spin_until_shutdown(node, EXECUTORS[kind](), cleanup=release)
 
 
 if __name__ == "__main__":
