@@ -363,7 +363,7 @@ def test_bad_service_requests_change_nothing(harness, tmp_path, shared_datasets)
             t.name
             for t in harness.call(ListTasks, "/facial_perception/list_tasks", ListTasks.Request()).tasks
         ]
-        client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
+        client = harness.create_action_client(AddTaskColumn, "/facial_perception/add_task_column")
         assert client.wait_for_server(timeout_sec=30.0)
         png = str(_write_png(tmp_path / "one.png", _faces_frame()))
         ds = str(dataset)
@@ -463,7 +463,7 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
 
         # add a column in the background, fine-tuned from the gender column (so it keeps that column's
         # lateral sources); feedback arrives; the hot swap shows in the output
-        client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
+        client = harness.create_action_client(AddTaskColumn, "/facial_perception/add_task_column")
         assert client.wait_for_server(timeout_sec=30.0)
         goal = AddTaskColumn.Goal(
             name="utk_gender", labels=["male", "female"], dataset_path=str(dataset), epochs=2
@@ -585,7 +585,7 @@ def test_ctrl_c_during_training_exits_cleanly(harness, tmp_path, shared_datasets
     try:
         node.up()
         dataset = _tiny_dataset(shared_datasets, tmp_path, per_class=40)
-        client = ActionClient(harness.node, AddTaskColumn, "/facial_perception/add_task_column")
+        client = harness.create_action_client(AddTaskColumn, "/facial_perception/add_task_column")
         assert client.wait_for_server(timeout_sec=30.0)
         feedback = threading.Event()
         goal = AddTaskColumn.Goal(

@@ -7,8 +7,10 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import rclpy
+from rclpy.action import ActionClient
 from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 
@@ -29,8 +31,24 @@ class BackgroundNode:
         self.node = rclpy.create_node(name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
+        self._action_nodes: list[Node] = []
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
         self._thread.start()
+
+    def create_action_client(self, action_type: Any, action_name: str) -> ActionClient:
+        """An action client, on a node of its own that joins the executor once the client is built.
+
+        rclpy's ``ActionClient`` registers itself with its node before it has its lock (rclpy 9.1,
+        ros2/rclpy#1589); an executor spinning that node meanwhile can meet it half-built, raise
+        ``AttributeError: ... '_lock'`` and stop spinning, after which no answer arrives.
+        """
+        node = rclpy.create_node(
+            f"{self.node.get_name()}_action_{len(self._action_nodes)}", context=self.context
+        )
+        client = ActionClient(node, action_type, action_name)
+        self._action_nodes.append(node)
+        self.executor.add_node(node)
+        return client
 
     @staticmethod
     def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -44,6 +62,8 @@ class BackgroundNode:
     def close(self) -> None:
         """Stop spinning, destroy the node, shut the context down."""
         self.executor.shutdown(timeout_sec=2.0)
+        for node in self._action_nodes:
+            node.destroy_node()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
 
