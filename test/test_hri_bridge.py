@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +36,6 @@ from facial_perception.ros.conversions import rgb_to_image_msg, stamp_to_ns  # n
 from facial_perception.ros.demo import (  # noqa: E402
     DemoError,
     LifecycleClient,
-    param_args,
     start_perception_node,
     stop_process,
 )
@@ -148,9 +146,7 @@ wait_until = BackgroundNode.wait_until
 
 
 def start_bridge(log: Path, **params: Any) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "facial_perception.ros.hri_bridge", "--ros-args", *param_args(params)]
-    with open(log, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    return hri_bridge.start_hri_bridge(params, log)
 
 
 @pytest.fixture
@@ -227,7 +223,11 @@ def test_faces_appear_change_person_and_leave_on_the_rep155_topics(listener, tmp
             (m.id1, m.id2, round(m.confidence, 2)) for m in listener.messages("/humans/candidate_matches")
         ]
         assert sorted(changes[1:]) == [("f00007", "Ada_Lovelace", 0.0), ("f00009", "Grace_Hopper", 0.8)]
-        assert listener.messages("/humans/faces/tracked")[-1].ids == ["f00009"]
+        # Ada stayed listed for face_retention (4) frames without her, then left
+        wait_until(lambda: listener.messages("/humans/faces/tracked")[-1].ids == ["f00009"], 10.0, "Ada gone")
+        lists = [m.ids for m in listener.messages("/humans/faces/tracked")]
+        first_without = next(i for i, ids in enumerate(lists) if ids == ["f00009"])
+        assert lists[first_without - 4 : first_without] == [["f00009", "f00007"]] * 4
         wait_until(
             lambda: listener.node.count_publishers("/humans/faces/f00007/roi") == 0, 10.0, "f00007 gone"
         )
@@ -278,6 +278,8 @@ def test_random_face_ids_and_a_bad_namespace(listener, tmp_path):
     log = tmp_path / "bridge.log"
     process = start_bridge(log, faces_topic=FACES_TOPIC, humans_namespace="/no spaces allowed")
     try:
+        # get_state is re-sent until answered: the server has matched this client before a change is sent
+        assert listener.lifecycle.state(STARTUP_S) == "unconfigured"
         with pytest.raises(DemoError, match="transition"):
             listener.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
         assert listener.lifecycle.state() == "unconfigured" and process.poll() is None
@@ -307,8 +309,30 @@ def test_random_face_ids_and_a_bad_namespace(listener, tmp_path):
             lambda: bool(listener.messages(f"/humans/faces/{face_id}/softbiometrics")),
             "the random id's topics",
         )
-        # the id stays with its track from frame to frame
-        assert {tuple(m.ids) for m in listener.messages("/humans/faces/tracked") if m.ids} == {(face_id,)}
+        # the id stays with its track from frame to frame, and through two frames without it (a missed
+        # detection: still listed, nothing else said); after face_retention (4) such frames it has left
+        header = Header(stamp=listener.node.get_clock().now().to_msg())
+        before = len(listener.messages("/humans/faces/tracked"))
+        for faces in ([], [], [face]):
+            header.stamp.nanosec = (header.stamp.nanosec + 1000) % 1_000_000_000
+            listener.faces_pub.publish(FaceArray(header=header, faces=faces))
+            time.sleep(0.1)  # the tracked list keeps only its newest message (depth 1, as hri_face_detect)
+        wait_until(
+            lambda: len(listener.messages("/humans/faces/tracked")) >= before + 3, 10.0, "3 tracked lists"
+        )
+        assert {tuple(m.ids) for m in listener.messages("/humans/faces/tracked")} == {(face_id,)}
+        assert listener.node.count_publishers(f"/humans/faces/{face_id}/roi") == 1
+        for _ in range(5):
+            listener.faces_pub.publish(FaceArray(header=header, faces=[]))
+            time.sleep(0.1)
+        wait_until(
+            lambda: listener.messages("/humans/faces/tracked")[-1].ids == [], 10.0, "the face to leave"
+        )
+        empty_lists = [m.ids for m in listener.messages("/humans/faces/tracked")][-5:]
+        assert empty_lists == [[face_id]] * 4 + [[]]
+        wait_until(
+            lambda: listener.node.count_publishers(f"/humans/faces/{face_id}/roi") == 0, 10.0, "no roi"
+        )
         assert listener.messages("/humans/candidate_matches") == []  # identity disabled (""): no match
     finally:
         stop_process(process)

@@ -33,9 +33,11 @@ import math
 import random
 import re
 import string
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import rclpy
@@ -50,6 +52,7 @@ from rclpy.validate_full_topic_name import validate_full_topic_name
 from std_msgs.msg import Header
 
 from facial_perception.msg import Face, FaceArray
+from facial_perception.ros.demo import param_args
 from facial_perception.ros.spinning import spin_until_shutdown
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "gender_code",
     "main",
     "person_id",
+    "start_hri_bridge",
 ]
 
 #: The emotion column's FER+ labels in REP-155's ``Expression`` words; other labels pass unchanged.
@@ -132,6 +136,7 @@ class _TrackedFace:
     softbiometrics: Any
     expression: Any
     person: str = ""
+    missing: int = 0  # consecutive FaceArrays without this track
 
 
 class HriBridge(LifecycleNode):
@@ -147,6 +152,7 @@ class HriBridge(LifecycleNode):
 
         declare("faces_topic", "/facial_perception/faces", "FaceArray topic of the perception node")
         declare("humans_namespace", "/humans", "Root of the REP-155 topics")
+        declare("face_retention", 4, "[0, 1000] frames a face may miss before it has left (keeps its id)")
         declare("deterministic_ids", False, "Face ids f<track id> (5 digits) instead of random letters")
         declare(
             "publish_matches", True, "Publish face -> person matches on <humans_namespace>/candidate_matches"
@@ -175,8 +181,11 @@ class HriBridge(LifecycleNode):
         except InvalidTopicNameException as exc:
             self.get_logger().error(f"humans_namespace {root!r} is not a valid topic namespace: {exc}")
             return TransitionCallbackReturn.FAILURE
-        self._hri = hri
-        self._root = root
+        retention = int(self.get_parameter("face_retention").value)
+        if not 0 <= retention <= 1000:
+            self.get_logger().error(f"face_retention must be in [0, 1000] frames, got {retention}")
+            return TransitionCallbackReturn.FAILURE
+        self._hri, self._root, self._retention = hri, root, retention
         self._deterministic = bool(self.get_parameter("deterministic_ids").value)
         self._publish_matches = bool(self.get_parameter("publish_matches").value)
         return TransitionCallbackReturn.SUCCESS
@@ -248,10 +257,18 @@ class HriBridge(LifecycleNode):
                 continue  # a track appears once per frame; a duplicate is a malformed message
             seen.add(face.track_id)
             tracked = self._faces.get(face.track_id) or self._add_face(face.track_id)
+            tracked.missing = 0
             self._publish_face(tracked, face, msg.header)
             in_view.append(tracked.face_id)
-        for track_id in [t for t in self._faces if t not in seen]:
-            self._drop_face(track_id)
+        # a face missing from a few frames (a missed detection) keeps its id and stays listed, as in
+        # hri_face_detect; after face_retention frames it has left
+        for track_id, tracked in list(self._faces.items()):
+            if track_id not in seen:
+                tracked.missing += 1
+                if tracked.missing > self._retention:
+                    self._drop_face(track_id)
+                else:
+                    in_view.append(tracked.face_id)
         self._tracked_pub.publish(self._hri.IdsList(header=msg.header, ids=in_view))
 
     def _add_face(self, track_id: int) -> _TrackedFace:
@@ -340,6 +357,13 @@ class HriBridge(LifecycleNode):
                 )
             )
         tracked.person = person
+
+
+def start_hri_bridge(params: Mapping[str, Any], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start the bridge (``python -m facial_perception.ros.hri_bridge``, unconfigured); output to a log."""
+    command = [sys.executable, "-m", "facial_perception.ros.hri_bridge", "--ros-args", *param_args(params)]
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
 
 def main(args: Sequence[str] | None = None) -> int:

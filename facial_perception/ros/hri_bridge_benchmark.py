@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,8 @@ from facial_perception.core.benchmark import machine_summary
 from facial_perception.core.fileio import atomic_write_text
 from facial_perception.msg import Face, FaceArray, NormalizedRoi
 from facial_perception.ros.conversions import stamp_to_ns
-from facial_perception.ros.demo import REPO, DemoError, LifecycleClient, param_args, stop_process
+from facial_perception.ros.demo import REPO, DemoError, LifecycleClient, stop_process
+from facial_perception.ros.hri_bridge import start_hri_bridge
 from facial_perception.ros.ros_benchmark import ProcessSampler
 from facial_perception.ros.spinning import BackgroundNode
 
@@ -93,10 +93,8 @@ def run(seconds: float, rate: float, face_counts: Sequence[int]) -> dict[str, An
     """Run every scene for ``seconds`` at ``rate`` Hz; per scene the latencies (ms) and the bridge's CPU."""
     log = REPO / "out" / "hri_bridge_benchmark.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "facial_perception.ros.hri_bridge", "--ros-args"]
-    command += param_args({"faces_topic": FACES_TOPIC})
-    with open(log, "wb") as out:
-        bridge = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    log.unlink(missing_ok=True)
+    bridge = start_hri_bridge({"faces_topic": FACES_TOPIC}, log)
     load_at_start = round(os.getloadavg()[0], 2)
     probe = _Probe()
     scenes = []
