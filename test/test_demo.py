@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,21 +71,40 @@ def test_listener_line_and_drawing():
     assert drawn.any() and not canvas.any()  # drawn on a copy
 
 
-def test_demo_runs_end_to_end_and_writes_its_annotated_image(tmp_path):
-    output = tmp_path / "out" / "demo.png"
+def _run_demo(tmp_path: Path, output: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable, "-m", "facial_perception.ros.demo", "--duration", "6", "--rate", "5", "--quiet",
         "--output", str(output), "--param", f"gallery_path:={tmp_path / 'gallery.db'}",
-        "--param", f"columns_dir:={tmp_path / 'columns'}", "--param", "device:=cpu",
+        "--param", f"columns_dir:={tmp_path / 'columns'}", "--param", "device:=cpu", *extra,
     ]  # fmt: skip
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     )
     done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_demo_runs_end_to_end_and_writes_its_annotated_image(tmp_path):
+    output = tmp_path / "out" / "demo.png"
+    done = _run_demo(tmp_path, output)
+    assert "ROS4HRI" not in done.stdout  # the bridge runs only when asked for
     assert "demo summary" in done.stdout and "result messages" in done.stdout
     assert f"annotated output: {output}" in done.stdout
     image = cv2.imread(str(output))
     assert image is not None and image.shape == (480, 640, 3)
     if "UNTRAINED" in done.stdout:  # plainly said both at start and in the summary
         assert done.stdout.count("UNTRAINED") >= 2
+
+
+def test_demo_with_the_ros4hri_bridge_summarises_the_humans_topics(tmp_path):
+    pytest.importorskip("hri_msgs.msg", reason="hri_msgs not built: run scripts/setup.sh")
+    done = _run_demo(tmp_path, tmp_path / "out" / "demo.png", "--hri-bridge")
+    lines = done.stdout.splitlines()
+    summary = next(i for i, line in enumerate(lines) if line.startswith("ROS4HRI (/humans):"))
+    tracked, ids = (int(n) for n in re.findall(r"(\d+) tracked lists, (\d+) face id", lines[summary])[0])
+    assert tracked >= 10 and ids >= 1, lines[summary]
+    faces = lines[summary + 1 : summary + 1 + ids]
+    assert len(faces) == ids and all(re.match(r"    face [a-z]{5}: ", line) for line in faces), faces
+    # the demo's photos are faces: at least one face id got its soft biometrics and expression
+    assert any(re.search(r"age \d+ \(.*\)  (female|male) \(.*\)  \w+ \(", line) for line in faces), faces

@@ -211,6 +211,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="no per-face lines, only the summary")
     parser.add_argument(
+        "--hri-bridge",
+        action="store_true",
+        help="also run the ROS4HRI bridge (needs hri_msgs) and summarise its /humans/... topics",
+    )
+    parser.add_argument(
         "--startup-timeout", type=float, default=180.0, help="seconds allowed for the node to come up"
     )
     return parser
@@ -225,6 +230,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _start_hri_bridge(
+    client_node: Node, log_dir: Path, timeout: float
+) -> tuple[subprocess.Popen[bytes], Node]:
+    """The ROS4HRI bridge process on the node's faces, brought up, and a listener of its topics."""
+    try:
+        from facial_perception.ros.hri_listener import HriListener
+
+        listener = HriListener()
+    except ImportError:
+        raise DemoError("--hri-bridge needs hri_msgs (scripts/setup.sh builds it; on a robot: apt)") from None
+    from facial_perception.ros.hri_bridge import start_hri_bridge
+
+    log = log_dir / "demo_hri_bridge.log"
+    log.unlink(missing_ok=True)
+    bridge = start_hri_bridge({"faces_topic": f"/{PACKAGE}/faces"}, log)
+    try:
+        LifecycleClient(client_node, "/hri_bridge").bring_up(timeout)
+    except DemoError:
+        stop_process(bridge)
+        listener.destroy_node()
+        raise
+    print(f"demo: ROS4HRI bridge active (log: {log})", flush=True)
+    return bridge, listener
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -268,6 +298,9 @@ def _run(args: argparse.Namespace) -> int:
     executor = PooledExecutor(num_threads=3)
     nodes: list[Node] = []
     listener: DemoListener | None = None
+    bridge: subprocess.Popen[bytes] | None = None
+    hri_listener: Any = None  # HriListener with --hri-bridge
+    hri_lines: list[str] = []
     spinner = threading.Thread(target=executor.spin, daemon=True)
     try:
         client_node = rclpy.create_node("demo_lifecycle_client")
@@ -282,6 +315,10 @@ def _run(args: argparse.Namespace) -> int:
             tail = node_log.read_text(errors="replace").strip().splitlines()[-5:] if node_log.exists() else []
             raise DemoError(f"{exc}\n  " + "\n  ".join(tail)) from None
         print(f"demo: perception node active after {time.monotonic() - started:.1f} s", flush=True)
+        if args.hri_bridge:
+            bridge, hri_listener = _start_hri_bridge(client_node, log_dir, args.startup_timeout)
+            nodes.append(hri_listener)
+            executor.add_node(hri_listener)
         listener = DemoListener(
             parameter_overrides=[
                 Parameter("output_path", value=str(args.output)),
@@ -310,15 +347,19 @@ def _run(args: argparse.Namespace) -> int:
                 )
             time.sleep(0.2)
     finally:
+        stop_process(bridge)
         stop_process(process)
         executor.shutdown(timeout_sec=2.0)
         files = listener.finish() if listener is not None else []
+        hri_lines = hri_listener.summary() if hri_listener is not None else []
         for node in nodes:
             node.destroy_node()
         rclpy.try_shutdown()
     stats = listener.stats
     print("-" * 78)
     print(f"demo summary ({args.duration:g} s, camera {args.rate:g} Hz): {stats.summary()}")
+    for line in hri_lines:
+        print(line)
     if stats.messages == 0:
         print(f"demo: no results arrived -- see the node log {node_log}")
     for path in files:
