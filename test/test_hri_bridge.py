@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("facial_perception.msg", reason="interfaces not built: run scripts/setup.sh")
 hri = pytest.importorskip("hri_msgs.msg", reason="hri_msgs not built: run scripts/setup.sh")
 
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from facial_perception.msg import Face, FaceArray, NormalizedRoi  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -111,6 +113,7 @@ class Listener(BackgroundNode):
         self.faces_pub = self.node.create_publisher(FaceArray, FACES_TOPIC, RELIABLE)
         self.subscribe(hri.IdsList, "/humans/faces/tracked")
         self.subscribe(hri.IdsMatch, "/humans/candidate_matches")
+        self.subscribe(DiagnosticArray, "/diagnostics")
         self.lifecycle = LifecycleClient(self.node, "/hri_bridge")
 
     def subscribe(self, msg_type: Any, topic: str) -> None:
@@ -259,6 +262,20 @@ def test_faces_appear_change_person_and_leave_on_the_rep155_topics(listener, tmp
             m.id1 != big for m in listener.messages("/humans/candidate_matches")
         )  # "???": no person id
 
+        # /diagnostics: what it did (3 matches: Ada, Grace, Ada's withdrawal), level OK while faces arrive
+        def bridge_status() -> tuple[DiagnosticStatus, dict[str, str]] | None:
+            for array in reversed(listener.messages("/diagnostics")):
+                for status in array.status:
+                    if status.name == "hri_bridge: ROS4HRI bridge":
+                        return status, {kv.key: kv.value for kv in status.values}
+            return None
+
+        wait_until(lambda: (bridge_status() or (0, {}))[1].get("faces_tracked") == "2", 10.0, "diagnostics")
+        status, values = bridge_status()
+        assert status.level == DiagnosticStatus.OK and values["faces_topic"] == FACES_TOPIC
+        assert values["matches_published"] == "3" and values["bad_messages"] == "0"
+        assert int(values["frames_republished"]) == len(listener.messages("/humans/faces/tracked"))
+
         # deactivate: an empty tracked list, every match withdrawn, every per-face topic gone
         listener.lifecycle.change(Transition.TRANSITION_DEACTIVATE)
         wait_until(
@@ -334,6 +351,37 @@ def test_random_face_ids_and_a_bad_namespace(listener, tmp_path):
             lambda: listener.node.count_publishers(f"/humans/faces/{face_id}/roi") == 0, 10.0, "no roi"
         )
         assert listener.messages("/humans/candidate_matches") == []  # identity disabled (""): no match
+
+        # no FaceArray for 5 s: the diagnostics warn, naming the silence
+        def warned() -> bool:
+            statuses = [s for a in listener.messages("/diagnostics") for s in a.status if "ROS4HRI" in s.name]
+            return bool(statuses) and statuses[-1].level == DiagnosticStatus.WARN
+
+        wait_until(warned, 15.0, "a WARN status after 5 s without FaceArray")
+        last = [s for a in listener.messages("/diagnostics") for s in a.status if "ROS4HRI" in s.name][-1]
+        assert last.message.startswith("no FaceArray for ")
+    finally:
+        stop_process(process)
+
+
+def test_without_hri_msgs_configure_fails_with_one_line(listener, tmp_path):
+    """A machine without hri_msgs (here: the import made to fail in the bridge's process) gets one line."""
+    log = tmp_path / "bridge.log"
+    code = (
+        "import sys; sys.modules['hri_msgs'] = None\n"  # what Python does for a package that is not there
+        "from facial_perception.ros.hri_bridge import main; sys.exit(main())"
+    )
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, "--ros-args"], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        assert listener.lifecycle.state(STARTUP_S) == "unconfigured"
+        with pytest.raises(DemoError, match="transition"):
+            listener.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
+        assert listener.lifecycle.state() == "unconfigured" and process.poll() is None
+        errors = [line for line in log.read_text().splitlines() if "[ERROR]" in line]
+        assert len(errors) == 1 and "apt install ros-$ROS_DISTRO-hri-msgs" in errors[0], errors
     finally:
         stop_process(process)
 

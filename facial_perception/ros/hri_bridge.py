@@ -35,12 +35,14 @@ import re
 import string
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.duration import Duration
 from rclpy.exceptions import InvalidTopicNameException
@@ -139,6 +141,10 @@ class _TrackedFace:
     missing: int = 0  # consecutive FaceArrays without this track
 
 
+#: Seconds without a FaceArray after which the bridge's diagnostics warn (the node publishes one per frame).
+SILENCE_WARN_S = 5.0
+
+
 class HriBridge(LifecycleNode):
     """Subscribes to a ``FaceArray`` topic and publishes REP-155 topics (see the module docstring)."""
 
@@ -152,6 +158,7 @@ class HriBridge(LifecycleNode):
 
         declare("faces_topic", "/facial_perception/faces", "FaceArray topic of the perception node")
         declare("humans_namespace", "/humans", "Root of the REP-155 topics")
+        declare("diagnostics_period", 1.0, "Seconds between /diagnostics messages (0: none)")
         declare("face_retention", 4, "[0, 1000] frames a face may miss before it has left (keeps its id)")
         declare("deterministic_ids", False, "Face ids f<track id> (5 digits) instead of random letters")
         declare(
@@ -164,6 +171,12 @@ class HriBridge(LifecycleNode):
         self._tracked_pub: Any = None
         self._matches_pub: Any = None
         self.bad_messages = 0
+        self.republished = 0  # FaceArray messages turned into REP-155 messages since activation
+        self.matches_published = 0
+        self._last_faces_at: float | None = None  # monotonic time of the last FaceArray
+        self._active_since = 0.0
+        self._diag_pub: Any = None
+        self._diag_timer: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -206,6 +219,14 @@ class HriBridge(LifecycleNode):
             self._on_faces,
             QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE),
         )
+        self._faces_topic = faces_topic
+        self.republished = self.matches_published = self.bad_messages = 0
+        self._last_faces_at, self._active_since = None, time.monotonic()
+        period = float(self.get_parameter("diagnostics_period").value)
+        if period > 0:
+            reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+            self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", reliable)
+            self._diag_timer = self.create_timer(period, self._publish_diagnostics)
         self.get_logger().info(f"republishing {faces_topic} on {self._root}/faces/... (REP-155)")
         return super().on_activate(state)
 
@@ -224,6 +245,10 @@ class HriBridge(LifecycleNode):
 
     def _teardown(self) -> None:
         """Tell listeners that no face is in view any more, then drop every topic."""
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+            self.destroy_publisher(self._diag_pub)
+            self._diag_timer = self._diag_pub = None
         if self._subscription is not None:
             self.destroy_subscription(self._subscription)
             self._subscription = None
@@ -237,11 +262,32 @@ class HriBridge(LifecycleNode):
                 self.destroy_publisher(publisher)
         self._tracked_pub = self._matches_pub = None
 
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        silent = None if self._last_faces_at is None else now - self._last_faces_at
+        level, message = _diagnostics_level(silent, now - self._active_since)
+        values = {
+            "faces_topic": self._faces_topic,
+            "humans_namespace": self._root,
+            "faces_tracked": str(len(self._faces)),
+            "frames_republished": str(self.republished),
+            "bad_messages": str(self.bad_messages),
+            "matches_published": str(self.matches_published),
+        }
+        status = DiagnosticStatus(
+            name=f"{self.get_name()}: ROS4HRI bridge", hardware_id="none", level=level, message=message
+        )
+        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(DiagnosticArray(header=Header(stamp=stamp), status=[status]))
+
     # -- faces ----------------------------------------------------------------------------------
     def _on_faces(self, msg: FaceArray) -> None:
         """One FaceArray -> tracked list, topics of each face, matches; a bad message is logged, skipped."""
+        self._last_faces_at = time.monotonic()
         try:
             self._republish(msg)
+            self.republished += 1
         except Exception as exc:  # a malformed message must never stop the bridge
             self.bad_messages += 1
             self.get_logger().warning(
@@ -346,6 +392,7 @@ class HriBridge(LifecycleNode):
                     confidence=0.0,
                 )
             )
+        self.matches_published += bool(tracked.person) + bool(person)  # withdrawal, new match
         if person:
             self._matches_pub.publish(
                 hri.IdsMatch(
@@ -364,6 +411,17 @@ def start_hri_bridge(params: Mapping[str, Any], log_path: Path) -> subprocess.Po
     command = [sys.executable, "-m", "facial_perception.ros.hri_bridge", "--ros-args", *param_args(params)]
     with open(log_path, "ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _diagnostics_level(silent_s: float | None, active_s: float) -> tuple[bytes, str]:
+    """OK while FaceArrays arrive; WARN after ``SILENCE_WARN_S`` without one (or none since activation)."""
+    if silent_s is None:
+        if active_s > SILENCE_WARN_S:
+            return DiagnosticStatus.WARN, "no FaceArray received yet: is the perception node active?"
+        return DiagnosticStatus.OK, "waiting for the first FaceArray"
+    if silent_s > SILENCE_WARN_S:
+        return DiagnosticStatus.WARN, f"no FaceArray for {silent_s:.0f} s"
+    return DiagnosticStatus.OK, "ok"
 
 
 def main(args: Sequence[str] | None = None) -> int:
