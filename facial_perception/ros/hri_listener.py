@@ -62,6 +62,7 @@ class HriListener(Node):
         self._qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self._lock = threading.Lock()
         self.faces: dict[str, HriFace] = {}
+        self._face_subscriptions: dict[str, list[Any]] = {}  # faces in view only
         self.counts = _Counts()
         self.create_subscription(hri.IdsList, f"{self._root}/faces/tracked", self._on_tracked, self._qos)
         self.create_subscription(hri.IdsMatch, f"{self._root}/candidate_matches", self._on_match, self._qos)
@@ -73,18 +74,20 @@ class HriListener(Node):
             for face_id in new:
                 self.faces[face_id] = HriFace(face_id)
                 self.counts.face_ids.append(face_id)
-        for face_id in new:  # subscriptions outside the lock: their callbacks take it
-            face = self.faces[face_id]
-            root = f"{self._root}/faces/{face_id}"
-            self.create_subscription(
-                self._hri.SoftBiometrics,
-                f"{root}/softbiometrics",
-                self._setter(face, "softbiometrics"),
-                self._qos,
-            )
-            self.create_subscription(
-                self._hri.Expression, f"{root}/expression", self._setter(face, "expression"), self._qos
-            )
+        # subscriptions outside the lock (their callbacks take it); a face that left (the bridge lists a
+        # face until it is gone) loses its subscriptions, so a long run does not pile them up
+        for face_id in [f for f in self._face_subscriptions if f not in msg.ids]:
+            for subscription in self._face_subscriptions.pop(face_id):
+                self.destroy_subscription(subscription)
+        for face_id in new:
+            face, root = self.faces[face_id], f"{self._root}/faces/{face_id}"
+            self._face_subscriptions[face_id] = [
+                self.create_subscription(msg_type, f"{root}/{topic}", self._setter(face, topic), self._qos)
+                for msg_type, topic in (
+                    (self._hri.SoftBiometrics, "softbiometrics"),
+                    (self._hri.Expression, "expression"),
+                )
+            ]
 
     def _setter(self, face: HriFace, attribute: str) -> Any:
         def callback(msg: Any) -> None:
