@@ -41,18 +41,25 @@ def generate_launch_description() -> launch.LaunchDescription:
         arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
     )
 
-    def change_state(transition_id: int, **kwargs: object) -> EmitEvent:
-        event = ChangeState(
-            lifecycle_node_matcher=launch.events.matches_action(node), transition_id=transition_id
-        )
-        return EmitEvent(event=event, **kwargs)
-
-    configure = change_state(Transition.TRANSITION_CONFIGURE, condition=IfCondition(auto_activate))
+    configure = EmitEvent(
+        event=ChangeState(
+            lifecycle_node_matcher=launch.events.matches_action(node),
+            transition_id=Transition.TRANSITION_CONFIGURE,
+        ),
+        condition=IfCondition(auto_activate),
+    )
     activate_when_configured = RegisterEventHandler(
         OnStateTransition(
             target_lifecycle_node=node,
             goal_state="inactive",
-            entities=[change_state(Transition.TRANSITION_ACTIVATE)],
+            entities=[
+                EmitEvent(
+                    event=ChangeState(
+                        lifecycle_node_matcher=launch.events.matches_action(node),
+                        transition_id=Transition.TRANSITION_ACTIVATE,
+                    )
+                )
+            ],
         ),
         condition=IfCondition(auto_activate),
     )

@@ -261,13 +261,20 @@ def test_included_launch_arguments_match() -> None:
     assert passed <= inner.declared_arguments()
 
 
-def test_perception_launch_is_lifecycle_with_auto_activation() -> None:
+@pytest.mark.parametrize(
+    ("file", "executable", "node_name"),
+    [
+        ("perception.launch.py", "perception_node", PERCEPTION_NODE),
+        ("hri_bridge.launch.py", "hri_bridge", "hri_bridge"),
+    ],
+)
+def test_lifecycle_launch_files_configure_then_activate(file: str, executable: str, node_name: str) -> None:
     from lifecycle_msgs.msg import Transition
 
-    launch = LaunchFile(LAUNCH_DIR / "perception.launch.py")
-    assert [(k, p, e) for k, p, e in launch.nodes()] == [("LifecycleNode", PACKAGE, "perception_node")]
+    launch = LaunchFile(LAUNCH_DIR / file)
+    assert [(k, p, e) for k, p, e in launch.nodes()] == [("LifecycleNode", PACKAGE, executable)]
     node_call = launch.calls_to("LifecycleNode")[0]
-    assert launch.keyword(node_call, "name") == PERCEPTION_NODE
+    assert launch.keyword(node_call, "name") == node_name
     transitions = [
         kw.value.attr
         for call in launch.calls_to("ChangeState")
@@ -343,6 +350,7 @@ def _node_class(module_name: str) -> type[Node]:
         ("demo.yaml", "facial_perception.ros.demo_listener", "demo_listener"),
         ("demo.yaml", "facial_perception.ros.perception_node", PERCEPTION_NODE),
         ("perception.yaml", "facial_perception.ros.perception_node", PERCEPTION_NODE),
+        ("hri_bridge.yaml", "facial_perception.ros.hri_bridge", "hri_bridge"),
     ],
 )
 def test_parameter_file_matches_node_declarations(config: str, module: str, node_name: str) -> None:
