@@ -352,6 +352,20 @@ def test_random_face_ids_and_a_bad_namespace(listener, tmp_path):
         )
         assert listener.messages("/humans/candidate_matches") == []  # identity disabled (""): no match
 
+        # the perception node starts a new run (frame_seq goes back): the same track id is another face
+        def seq(n: int) -> Callable[[Header], FaceArray]:
+            return lambda h: FaceArray(header=h, faces=[face], frame_seq=n)
+
+        listener.publish_until(
+            seq(50), lambda: listener.messages("/humans/faces/tracked")[-1].ids != [], "face"
+        )
+        (old_id,) = listener.messages("/humans/faces/tracked")[-1].ids
+        listener.publish_until(
+            seq(2), lambda: listener.messages("/humans/faces/tracked")[-1].ids not in ([], [old_id]), "new id"
+        )
+        (new_id,) = listener.messages("/humans/faces/tracked")[-1].ids
+        assert new_id != old_id and len(new_id) == 5
+
         # no FaceArray for 5 s: the diagnostics warn, naming the silence
         def warned() -> bool:
             statuses = [s for a in listener.messages("/diagnostics") for s in a.status if "ROS4HRI" in s.name]

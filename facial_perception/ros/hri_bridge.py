@@ -174,6 +174,7 @@ class HriBridge(LifecycleNode):
         self.republished = 0  # FaceArray messages turned into REP-155 messages since activation
         self.matches_published = 0
         self._last_faces_at: float | None = None  # monotonic time of the last FaceArray
+        self._last_frame_seq = 0  # FaceArray.frame_seq counts frames since the perception node's activation
         self._active_since = 0.0
         self._diag_pub: Any = None
         self._diag_timer: Any = None
@@ -222,6 +223,7 @@ class HriBridge(LifecycleNode):
         self._faces_topic = faces_topic
         self.republished = self.matches_published = self.bad_messages = 0
         self._last_faces_at, self._active_since = None, time.monotonic()
+        self._last_frame_seq = 0
         period = float(self.get_parameter("diagnostics_period").value)
         if period > 0:
             reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -296,6 +298,13 @@ class HriBridge(LifecycleNode):
             )
 
     def _republish(self, msg: FaceArray) -> None:
+        if msg.frame_seq < self._last_frame_seq:
+            # the perception node was re-activated or restarted: its track ids start again, so no face
+            # of the previous run continues (else a new track 1 would inherit the old track 1's face id)
+            self.get_logger().info("the perception node started a new run (frame_seq went back): faces reset")
+            for track_id in list(self._faces):
+                self._drop_face(track_id)
+        self._last_frame_seq = msg.frame_seq
         in_view: list[str] = []
         seen: set[int] = set()
         for face in msg.faces:
