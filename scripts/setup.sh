@@ -100,7 +100,7 @@ fi
 if [ -d "$REPO/third_party/hri_msgs" ] && { [ -f "$VENV/build/hri_msgs/CMakeCache.txt" ] \
     || ! ( set +u; . "$VENV/bin/ros_env.sh"; python -c 'import hri_msgs.msg' ) 2>/dev/null; }; then
   cmake_install hri_msgs "$REPO/third_party/hri_msgs"
-  "$VENV/bin/python" -c 'from hri_msgs.msg import IdsList, IdsMatch, NormalizedRegionOfInterest2D, SoftBiometrics, Expression' \
+  "$VENV/bin/python" -c 'from hri_msgs.msg import IdsList, IdsMatch, NormalizedRegionOfInterest2D, SoftBiometrics, Expression, FacialLandmarks' \
     || { echo "setup: the built hri_msgs does not import (see $VENV/build/hri_msgs.install.log)" >&2; exit 1; }
   log "hri_msgs (REP-155 subset) built and installed into $VENV"
 fi

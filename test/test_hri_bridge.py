@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from node_params import perception_test_params
@@ -26,15 +27,17 @@ pytest.importorskip("facial_perception.msg", reason="interfaces not built: run s
 hri = pytest.importorskip("hri_msgs.msg", reason="hri_msgs not built: run scripts/setup.sh")
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
-from facial_perception.msg import Face, FaceArray, NormalizedRoi  # noqa: E402
+from facial_perception.msg import Face, FaceArray, NormalizedPoint, NormalizedRoi  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 from facial_perception.core.datasets import AGE8_GROUPS, FERPLUS_EMOTIONS, UTK_GENDERS  # noqa: E402
+from facial_perception.pipeline.detection import make_detector  # noqa: E402
+from facial_perception.pipeline.face_images import aligned_face, normalized_points, square_face_crop  # noqa: E402
 from facial_perception.ros import hri_bridge  # noqa: E402
-from facial_perception.ros.conversions import rgb_to_image_msg, stamp_to_ns  # noqa: E402
+from facial_perception.ros.conversions import image_msg_to_rgb, rgb_to_image_msg, stamp_to_ns  # noqa: E402
 from facial_perception.ros.demo import (  # noqa: E402
     DemoError,
     LifecycleClient,
@@ -378,6 +381,137 @@ def test_random_face_ids_and_a_bad_namespace(listener, tmp_path):
         stop_process(process)
 
 
+def _detected_faces(frame: Any) -> list[Face]:
+    """The faces BlazeFace finds in ``frame`` as the perception node would send them (box, key-points)."""
+    height, width = frame.shape[:2]
+    faces = []
+    for track_id, found in enumerate(make_detector("blazeface_full").detect(frame), start=1):
+        x1, y1, x2, y2 = (float(v) for v in found.box)
+        face = _face(
+            track_id, "", "25-32", "female", "neutral", (x1 / width, y1 / height, x2 / width, y2 / height)
+        )
+        face.detection_score = float(found.score)
+        face.keypoints = [
+            NormalizedPoint(x=x, y=y) for x, y in normalized_points(found.keypoints, width, height)
+        ]
+        faces.append(face)
+    return faces
+
+
+def _statuses(listener: Listener) -> list[Any]:
+    return [s for a in listener.messages("/diagnostics") for s in a.status if "ROS4HRI" in s.name]
+
+
+def test_face_images_and_landmarks_from_the_camera_frame_with_the_faces_stamp(listener, tmp_path):
+    """/cropped and /aligned are cut from the frame whose stamp the FaceArray carries; bad or missing
+    frames cost those images only; /landmarks put the six key-points in their REP-155 slots."""
+    camera_topic, size = "/test_bridge/camera", 96
+    process = start_bridge(
+        tmp_path / "bridge.log",
+        faces_topic=FACES_TOPIC,
+        deterministic_ids=True,
+        image_topic=camera_topic,
+        image_reliability="reliable",
+        face_image_size=size,
+    )
+    camera = listener.node.create_publisher(Image, camera_topic, RELIABLE)
+    try:
+        listener.lifecycle.bring_up(STARTUP_S)
+        wait_until(
+            lambda: listener.faces_pub.get_subscription_count() > 0 and camera.get_subscription_count() > 0,
+            30.0,
+            "the bridge's subscriptions",
+        )
+        frame = make_frame([0, 1])  # the astronaut and Grace Hopper
+        faces = _detected_faces(frame)
+        assert len(faces) == 2
+        topics = [f"/humans/faces/f0000{t}/{k}" for t in (1, 2) for k in ("cropped", "aligned", "landmarks")]
+        for topic in topics:
+            listener.subscribe(hri.FacialLandmarks if topic.endswith("landmarks") else Image, topic)
+
+        def frame_then_faces(header: Header, image: Image | None = None) -> FaceArray:
+            camera.publish(image or rgb_to_image_msg(frame, header))
+            time.sleep(0.05)
+            return FaceArray(header=header, image_width=640, image_height=480, faces=faces)
+
+        listener.publish_until(
+            frame_then_faces, lambda: all(listener.messages(t) for t in topics), "face images"
+        )
+        for face in faces:
+            root = f"/humans/faces/f{face.track_id:05d}"
+            cropped = listener.messages(f"{root}/cropped")[-1]
+            aligned = listener.messages(f"{root}/aligned")[-1]
+            for image in (cropped, aligned):
+                assert (image.encoding, image.width, image.height, image.step) == (
+                    "bgr8",
+                    size,
+                    size,
+                    3 * size,
+                )
+                assert image.header.frame_id == "cam"
+            box = face.roi_normalized
+            expected = square_face_crop(frame, (box.x_min, box.y_min, box.x_max, box.y_max), size)
+            assert image_msg_to_rgb(cropped).tobytes() == expected.tobytes()
+            eyes = [(float(np.float32(p.x)), float(np.float32(p.y))) for p in face.keypoints[:2]]  # as sent
+            assert image_msg_to_rgb(aligned).tobytes() == aligned_face(frame, *eyes, size).tobytes()
+            landmarks = listener.messages(f"{root}/landmarks")[-1]
+            assert len(landmarks.landmarks) == 70 and (landmarks.width, landmarks.height) == (640, 480)
+            right_pupil = landmarks.landmarks[hri.FacialLandmarks.RIGHT_PUPIL]
+            assert (right_pupil.x, right_pupil.y) == pytest.approx(eyes[0])
+            assert right_pupil.c == pytest.approx(face.detection_score)
+            nose = landmarks.landmarks[hri.FacialLandmarks.NOSE]
+            assert (nose.x, nose.y) == pytest.approx((face.keypoints[2].x, face.keypoints[2].y))
+            assert sum(p.c > 0 for p in landmarks.landmarks) == 7  # 6 key-points, the mouth in two slots
+
+        # a corrupt camera frame, then a FaceArray whose frame never came: no images, nothing else lost
+        before = len(listener.messages("/humans/faces/f00001/cropped"))
+        stamp = listener.node.get_clock().now().to_msg()
+        corrupt = rgb_to_image_msg(frame, Header(stamp=stamp, frame_id="cam"))
+        corrupt.data = bytes(corrupt.data[:1000])
+        listener.faces_pub.publish(frame_then_faces(Header(stamp=stamp, frame_id="cam"), corrupt))
+        later = Header(stamp=listener.node.get_clock().now().to_msg(), frame_id="cam")
+        later.stamp.sec = stamp.sec + 2
+        camera.publish(rgb_to_image_msg(frame, later))  # a newer frame is held, not taken for the next one
+        time.sleep(0.05)
+        stamp.sec += 1  # (the camera frame of this one never came)
+        listener.faces_pub.publish(FaceArray(header=Header(stamp=stamp, frame_id="cam"), faces=faces))
+
+        def counted() -> bool:
+            values = {kv.key: kv.value for kv in (_statuses(listener) or [DiagnosticStatus()])[-1].values}
+            return values.get("bad_images") == "1" and int(values.get("images_missing", 0)) >= 1
+
+        wait_until(counted, 10.0, "diagnostics counting the bad and the missing frame")
+        assert stamp_to_ns(listener.messages("/humans/faces/tracked")[-1].header.stamp) == stamp_to_ns(stamp)
+        assert len(listener.messages("/humans/faces/f00001/cropped")) == before
+        listener.faces_pub.publish(FaceArray(header=later, faces=faces))  # its frame is still there
+        wait_until(
+            lambda: len(listener.messages("/humans/faces/f00001/cropped")) == before + 1, 10.0, "a new crop"
+        )
+        assert stamp_to_ns(listener.messages("/humans/faces/f00001/cropped")[-1].header.stamp) == stamp_to_ns(
+            later.stamp
+        )
+        assert process.poll() is None
+        values = {kv.key: kv.value for kv in _statuses(listener)[-1].values}
+        assert values["image_topic"] == camera_topic and int(values["images_matched"]) >= 1
+    finally:
+        stop_process(process)
+
+    # bad image parameters: configure fails with one line naming each, and the node stays up
+    log = tmp_path / "bad.log"
+    process = start_bridge(
+        log, faces_topic=FACES_TOPIC, image_topic=camera_topic, face_image_size=4, input_type="jpeg"
+    )
+    try:
+        assert listener.lifecycle.state(STARTUP_S) == "unconfigured"
+        with pytest.raises(DemoError, match="transition"):
+            listener.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
+        assert listener.lifecycle.state() == "unconfigured" and process.poll() is None
+        errors = [line for line in log.read_text().splitlines() if "[ERROR]" in line]
+        assert len(errors) == 1 and "face_image_size" in errors[0] and "input_type" in errors[0], errors
+    finally:
+        stop_process(process)
+
+
 def test_without_hri_msgs_configure_fails_with_one_line(listener, tmp_path):
     """A machine without hri_msgs (here: the import made to fail in the bridge's process) gets one line."""
     log = tmp_path / "bridge.log"
@@ -437,7 +571,7 @@ def test_the_perception_node_on_real_photos_through_the_bridge(listener, tmp_pat
             camera.publish(rgb_to_image_msg(frame, Header(stamp=listener.node.get_clock().now().to_msg())))
             time.sleep(0.2)
         last = node_faces[-1]
-        assert len(last.faces) == 2
+        assert len(last.faces) == 2 and (last.image_width, last.image_height) == (640, 480)
         for face in last.faces:
             face_id = f"f{face.track_id:05d}"
             bio = listener.messages(f"/humans/faces/{face_id}/softbiometrics")[-1]
@@ -449,6 +583,11 @@ def test_the_perception_node_on_real_photos_through_the_bridge(listener, tmp_pat
             )
             expression = listener.messages(f"/humans/faces/{face_id}/expression")[-1]
             assert expression.expression == hri_bridge.expression_name(face.emotion)
+            # BlazeFace's six key-points, normalised: the right eye left of the left one, both in the box
+            right, left = face.keypoints[Face.KEYPOINT_RIGHT_EYE], face.keypoints[Face.KEYPOINT_LEFT_EYE]
+            assert len(face.keypoints) == 6 and right.x < left.x
+            box = face.roi_normalized
+            assert all(box.x_min < p.x < box.x_max and box.y_min < p.y < box.y_max for p in (right, left))
         assert listener.messages("/humans/candidate_matches") == []  # nobody enrolled
     finally:
         stop_process(bridge)

@@ -32,11 +32,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "probabilities": "sequence<float>",
     },
     "NormalizedRoi": {"x_min": "float", "y_min": "float", "x_max": "float", "y_max": "float"},
+    "NormalizedPoint": {"x": "float", "y": "float"},
     "Face": {
         "track_id": "uint64",
         "roi": "sensor_msgs/RegionOfInterest",
         "roi_normalized": "facial_perception/NormalizedRoi",
         "detection_score": "float",
+        "keypoints": "sequence<facial_perception/NormalizedPoint>",
         "identity": "string",
         "identity_confidence": "float",
         "age_group": "string",
@@ -49,6 +51,8 @@ MESSAGES: dict[str, dict[str, str]] = {
     },
     "FaceArray": {
         "header": "std_msgs/Header",
+        "image_width": "uint32",
+        "image_height": "uint32",
         "faces": "sequence<facial_perception/Face>",
         "latency_ms": "float",
         "frame_seq": "uint32",
@@ -154,6 +158,19 @@ def test_action_fields(name: str) -> None:
     assert _fields(act.Feedback) == ACTIONS[name]["feedback"]
 
 
+def test_face_keypoint_constants_index_the_detectors_six_points() -> None:
+    face = fp_msg.Face
+    indices = (
+        face.KEYPOINT_RIGHT_EYE,
+        face.KEYPOINT_LEFT_EYE,
+        face.KEYPOINT_NOSE_TIP,
+        face.KEYPOINT_MOUTH_CENTRE,
+        face.KEYPOINT_RIGHT_EAR_TRAGION,
+        face.KEYPOINT_LEFT_EAR_TRAGION,
+    )
+    assert indices == (0, 1, 2, 3, 4, 5)  # BlazeFace's order (pipeline.detection)
+
+
 def test_training_status_constants() -> None:
     status = fp_msg.TrainingStatus
     assert (status.IDLE, status.RUNNING, status.SUCCEEDED, status.FAILED, status.CANCELED) == (
@@ -188,6 +205,7 @@ def _sample_face_array() -> fp_msg.FaceArray:
             roi=RegionOfInterest(x_offset=10, y_offset=20, width=64, height=80),
             roi_normalized=fp_msg.NormalizedRoi(x_min=0.015625, y_min=0.046875, x_max=0.125, y_max=0.21875),
             detection_score=0.9375,
+            keypoints=[fp_msg.NormalizedPoint(x=0.0625, y=0.125), fp_msg.NormalizedPoint(x=0.09375, y=0.125)],
             identity="ada",
             identity_confidence=0.8125,
             age_group="25-32",
@@ -201,7 +219,14 @@ def _sample_face_array() -> fp_msg.FaceArray:
         fp_msg.Face(track_id=1, identity="unknown", predictions=[emotion]),
     ]
     header = Header(stamp=Time(sec=1_700_000_000, nanosec=123_456_789), frame_id="camera_optical")
-    return fp_msg.FaceArray(header=header, faces=faces, latency_ms=12.5, frame_seq=4_000_000_000)
+    return fp_msg.FaceArray(
+        header=header,
+        image_width=640,
+        image_height=480,
+        faces=faces,
+        latency_ms=12.5,
+        frame_seq=4_000_000_000,
+    )
 
 
 def test_face_array_cdr_round_trip() -> None:
@@ -212,6 +237,8 @@ def test_face_array_cdr_round_trip() -> None:
     assert restored == original
     assert restored.header.stamp.nanosec == 123_456_789
     assert restored.faces[0].track_id == 2**40 + 7
+    assert (restored.image_width, restored.image_height) == (640, 480)
+    assert [(p.x, p.y) for p in restored.faces[0].keypoints] == [(0.0625, 0.125), (0.09375, 0.125)]
     assert [p.task for p in restored.faces[0].predictions] == ["emotion", "glasses"]
     assert math.isclose(sum(restored.faces[0].predictions[0].probabilities), 1.0, rel_tol=1e-6)
 

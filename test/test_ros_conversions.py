@@ -11,6 +11,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("facial_perception.msg", reason="interfaces not built: run scripts/setup.sh")
 
 from builtin_interfaces.msg import Time
+from facial_perception.msg import Face
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
@@ -166,6 +167,22 @@ def test_roi_is_clipped_to_the_image():
     roi, norm = msg.faces[0].roi, msg.faces[0].roi_normalized
     assert (roi.x_offset, roi.y_offset, roi.width, roi.height) == (0, 0, 640, 480)
     assert (norm.x_min, norm.y_min, norm.x_max, norm.y_max) == (0.0, 0.0, 1.0, 1.0)
+
+
+def test_keypoints_are_normalised_clamped_and_empty_without_a_detector_that_gives_them():
+    face = _face(1, [100, 100, 300, 340])
+    points_px = [[160, 180], [240, 180], [200, 230], [200, 280], [-30, 200], [700, 200]]
+    face.keypoints = np.array(points_px, np.float32)
+    bare = _face(2, [400, 100, 450, 160])  # a haar face: no key-points
+    msg = face_array_from_result(FrameResult(faces=[face, bare], timings={}), Header(), 640, 480)
+    assert (msg.image_width, msg.image_height) == (640, 480)
+    points = [(p.x, p.y) for p in msg.faces[0].keypoints]
+    assert len(points) == 6
+    right_eye = points[Face.KEYPOINT_RIGHT_EYE]
+    assert right_eye == (pytest.approx(160 / 640), pytest.approx(180 / 480))
+    assert points[Face.KEYPOINT_RIGHT_EAR_TRAGION][0] == 0.0  # outside the image: clamped
+    assert points[Face.KEYPOINT_LEFT_EAR_TRAGION][0] == 1.0
+    assert list(msg.faces[1].keypoints) == []
 
 
 def test_task_info_and_training_status_messages():

@@ -47,6 +47,7 @@ from facial_perception.bags.bag_io import (
     stamp_to_ns,
 )
 from facial_perception.bags.prepare_worker import FirstStageJob, FirstStageProcess, FrameRef
+from facial_perception.pipeline.face_images import normalized_points
 
 __all__ = [
     "BagEvaluation",
@@ -182,6 +183,10 @@ def face_array_msg(result: Any, stamp_ns: int, frame_id: str, latency_ms: float,
                 roi=roi,
                 roi_normalized=norm,
                 detection_score=float(face.detection_score),
+                keypoints=[
+                    types["facial_perception/msg/NormalizedPoint"](x=x, y=y)
+                    for x, y in normalized_points(face.keypoints, w, h)
+                ],
                 identity=face.identity,
                 identity_confidence=float(face.identity_confidence),
                 predictions=predictions,
@@ -190,6 +195,8 @@ def face_array_msg(result: Any, stamp_ns: int, frame_id: str, latency_ms: float,
         )
     return types[FACE_ARRAY_TYPE](
         header=make_header(stamp_ns, frame_id),
+        image_width=int(result.width),
+        image_height=int(result.height),
         faces=faces,
         latency_ms=float(latency_ms),
         frame_seq=seq & 0xFFFFFFFF,

@@ -16,7 +16,16 @@ from builtin_interfaces.msg import Time
 from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
-from facial_perception.msg import Face, FaceArray, NormalizedRoi, TaskInfo, TaskPrediction, TrainingStatus
+from facial_perception.msg import (
+    Face,
+    FaceArray,
+    NormalizedPoint,
+    NormalizedRoi,
+    TaskInfo,
+    TaskPrediction,
+    TrainingStatus,
+)
+from facial_perception.pipeline.face_images import normalized_points
 from facial_perception.pipeline.frame_pipeline import FaceResult, FrameResult, TaskResult
 from facial_perception.pipeline.images import (
     DEFAULT_MAX_SIZE,
@@ -147,6 +156,7 @@ def _face_msg(
     msg.track_id = int(face.track_id)
     msg.roi, msg.roi_normalized = _roi_msgs(face.box, width, height)
     msg.detection_score = _unit(face.detection_score)
+    msg.keypoints = [NormalizedPoint(x=x, y=y) for x, y in normalized_points(face.keypoints, width, height)]
     if identity_enabled:
         msg.identity = str(face.identity)
         msg.identity_confidence = _unit(face.identity_confidence)
@@ -180,6 +190,7 @@ def face_array_from_result(
     faces = sorted(result.faces, key=lambda f: _area(f.box), reverse=True)  # largest first, as documented
     msg = FaceArray()
     msg.header = header
+    msg.image_width, msg.image_height = int(width), int(height)
     msg.faces = [_face_msg(face, width, height, kinds or {}, identity_enabled) for face in faces]
     msg.latency_ms = float(latency_ms) if math.isfinite(float(latency_ms)) else 0.0
     msg.frame_seq = int(frame_seq) & 0xFFFFFFFF

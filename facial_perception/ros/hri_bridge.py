@@ -11,14 +11,20 @@ client libraries read faces from these topics. This node adapts our ``FaceArray`
   * ``/humans/faces/<id>/expression``    ``hri_msgs/Expression``: the emotion column's label in the
     REP's words (happiness -> happy, ...), its confidence; valence and arousal stay 0 (the column is
     categorical)
+  * ``/humans/faces/<id>/landmarks``     ``hri_msgs/FacialLandmarks``: the detector's six key-points in
+    their REP-155 slots (pupils, nose, mouth, ears; the other 64 have c = 0)
+  * ``/humans/faces/<id>/cropped`` and ``/aligned`` ``sensor_msgs/Image`` (``bgr8``,
+    ``face_image_size`` square): only when ``image_topic`` is set, cut from the camera frame with
+    the FaceArray's stamp; ``aligned`` is turned so that the eyes are level (``pipeline.face_images``)
   * ``/humans/candidate_matches``        ``hri_msgs/IdsMatch``: face id -> person id (the enrolled
     name, made a valid topic token) with the identity confidence, when a face is recognised or
     changes person; confidence 0 withdraws the match when the face leaves or becomes unknown
 
 Face ids are short random strings, one per track of the perception node (``deterministic_ids``:
 ``f00001``-style, from the track id); per-face publishers are created when a face appears and
-destroyed when it leaves. Cropped and aligned face images are not republished (no images leave
-the perception node unless its debug image is enabled).
+destroyed when it leaves. Face images are off by default: no image of a face leaves the
+perception graph unless ``image_topic`` names the camera (docs/PRIVACY.md); the bridge then keeps
+the camera frames newer than the last FaceArray (at most ``image_cache_frames``) to cut them from.
 
 It is a lifecycle node (``configure`` checks ``hri_msgs`` and reads the parameters, ``activate``
 subscribes). ``hri_msgs`` comes from ``apt install ros-$ROS_DISTRO-hri-msgs`` on a robot; the
@@ -36,6 +42,7 @@ import string
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +56,17 @@ from rclpy.exceptions import InvalidTopicNameException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.lifecycle import Node as LifecycleNode
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.validate_full_topic_name import validate_full_topic_name
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from facial_perception.msg import Face, FaceArray
+from facial_perception.pipeline.face_images import aligned_face, square_face_crop
+from facial_perception.pipeline.images import ImageDecodeError, encode_raw
+from facial_perception.ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb, stamp_to_ns
 from facial_perception.ros.demo import param_args
+from facial_perception.ros.demo_camera import compressed_topic
 from facial_perception.ros.spinning import spin_until_shutdown
 
 __all__ = [
@@ -64,6 +76,7 @@ __all__ = [
     "expression_name",
     "face_id_for_track",
     "gender_code",
+    "landmark_points",
     "main",
     "person_id",
     "start_hri_bridge",
@@ -86,6 +99,11 @@ _OPEN = re.compile(r"^\s*(\d+)\s*\+\s*$")
 _NOT_TOKEN = re.compile(r"[^0-9A-Za-z_]+")
 # hri_msgs constants, repeated so that the pure helpers below need no hri_msgs import
 _UNDEFINED, _FEMALE, _MALE = 0, 1, 2
+#: Face.keypoints index -> the hri_msgs/FacialLandmarks slots it fills (RIGHT_PUPIL, LEFT_PUPIL, NOSE,
+#: MOUTH_INNER_TOP_2 and MOUTH_INNER_BOTTOM_2 for the mouth centre, RIGHT_EAR, LEFT_EAR)
+LANDMARK_SLOTS: dict[int, tuple[int, ...]] = {0: (68,), 1: (69,), 2: (30,), 3: (62, 66), 4: (0,), 5: (16,)}
+#: Number of landmarks in hri_msgs/FacialLandmarks (dlib's 68 and the two pupils)
+LANDMARK_COUNT = 70
 
 
 def age_years(group: str) -> int | None:
@@ -137,6 +155,9 @@ class _TrackedFace:
     roi: Any
     softbiometrics: Any
     expression: Any
+    landmarks: Any = None
+    cropped: Any = None
+    aligned: Any = None
     person: str = ""
     missing: int = 0  # consecutive FaceArrays without this track
 
@@ -164,6 +185,25 @@ class HriBridge(LifecycleNode):
         declare(
             "publish_matches", True, "Publish face -> person matches on <humans_namespace>/candidate_matches"
         )
+        declare(
+            "publish_landmarks", True, "Publish the detector's key-points on /humans/faces/<id>/landmarks"
+        )
+        declare(
+            "image_topic",
+            "",
+            "Camera topic to cut /cropped and /aligned face images from (the perception node's); '' = no "
+            "face images leave the bridge",
+        )
+        declare("input_type", "raw", "raw (sensor_msgs/Image) or compressed ('<image_topic>/compressed')")
+        declare(
+            "image_reliability", "best_effort", "Camera subscription reliability: best_effort or reliable"
+        )
+        declare(
+            "face_image_size", 128, "[16, 1024] side of the square cropped and aligned face images (pixels)"
+        )
+        declare(
+            "image_cache_frames", 30, "[1, 300] most camera frames held while waiting for their FaceArray"
+        )
         self._hri: Any = None  # the hri_msgs.msg module, imported at configure
         self._faces: dict[int, _TrackedFace] = {}
         self._rng = random.Random()
@@ -174,6 +214,9 @@ class HriBridge(LifecycleNode):
         self.republished = 0  # FaceArray messages turned into REP-155 messages since activation
         self.matches_published = 0
         self._last_faces_at: float | None = None  # monotonic time of the last FaceArray
+        self._image_subscription: Any = None
+        self._images: OrderedDict[int, Any] = OrderedDict()  # stamp (ns) -> camera message, oldest first
+        self.images_matched = self.images_missing = self.bad_images = 0
         self._last_frame_seq = 0  # FaceArray.frame_seq counts frames since the perception node's activation
         self._active_since = 0.0
         self._diag_pub: Any = None
@@ -202,6 +245,40 @@ class HriBridge(LifecycleNode):
         self._hri, self._root, self._retention = hri, root, retention
         self._deterministic = bool(self.get_parameter("deterministic_ids").value)
         self._publish_matches = bool(self.get_parameter("publish_matches").value)
+        self._publish_landmarks = bool(self.get_parameter("publish_landmarks").value)
+        self._image_topic = str(self.get_parameter("image_topic").value).strip()
+        input_type = str(self.get_parameter("input_type").value)
+        reliability = str(self.get_parameter("image_reliability").value)
+        self._face_image_size = int(self.get_parameter("face_image_size").value)
+        self._image_cache_frames = int(self.get_parameter("image_cache_frames").value)
+        problems = [
+            f"input_type must be raw or compressed, got {input_type!r}"
+            * (input_type not in ("raw", "compressed")),
+            f"image_reliability must be best_effort or reliable, got {reliability!r}"
+            * (reliability not in ("best_effort", "reliable")),
+            f"face_image_size must be in [16, 1024] pixels, got {self._face_image_size}"
+            * (not 16 <= self._face_image_size <= 1024),
+            f"image_cache_frames must be in [1, 300], got {self._image_cache_frames}"
+            * (not 1 <= self._image_cache_frames <= 300),
+        ]
+        if self._image_topic:
+            self._image_topic = (
+                compressed_topic(self._image_topic) if input_type == "compressed" else self._image_topic
+            )
+            try:
+                validate_full_topic_name(
+                    self._image_topic if self._image_topic.startswith("/") else "/" + self._image_topic
+                )
+            except InvalidTopicNameException as exc:
+                problems.append(f"image_topic {self._image_topic!r} is not a valid topic name: {exc}")
+        problems = [p for p in problems if p]
+        if problems:
+            self.get_logger().error("; ".join(problems))
+            return TransitionCallbackReturn.FAILURE
+        self._compressed = input_type == "compressed"
+        self._image_reliability = (
+            ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT
+        )
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -221,7 +298,18 @@ class HriBridge(LifecycleNode):
             QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE),
         )
         self._faces_topic = faces_topic
+        if self._image_topic:
+            camera_qos = QoSProfile(
+                history=HistoryPolicy.KEEP_LAST,
+                depth=5,
+                reliability=self._image_reliability,
+                durability=DurabilityPolicy.VOLATILE,
+            )
+            self._image_subscription = self.create_subscription(
+                CompressedImage if self._compressed else Image, self._image_topic, self._on_image, camera_qos
+            )
         self.republished = self.matches_published = self.bad_messages = 0
+        self.images_matched = self.images_missing = self.bad_images = 0
         self._last_faces_at, self._active_since = None, time.monotonic()
         self._last_frame_seq = 0
         period = float(self.get_parameter("diagnostics_period").value)
@@ -229,7 +317,8 @@ class HriBridge(LifecycleNode):
             reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
             self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", reliable)
             self._diag_timer = self.create_timer(period, self._publish_diagnostics)
-        self.get_logger().info(f"republishing {faces_topic} on {self._root}/faces/... (REP-155)")
+        images = f", face images from {self._image_topic}" if self._image_topic else ", no face images"
+        self.get_logger().info(f"republishing {faces_topic} on {self._root}/faces/... (REP-155){images}")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -254,6 +343,10 @@ class HriBridge(LifecycleNode):
         if self._subscription is not None:
             self.destroy_subscription(self._subscription)
             self._subscription = None
+        if self._image_subscription is not None:
+            self.destroy_subscription(self._image_subscription)
+            self._image_subscription = None
+        self._images.clear()
         if self._tracked_pub is not None:
             for track_id in list(self._faces):
                 self._drop_face(track_id)
@@ -275,6 +368,10 @@ class HriBridge(LifecycleNode):
             "frames_republished": str(self.republished),
             "bad_messages": str(self.bad_messages),
             "matches_published": str(self.matches_published),
+            "image_topic": self._image_topic or "(no face images)",
+            "images_matched": str(self.images_matched),
+            "images_missing": str(self.images_missing),
+            "bad_images": str(self.bad_images),
         }
         status = DiagnosticStatus(
             name=f"{self.get_name()}: ROS4HRI bridge", hardware_id="none", level=level, message=message
@@ -282,6 +379,36 @@ class HriBridge(LifecycleNode):
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(DiagnosticArray(header=Header(stamp=stamp), status=[status]))
+
+    # -- camera frames ----------------------------------------------------------------------------
+    def _on_image(self, msg: Any) -> None:
+        """Hold a camera frame (undecoded) until the FaceArray with its stamp arrives."""
+        self._images[stamp_to_ns(msg.header.stamp)] = msg
+        while len(self._images) > self._image_cache_frames:
+            self._images.popitem(last=False)
+
+    def _frame_for(self, header: Header) -> Any:
+        """The decoded camera frame of a FaceArray (RGB), or None; frames up to it are let go."""
+        if self._image_subscription is None:
+            return None
+        stamp = stamp_to_ns(header.stamp)
+        msg = self._images.pop(stamp, None)
+        # FaceArrays come in stamp order: frames older than this one will never be asked for
+        for old in [s for s in self._images if s < stamp]:
+            del self._images[old]
+        if msg is None:
+            self.images_missing += 1
+            return None
+        try:
+            rgb = compressed_msg_to_rgb(msg) if self._compressed else image_msg_to_rgb(msg)
+        except ImageDecodeError as exc:
+            self.bad_images += 1
+            self.get_logger().warning(
+                f"camera frame not usable for face images: {exc}", throttle_duration_sec=5.0
+            )
+            return None
+        self.images_matched += 1
+        return rgb
 
     # -- faces ----------------------------------------------------------------------------------
     def _on_faces(self, msg: FaceArray) -> None:
@@ -305,6 +432,7 @@ class HriBridge(LifecycleNode):
             for track_id in list(self._faces):
                 self._drop_face(track_id)
         self._last_frame_seq = msg.frame_seq
+        frame = self._frame_for(msg.header)
         in_view: list[str] = []
         seen: set[int] = set()
         for face in msg.faces:
@@ -313,7 +441,9 @@ class HriBridge(LifecycleNode):
             seen.add(face.track_id)
             tracked = self._faces.get(face.track_id) or self._add_face(face.track_id)
             tracked.missing = 0
-            self._publish_face(tracked, face, msg.header)
+            self._publish_face(tracked, face, msg)
+            if frame is not None:
+                self._publish_images(tracked, face, frame, msg.header)
             in_view.append(tracked.face_id)
         # a face missing from a few frames (a missed detection) keeps its id and stays listed, as in
         # hri_face_detect; after face_retention frames it has left
@@ -339,6 +469,11 @@ class HriBridge(LifecycleNode):
             softbiometrics=self.create_publisher(hri.SoftBiometrics, f"{ns}/softbiometrics", depth1),
             expression=self.create_publisher(hri.Expression, f"{ns}/expression", depth1),
         )
+        if self._publish_landmarks:
+            tracked.landmarks = self.create_publisher(hri.FacialLandmarks, f"{ns}/landmarks", depth1)
+        if self._image_topic:
+            tracked.cropped = self.create_publisher(Image, f"{ns}/cropped", depth1)
+            tracked.aligned = self.create_publisher(Image, f"{ns}/aligned", depth1)
         self._faces[track_id] = tracked
         self.get_logger().info(f"new face {face_id} (track {track_id})")
         return tracked
@@ -348,10 +483,13 @@ class HriBridge(LifecycleNode):
         self._match(tracked, "", 0.0)
         for publisher in (tracked.roi, tracked.softbiometrics, tracked.expression):
             self.destroy_publisher(publisher)
+        for publisher in (tracked.landmarks, tracked.cropped, tracked.aligned):
+            if publisher is not None:
+                self.destroy_publisher(publisher)
         self.get_logger().info(f"face {tracked.face_id} left (track {track_id})")
 
-    def _publish_face(self, tracked: _TrackedFace, face: Face, header: Header) -> None:
-        hri = self._hri
+    def _publish_face(self, tracked: _TrackedFace, face: Face, msg: FaceArray) -> None:
+        hri, header = self._hri, msg.header
         box = face.roi_normalized
         tracked.roi.publish(
             hri.NormalizedRegionOfInterest2D(
@@ -383,8 +521,49 @@ class HriBridge(LifecycleNode):
                     confidence=_unit(face.emotion_confidence),
                 )
             )
+        if tracked.landmarks is not None and face.keypoints:
+            tracked.landmarks.publish(
+                hri.FacialLandmarks(
+                    header=header,
+                    landmarks=landmark_points(face, hri.NormalizedPointOfInterest2D),
+                    height=msg.image_height,
+                    width=msg.image_width,
+                )
+            )
         known = face.identity not in ("", "unknown")
         self._match(tracked, person_id(face.identity) if known else "", _unit(face.identity_confidence))
+
+    def _publish_images(self, tracked: _TrackedFace, face: Face, frame: Any, header: Header) -> None:
+        """/cropped (square around the box) and, with both eyes known, /aligned (eyes level)."""
+        box = face.roi_normalized
+        crops = [
+            (
+                tracked.cropped,
+                square_face_crop(frame, (box.x_min, box.y_min, box.x_max, box.y_max), self._face_image_size),
+            )
+        ]
+        if len(face.keypoints) >= 2:
+            right, left = face.keypoints[Face.KEYPOINT_RIGHT_EYE], face.keypoints[Face.KEYPOINT_LEFT_EYE]
+            crops.append(
+                (
+                    tracked.aligned,
+                    aligned_face(frame, (right.x, right.y), (left.x, left.y), self._face_image_size),
+                )
+            )
+        for publisher, crop in crops:
+            if crop is None:
+                continue
+            data, step = encode_raw(crop, "bgr8")  # as hri_face_detect publishes them (cv_bridge's default)
+            publisher.publish(
+                Image(
+                    header=header,
+                    height=crop.shape[0],
+                    width=crop.shape[1],
+                    encoding="bgr8",
+                    step=step,
+                    data=data,
+                )
+            )
 
     def _match(self, tracked: _TrackedFace, person: str, confidence: float) -> None:
         """Publish a face -> person match when it changes; withdraw the previous one (confidence 0)."""
@@ -413,6 +592,16 @@ class HriBridge(LifecycleNode):
                 )
             )
         tracked.person = person
+
+
+def landmark_points(face: Face, point_type: Any) -> list[Any]:
+    """The 70 ``hri_msgs/FacialLandmarks`` points of a face: its key-points in their slots, c = its score."""
+    points = [point_type(x=0.0, y=0.0, c=0.0) for _ in range(LANDMARK_COUNT)]
+    score = _unit(face.detection_score)
+    for index, keypoint in enumerate(face.keypoints):
+        for slot in LANDMARK_SLOTS.get(index, ()):
+            points[slot] = point_type(x=_unit(keypoint.x), y=_unit(keypoint.y), c=score)
+    return points
 
 
 def start_hri_bridge(params: Mapping[str, Any], log_path: Path) -> subprocess.Popen[bytes]:
