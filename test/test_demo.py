@@ -108,3 +108,8 @@ def test_demo_with_the_ros4hri_bridge_summarises_the_humans_topics(tmp_path):
     assert len(faces) == ids and all(re.match(r"    face [a-z]{5}: ", line) for line in faces), faces
     # the demo's photos are faces: at least one face id got its soft biometrics and expression
     assert any(re.search(r"age \d+ \(.*\)  (female|male) \(.*\)  \w+ \(", line) for line in faces), faces
+    # ... and their landmarks and aligned images (the demo gives the bridge its camera): saved side by side
+    assert any(re.search(r"  7 landmarks  aligned 128x128$", line) for line in faces), faces
+    strip = cv2.imread(str(tmp_path / "out" / "hri_aligned.png"))
+    assert f"ROS4HRI aligned faces: {tmp_path / 'out' / 'hri_aligned.png'}" in done.stdout
+    assert strip is not None and strip.shape[0] == 128 and strip.shape[1] % 128 == 0

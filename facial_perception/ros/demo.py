@@ -233,9 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _start_hri_bridge(
-    client_node: Node, log_dir: Path, timeout: float
+    client_node: Node, log_dir: Path, timeout: float, camera_topic: str, compressed: bool
 ) -> tuple[subprocess.Popen[bytes], Node]:
-    """The ROS4HRI bridge process on the node's faces, brought up, and a listener of its topics."""
+    """The ROS4HRI bridge process on the node's faces (face images from the demo's camera), brought up,
+    and a listener of its topics."""
     try:
         from facial_perception.ros.hri_listener import HriListener
 
@@ -246,7 +247,12 @@ def _start_hri_bridge(
 
     log = log_dir / "demo_hri_bridge.log"
     log.unlink(missing_ok=True)
-    bridge = start_hri_bridge({"faces_topic": f"/{PACKAGE}/faces"}, log)
+    params = {
+        "faces_topic": f"/{PACKAGE}/faces",
+        "image_topic": camera_topic,  # the demo's sample photos: /cropped and /aligned on
+        "input_type": "compressed" if compressed else "raw",
+    }
+    bridge = start_hri_bridge(params, log)
     try:
         LifecycleClient(client_node, "/hri_bridge").bring_up(timeout)
     except DemoError:
@@ -316,7 +322,9 @@ def _run(args: argparse.Namespace) -> int:
             raise DemoError(f"{exc}\n  " + "\n  ".join(tail)) from None
         print(f"demo: perception node active after {time.monotonic() - started:.1f} s", flush=True)
         if args.hri_bridge:
-            bridge, hri_listener = _start_hri_bridge(client_node, log_dir, args.startup_timeout)
+            bridge, hri_listener = _start_hri_bridge(
+                client_node, log_dir, args.startup_timeout, topic, args.compressed
+            )
             nodes.append(hri_listener)
             executor.add_node(hri_listener)
         listener = DemoListener(
@@ -351,7 +359,10 @@ def _run(args: argparse.Namespace) -> int:
         stop_process(process)
         executor.shutdown(timeout_sec=2.0)
         files = listener.finish() if listener is not None else []
-        hri_lines = hri_listener.summary() if hri_listener is not None else []
+        if hri_listener is not None:
+            hri_lines = hri_listener.summary()
+            aligned = hri_listener.save_aligned(log_dir / "hri_aligned.png")
+            hri_lines.append(f"ROS4HRI aligned faces: {aligned}" if aligned else "ROS4HRI: no aligned face")
         for node in nodes:
             node.destroy_node()
         rclpy.try_shutdown()

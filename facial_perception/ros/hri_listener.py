@@ -1,7 +1,8 @@
 """A small REP-155 consumer: what the ROS4HRI bridge publishes, one readable line per face.
 
-It follows ``/humans/faces/tracked``, subscribes to each new face's ``softbiometrics`` and
-``expression`` as the face appears, and reads ``/humans/candidate_matches``. The demo runs it with
+It follows ``/humans/faces/tracked``, subscribes to each new face's ``softbiometrics``,
+``expression``, ``landmarks`` and ``aligned`` image as the face appears, and reads
+``/humans/candidate_matches``. The demo runs it with
 ``--hri-bridge``; it is also a template for a node of your own that reads ROS4HRI faces.
 """
 
@@ -9,10 +10,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
 
 __all__ = ["HriFace", "HriListener"]
 
@@ -26,6 +31,8 @@ class HriFace:
     face_id: str
     softbiometrics: Any = None
     expression: Any = None
+    landmarks: Any = None
+    aligned: Any = None
     person: str = ""
     person_confidence: float = 0.0
 
@@ -40,6 +47,10 @@ class HriFace:
             parts.append(f"{_GENDERS.get(bio.gender, 'undefined')} ({bio.gender_confidence:.2f})")
         if self.expression is not None:
             parts.append(f"{self.expression.expression} ({self.expression.confidence:.2f})")
+        if self.landmarks is not None:
+            parts.append(f"{sum(p.c > 0 for p in self.landmarks.landmarks)} landmarks")
+        if self.aligned is not None:
+            parts.append(f"aligned {self.aligned.width}x{self.aligned.height}")
         return f"face {self.face_id}: " + ("  ".join(parts) or "(left before its topics were matched)")
 
 
@@ -86,6 +97,8 @@ class HriListener(Node):
                 for msg_type, topic in (
                     (self._hri.SoftBiometrics, "softbiometrics"),
                     (self._hri.Expression, "expression"),
+                    (self._hri.FacialLandmarks, "landmarks"),
+                    (Image, "aligned"),
                 )
             ]
 
@@ -104,6 +117,26 @@ class HriListener(Node):
                 face.person, face.person_confidence = msg.id2, float(msg.confidence)
             elif face.person == msg.id2:
                 face.person, face.person_confidence = "", 0.0
+
+    def save_aligned(self, path: Path, limit: int = 12) -> Path | None:
+        """The newest aligned image of each face (up to ``limit``, in order of appearance) side by side."""
+        with self._lock:
+            images = [
+                self.faces[i].aligned for i in self.counts.face_ids if self.faces[i].aligned is not None
+            ]
+        tiles = []
+        for msg in images[-limit:]:
+            if msg.encoding == "bgr8" and len(msg.data) >= msg.height * msg.step:
+                rows = np.frombuffer(bytes(msg.data), np.uint8)[: msg.height * msg.step]
+                tile = rows.reshape(msg.height, msg.step)[:, : msg.width * 3].reshape(
+                    msg.height, msg.width, 3
+                )
+                tiles.append(cv2.resize(tile, (128, 128)))
+        if not tiles:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.hstack(tiles))
+        return path
 
     def summary(self) -> list[str]:
         """A count line, then one line per face seen (in order of appearance)."""
