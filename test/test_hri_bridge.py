@@ -601,13 +601,22 @@ def test_benchmark_command_writes_consistent_json_and_table(tmp_path):
     argv = ["--seconds", "2", "--faces", "1", "4", "--json", str(json_path), "--markdown", str(markdown)]
     assert hri_bridge_benchmark.main(argv) == 0
     result = json.loads(json_path.read_text())
-    assert [s["faces"] for s in result["scenes"]] == [1, 4]
+    assert [(s["faces"], s["face_images"]) for s in result["scenes"]] == [
+        (1, False),
+        (4, False),
+        (1, True),
+        (4, True),
+    ]
     table = markdown.read_text()
     for s in result["scenes"]:
         assert 50 <= s["frames_published"] <= 61  # 2 s at 30 Hz after the warm-up second
         assert s["frames_republished"] >= 0.9 * s["frames_published"]  # reliable QoS, nothing lost
+        # with face images, (nearly) every frame's crops were cut from its own camera frame
+        assert s["frames_with_images"] >= (0.9 * s["frames_published"] if s["face_images"] else 0)
         assert 0.0 < s["added_latency_p50_ms"] <= s["added_latency_p99_ms"]
-        row = f"| {s['faces']} | {s['frames_republished']} / {s['frames_published']} | "
+        images = f" ({s['frames_with_images']})" if s["face_images"] else ""
+        row = f"| {s['faces']} | {'on' if s['face_images'] else 'off'} | "
+        row += f"{s['frames_republished']} / {s['frames_published']}{images} | "
         assert row + f"{s['added_latency_p50_ms']:.2f} ms" in table
     with pytest.raises(SystemExit) as bad:
         hri_bridge_benchmark.main(["--rate", "-1"])
