@@ -493,6 +493,24 @@ def test_face_images_and_landmarks_from_the_camera_frame_with_the_faces_stamp(li
         assert process.poll() is None
         values = {kv.key: kv.value for kv in _statuses(listener)[-1].values}
         assert values["image_topic"] == camera_topic and int(values["images_matched"]) >= 1
+
+        # the usual misconfigurations are named: frames of another camera (stamps never match), no camera
+        def warned(text: str) -> Callable[[], bool]:
+            return lambda: any(
+                s.level == DiagnosticStatus.WARN and text in s.message for s in _statuses(listener)
+            )
+
+        def other_camera(header: Header) -> FaceArray:
+            other = Header(stamp=header.stamp, frame_id="cam")
+            other.stamp.nanosec = (other.stamp.nanosec + 500) % 1_000_000_000
+            camera.publish(rgb_to_image_msg(frame, other))
+            return FaceArray(header=header, faces=faces)
+
+        listener.publish_until(other_camera, warned("none has a FaceArray's stamp"), "WARN: unmatched frames")
+        listener.publish_until(
+            lambda h: FaceArray(header=h, faces=faces), warned("no camera frame on"), "a WARN on no frames"
+        )
+        assert process.poll() is None
     finally:
         stop_process(process)
 

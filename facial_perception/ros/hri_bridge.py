@@ -162,8 +162,10 @@ class _TrackedFace:
     missing: int = 0  # consecutive FaceArrays without this track
 
 
-#: Seconds without a FaceArray after which the bridge's diagnostics warn (the node publishes one per frame).
+#: Seconds without a FaceArray (or, with face images, a camera frame) after which the diagnostics warn.
 SILENCE_WARN_S = 5.0
+#: FaceArrays without their camera frame, and none with, in one diagnostics period that make it warn.
+MISSING_WARN_FRAMES = 5
 
 
 class HriBridge(LifecycleNode):
@@ -217,6 +219,8 @@ class HriBridge(LifecycleNode):
         self._image_subscription: Any = None
         self._images: OrderedDict[int, Any] = OrderedDict()  # stamp (ns) -> camera message, oldest first
         self.images_matched = self.images_missing = self.bad_images = 0
+        self._window_matched = self._window_missing = 0  # since the last diagnostics message
+        self._last_image_at: float | None = None  # monotonic time of the last camera frame
         self._last_frame_seq = 0  # FaceArray.frame_seq counts frames since the perception node's activation
         self._active_since = 0.0
         self._diag_pub: Any = None
@@ -310,6 +314,8 @@ class HriBridge(LifecycleNode):
             )
         self.republished = self.matches_published = self.bad_messages = 0
         self.images_matched = self.images_missing = self.bad_images = 0
+        self._window_matched = self._window_missing = 0
+        self._last_image_at = None
         self._last_faces_at, self._active_since = None, time.monotonic()
         self._last_frame_seq = 0
         period = float(self.get_parameter("diagnostics_period").value)
@@ -361,6 +367,12 @@ class HriBridge(LifecycleNode):
         now = time.monotonic()
         silent = None if self._last_faces_at is None else now - self._last_faces_at
         level, message = _diagnostics_level(silent, now - self._active_since)
+        if level == DiagnosticStatus.OK and self._image_subscription is not None:
+            quiet = now - (self._last_image_at or self._active_since)
+            level, message = _images_level(
+                self._image_topic, quiet, self._window_matched, self._window_missing, level, message
+            )
+        self._window_matched = self._window_missing = 0
         values = {
             "faces_topic": self._faces_topic,
             "humans_namespace": self._root,
@@ -384,6 +396,7 @@ class HriBridge(LifecycleNode):
     def _on_image(self, msg: Any) -> None:
         """Hold a camera frame (undecoded) until the FaceArray with its stamp arrives."""
         self._images[stamp_to_ns(msg.header.stamp)] = msg
+        self._last_image_at = time.monotonic()
         while len(self._images) > self._image_cache_frames:
             self._images.popitem(last=False)
 
@@ -398,6 +411,7 @@ class HriBridge(LifecycleNode):
             del self._images[old]
         if msg is None:
             self.images_missing += 1
+            self._window_missing += 1
             return None
         try:
             rgb = compressed_msg_to_rgb(msg) if self._compressed else image_msg_to_rgb(msg)
@@ -408,6 +422,7 @@ class HriBridge(LifecycleNode):
             )
             return None
         self.images_matched += 1
+        self._window_matched += 1
         return rgb
 
     # -- faces ----------------------------------------------------------------------------------
@@ -620,6 +635,23 @@ def _diagnostics_level(silent_s: float | None, active_s: float) -> tuple[bytes, 
     if silent_s > SILENCE_WARN_S:
         return DiagnosticStatus.WARN, f"no FaceArray for {silent_s:.0f} s"
     return DiagnosticStatus.OK, "ok"
+
+
+def _images_level(
+    topic: str, quiet_s: float, matched: int, missing: int, level: bytes, message: str
+) -> tuple[bytes, str]:
+    """WARN when face images are on but the camera is silent, or its frames never match a FaceArray."""
+    if quiet_s > SILENCE_WARN_S:
+        return DiagnosticStatus.WARN, (
+            f"no camera frame on {topic} for {quiet_s:.0f} s: no face images "
+            "(check image_topic, input_type, image_reliability)"
+        )
+    if matched == 0 and missing >= MISSING_WARN_FRAMES:
+        return DiagnosticStatus.WARN, (
+            f"camera frames on {topic} arrive but none has a FaceArray's stamp: "
+            "is it the camera the perception node reads?"
+        )
+    return level, message
 
 
 def main(args: Sequence[str] | None = None) -> int:
