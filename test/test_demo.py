@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("facial_perception.msg", reason="interfaces not built: run scripts/setup.sh")
 
-from facial_perception.msg import Face, FaceArray, TaskPrediction
+from facial_perception.msg import Face, FaceArray, NormalizedPoint, TaskPrediction
 
 from facial_perception.pipeline.detection import make_detector
 from facial_perception.ros.demo import param_args
@@ -69,6 +69,9 @@ def test_listener_line_and_drawing():
     canvas = np.zeros((120, 160, 3), np.uint8)
     drawn = draw_face_array(canvas, FaceArray(faces=[face]))
     assert drawn.any() and not canvas.any()  # drawn on a copy
+    assert not drawn[72, 40].any()  # inside the box, no key-point yet
+    face.keypoints = [NormalizedPoint(x=0.25, y=0.6)]  # (40, 72) on this canvas
+    assert draw_face_array(canvas, FaceArray(faces=[face]))[72, 40].any()
 
 
 def _run_demo(tmp_path: Path, output: Path, *extra: str) -> subprocess.CompletedProcess[str]:

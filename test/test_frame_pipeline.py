@@ -508,6 +508,8 @@ def test_draw_annotations(predictor, detector, frame: np.ndarray) -> None:
     for face in result.faces:
         x1, y1, x2, _ = (round(float(v)) for v in face.box)
         assert not np.array_equal(drawn[y1, x1:x2], frame[y1, x1:x2])  # box edge drawn
+        nose_x, nose_y = (round(float(v)) for v in face.keypoints[2])
+        assert not np.array_equal(drawn[nose_y, nose_x], frame[nose_y, nose_x])  # key-points drawn
     empty = draw_annotations(frame, pipeline.process(np.full((480, 640, 3), 90, np.uint8)))
     assert np.array_equal(empty, frame)
 

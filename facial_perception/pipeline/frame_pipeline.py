@@ -1134,7 +1134,7 @@ def draw_annotations(
     task_order: Sequence[str] = ("gender", "age", "emotion"),
     line_formatter: Callable[[FaceResult], list[str]] | None = None,
 ) -> np.ndarray:
-    """A copy of the frame with each face's box (colour per track) and its labels drawn on it."""
+    """A copy of the frame with each face's box, key-points (colour per track) and labels drawn on it."""
     canvas = np.array(_check_frame(rgb), dtype=np.uint8, copy=True, order="C")
     height, width = canvas.shape[:2]
     scale = float(np.clip(min(width, height) / 800.0, 0.35, 1.2))
@@ -1143,6 +1143,9 @@ def draw_annotations(
         colour = _track_colour(face.track_id)
         x1, y1, x2, y2 = (round(float(v)) for v in face.box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
+        for px, py in [] if face.keypoints is None else np.asarray(face.keypoints).reshape(-1, 2):
+            if np.isfinite(px) and np.isfinite(py):
+                cv2.circle(canvas, (round(float(px)), round(float(py))), thickness + 1, colour, -1)
         lines = line_formatter(face) if line_formatter else _face_lines(face, task_order)
         (_, text_h), base = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         step = text_h + base + 2

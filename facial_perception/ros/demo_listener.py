@@ -70,12 +70,16 @@ def _face_label(face: Face) -> list[str]:
 
 
 def draw_face_array(rgb: np.ndarray, faces: FaceArray, note: str = "") -> np.ndarray:
-    """A copy of ``rgb`` with each face's box and labels drawn (and ``note`` in the corner)."""
+    """A copy of ``rgb`` with each face's box, key-points and labels drawn (and ``note`` in the corner)."""
     canvas = np.ascontiguousarray(rgb).copy()
     for face in faces.faces:
         colour = _COLOURS[face.track_id % len(_COLOURS)]
         x, y, w, h = face.roi.x_offset, face.roi.y_offset, face.roi.width, face.roi.height
         cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, 2)
+        for point in face.keypoints:  # normalised: the canvas may be another size than the node's image
+            cv2.circle(
+                canvas, (round(point.x * canvas.shape[1]), round(point.y * canvas.shape[0])), 3, colour, -1
+            )
         for row, text in enumerate(_face_label(face)):
             baseline_y = max(y - 6 - 16 * (len(_face_label(face)) - 1 - row), 12)
             cv2.putText(
