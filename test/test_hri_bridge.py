@@ -294,16 +294,22 @@ def test_faces_appear_change_person_and_leave_on_the_rep155_topics(listener, tmp
         stop_process(process)
 
 
+def _configure_fails(listener: Listener, process: subprocess.Popen[bytes], log: Path) -> list[str]:
+    """Configure is refused, the node stays up and unconfigured; returns the error lines of its log."""
+    # get_state is re-sent until answered: the server has matched this client before a change is sent
+    assert listener.lifecycle.state(STARTUP_S) == "unconfigured"
+    with pytest.raises(DemoError, match="transition"):
+        listener.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
+    assert listener.lifecycle.state() == "unconfigured" and process.poll() is None
+    return [line for line in log.read_text().splitlines() if "[ERROR]" in line]
+
+
 def test_random_face_ids_and_a_bad_namespace(listener, tmp_path):
     log = tmp_path / "bridge.log"
     process = start_bridge(log, faces_topic=FACES_TOPIC, humans_namespace="/no spaces allowed")
     try:
-        # get_state is re-sent until answered: the server has matched this client before a change is sent
-        assert listener.lifecycle.state(STARTUP_S) == "unconfigured"
-        with pytest.raises(DemoError, match="transition"):
-            listener.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
-        assert listener.lifecycle.state() == "unconfigured" and process.poll() is None
-        assert "is not a valid topic namespace" in log.read_text()
+        (error,) = _configure_fails(listener, process, log)
+        assert "is not a valid topic namespace" in error
     finally:
         stop_process(process)
 
@@ -520,12 +526,8 @@ def test_face_images_and_landmarks_from_the_camera_frame_with_the_faces_stamp(li
         log, faces_topic=FACES_TOPIC, image_topic=camera_topic, face_image_size=4, input_type="jpeg"
     )
     try:
-        assert listener.lifecycle.state(STARTUP_S) == "unconfigured"
-        with pytest.raises(DemoError, match="transition"):
-            listener.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
-        assert listener.lifecycle.state() == "unconfigured" and process.poll() is None
-        errors = [line for line in log.read_text().splitlines() if "[ERROR]" in line]
-        assert len(errors) == 1 and "face_image_size" in errors[0] and "input_type" in errors[0], errors
+        (error,) = _configure_fails(listener, process, log)
+        assert "face_image_size" in error and "input_type" in error
     finally:
         stop_process(process)
 
@@ -542,12 +544,8 @@ def test_without_hri_msgs_configure_fails_with_one_line(listener, tmp_path):
             [sys.executable, "-c", code, "--ros-args"], stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        assert listener.lifecycle.state(STARTUP_S) == "unconfigured"
-        with pytest.raises(DemoError, match="transition"):
-            listener.lifecycle.change(Transition.TRANSITION_CONFIGURE, STARTUP_S)
-        assert listener.lifecycle.state() == "unconfigured" and process.poll() is None
-        errors = [line for line in log.read_text().splitlines() if "[ERROR]" in line]
-        assert len(errors) == 1 and "apt install ros-$ROS_DISTRO-hri-msgs" in errors[0], errors
+        (error,) = _configure_fails(listener, process, log)
+        assert "apt install ros-$ROS_DISTRO-hri-msgs" in error
     finally:
         stop_process(process)
 
