@@ -274,6 +274,10 @@ def test_make_then_evaluate_offline(tmp_path, people_dataset, predictor, storage
         with BagReader(bag) as source:
             stamps = sorted(source.read_ground_truth())
     assert sorted(stamp_to_ns(a.header.stamp) for a in arrays) == stamps
+    assert {(a.image_width, a.image_height) for a in arrays} == {(640, 480)}  # the bag's frames
+    faces = [f for a in arrays for f in a.faces]
+    assert faces and all(len(f.keypoints) == 6 for f in faces)  # BlazeFace's, as the node sends them
+    assert all(f.roi_normalized.x_min <= f.keypoints[2].x <= f.roi_normalized.x_max for f in faces)  # nose
     track_ids = {r["pred_track"] for r in evaluation.matches if r["pred_track"] is not None}
     assert track_ids <= {f.track_id for a in arrays for f in a.faces}
 
