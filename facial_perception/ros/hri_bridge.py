@@ -400,8 +400,9 @@ class HriBridge(LifecycleNode):
         while len(self._images) > self._image_cache_frames:
             self._images.popitem(last=False)
 
-    def _frame_for(self, header: Header) -> Any:
-        """The decoded camera frame of a FaceArray (RGB), or None; frames up to it are let go."""
+    def _frame_for(self, header: Header, needed: bool) -> Any:
+        """The decoded camera frame of a FaceArray (RGB) if ``needed`` (it has faces), or None; frames up
+        to it are let go."""
         if self._image_subscription is None:
             return None
         stamp = stamp_to_ns(header.stamp)
@@ -409,6 +410,8 @@ class HriBridge(LifecycleNode):
         # FaceArrays come in stamp order: frames older than this one will never be asked for
         for old in [s for s in self._images if s < stamp]:
             del self._images[old]
+        if not needed:
+            return None
         if msg is None:
             self.images_missing += 1
             self._window_missing += 1
@@ -447,7 +450,7 @@ class HriBridge(LifecycleNode):
             for track_id in list(self._faces):
                 self._drop_face(track_id)
         self._last_frame_seq = msg.frame_seq
-        frame = self._frame_for(msg.header)
+        frame = self._frame_for(msg.header, needed=bool(msg.faces))
         in_view: list[str] = []
         seen: set[int] = set()
         for face in msg.faces:
