@@ -90,6 +90,19 @@ def test_person_ids_are_topic_tokens() -> None:
     assert hri_bridge.person_id("  ") == hri_bridge.person_id("???") == ""
 
 
+def test_image_parameter_problems_name_each_bad_value() -> None:
+    assert hri_bridge.image_parameter_problems("", "raw", "best_effort", 128, 30) == []
+    assert hri_bridge.image_parameter_problems("camera/image_raw", "compressed", "reliable", 16, 1) == []
+    problems = hri_bridge.image_parameter_problems("/cam era", "jpeg", "fast", 8, 0)
+    assert [p.split()[0] for p in problems] == [
+        "input_type",
+        "image_reliability",
+        "face_image_size",
+        "image_cache_frames",
+        "image_topic",
+    ]
+
+
 def test_parameter_file_lists_exactly_the_declared_parameters() -> None:
     context = rclpy.Context()
     rclpy.init(context=context)

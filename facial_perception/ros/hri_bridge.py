@@ -76,6 +76,7 @@ __all__ = [
     "expression_name",
     "face_id_for_track",
     "gender_code",
+    "image_parameter_problems",
     "landmark_points",
     "main",
     "person_id",
@@ -255,27 +256,11 @@ class HriBridge(LifecycleNode):
         reliability = str(self.get_parameter("image_reliability").value)
         self._face_image_size = int(self.get_parameter("face_image_size").value)
         self._image_cache_frames = int(self.get_parameter("image_cache_frames").value)
-        problems = [
-            f"input_type must be raw or compressed, got {input_type!r}"
-            * (input_type not in ("raw", "compressed")),
-            f"image_reliability must be best_effort or reliable, got {reliability!r}"
-            * (reliability not in ("best_effort", "reliable")),
-            f"face_image_size must be in [16, 1024] pixels, got {self._face_image_size}"
-            * (not 16 <= self._face_image_size <= 1024),
-            f"image_cache_frames must be in [1, 300], got {self._image_cache_frames}"
-            * (not 1 <= self._image_cache_frames <= 300),
-        ]
-        if self._image_topic:
-            self._image_topic = (
-                compressed_topic(self._image_topic) if input_type == "compressed" else self._image_topic
-            )
-            try:
-                validate_full_topic_name(
-                    self._image_topic if self._image_topic.startswith("/") else "/" + self._image_topic
-                )
-            except InvalidTopicNameException as exc:
-                problems.append(f"image_topic {self._image_topic!r} is not a valid topic name: {exc}")
-        problems = [p for p in problems if p]
+        if input_type == "compressed" and self._image_topic:
+            self._image_topic = compressed_topic(self._image_topic)
+        problems = image_parameter_problems(
+            self._image_topic, input_type, reliability, self._face_image_size, self._image_cache_frames
+        )
         if problems:
             self.get_logger().error("; ".join(problems))
             return TransitionCallbackReturn.FAILURE
@@ -638,6 +623,27 @@ def _diagnostics_level(silent_s: float | None, active_s: float) -> tuple[bytes, 
     if silent_s > SILENCE_WARN_S:
         return DiagnosticStatus.WARN, f"no FaceArray for {silent_s:.0f} s"
     return DiagnosticStatus.OK, "ok"
+
+
+def image_parameter_problems(
+    topic: str, input_type: str, reliability: str, size: int, cache: int
+) -> list[str]:
+    """What is wrong with the face-image parameters, one phrase each (empty: nothing)."""
+    problems = []
+    if input_type not in ("raw", "compressed"):
+        problems.append(f"input_type must be raw or compressed, got {input_type!r}")
+    if reliability not in ("best_effort", "reliable"):
+        problems.append(f"image_reliability must be best_effort or reliable, got {reliability!r}")
+    if not 16 <= size <= 1024:
+        problems.append(f"face_image_size must be in [16, 1024] pixels, got {size}")
+    if not 1 <= cache <= 300:
+        problems.append(f"image_cache_frames must be in [1, 300], got {cache}")
+    if topic:
+        try:
+            validate_full_topic_name(topic if topic.startswith("/") else "/" + topic)
+        except InvalidTopicNameException as exc:
+            problems.append(f"image_topic {topic!r} is not a valid topic name: {exc}")
+    return problems
 
 
 def _images_level(
