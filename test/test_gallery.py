@@ -125,6 +125,24 @@ def test_persists_across_reopen(tmp_path: Path, people: dict[str, np.ndarray]) -
     reopened.close()
 
 
+def test_an_open_gallery_sees_what_another_process_changed(
+    tmp_path: Path, people: dict[str, np.ndarray]
+) -> None:
+    """The node keeps its gallery open; an enrolment or forget by another connection (the
+    facial-perception-gallery command) counts from its next match on, without a reload."""
+    path = tmp_path / "g.db"
+    node = IdentityGallery(path)
+    node.enrol("ada", people["ada"])
+    assert node.match(people["linus"])[0] == UNKNOWN  # the cache now holds ada only
+    other = IdentityGallery(path)
+    other.enrol("linus", people["linus"])
+    assert node.match(people["linus"])[0] == "linus"
+    other.forget("ada")
+    assert node.match(people["ada"])[0] == UNKNOWN
+    other.close()
+    node.close()
+
+
 def test_empty_gallery_says_unknown(tmp_path: Path) -> None:
     with IdentityGallery(tmp_path / "g.db") as gallery:
         assert gallery.match(np.ones(DIM)) == (UNKNOWN, 0.0)

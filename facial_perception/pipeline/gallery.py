@@ -133,6 +133,7 @@ class IdentityGallery:
         self.match_mode = match_mode
         self._lock = threading.RLock()
         self._cache: tuple[list[str], np.ndarray, np.ndarray] | None = None
+        self._cache_version: int | None = None  # PRAGMA data_version the cache was loaded at
         _secure_file(self.path)
         try:
             self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -380,7 +381,12 @@ class IdentityGallery:
 
     # -- matching ------------------------------------------------------------------------------
     def _load(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(names, reference matrix (R, D), owner index per row), cached until the next change."""
+        """(names, reference matrix (R, D), owner index per row), cached until the next change, by this
+        connection or by another process (``facial-perception-gallery`` while the node runs)."""
+        # SQLite's data_version changes when another connection has committed to the file
+        version = self._execute("PRAGMA data_version").fetchone()[0]
+        if version != self._cache_version:
+            self._cache, self._cache_version = None, version
         if self._cache is not None:
             return self._cache
         rows = self._execute(
