@@ -59,6 +59,7 @@ setup(
         "console_scripts": [
             "facial-perception=facial_perception.core.cli:main",
             "facial-perception-bag=facial_perception.bags.cli:main",
+            "facial-perception-gallery=facial_perception.pipeline.gallery_cli:main",
         ]
     },
     classifiers=[

@@ -549,7 +549,7 @@ def test_benchmark_command_writes_consistent_json_and_markdown(tmp_path, small_b
     import json
 
     from facial_perception.bags.cli import main as bag_main
-    from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
+    from facial_perception.core.checkpoint import DEFAULT_MODEL
     from facial_perception.core.cli import main as core_main
 
     # the shipped model (v6) averages no column over mirror images; v4 did: a checkpoint that asks for it

@@ -14,8 +14,8 @@ import torch
 from data_fixtures import real_face_files
 from PIL import Image
 
-from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
 from facial_perception.core import inference
+from facial_perception.core.checkpoint import DEFAULT_MODEL
 from facial_perception.core.config import get_config
 from facial_perception.core.preprocess import preprocess_batch
 from facial_perception.core.progressive import ProgressiveNet, TaskSpec, default_task_specs

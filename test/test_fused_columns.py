@@ -10,8 +10,7 @@ import pytest
 import torch
 from tiny_models import TINY, one_thread  # noqa: F401 - one_thread is an autouse fixture
 
-from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
-from facial_perception.core.checkpoint import load_model
+from facial_perception.core.checkpoint import DEFAULT_MODEL, load_model
 from facial_perception.core.config import get_config
 from facial_perception.core.fused_columns import FusedColumns
 from facial_perception.core.inference import FacePredictor, InferenceError

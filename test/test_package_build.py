@@ -112,6 +112,7 @@ def test_setup_py_builds_a_ros_free_wheel(tmp_path: Path) -> None:
     for script in (
         r"^facial-perception\s*=\s*facial_perception\.core\.cli:main$",
         r"^facial-perception-bag\s*=\s*facial_perception\.bags\.cli:main$",
+        r"^facial-perception-gallery\s*=\s*facial_perception\.pipeline\.gallery_cli:main$",
     ):
         assert re.search(script, entry_points, re.MULTILINE), entry_points
     requires = set(re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", metadata, re.MULTILINE))
@@ -172,7 +173,10 @@ def test_colcon_build_of_a_workspace(tmp_path: Path) -> None:
     assert (share / "package.xml").is_file() and (share / "msg" / "FaceArray.msg").is_file()
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / PACKAGE).is_file()
     executables = [prefix / "lib" / PACKAGE / name for name in ROS_EXECUTABLES]
-    clis = [prefix / "bin" / name for name in ("facial-perception", "facial-perception-bag")]
+    clis = [
+        prefix / "bin" / name
+        for name in ("facial-perception", "facial-perception-bag", "facial-perception-gallery")
+    ]
     for executable in (*executables, *clis):
         assert executable.is_file() and os.access(executable, os.X_OK), executable
         shebang = executable.read_text().splitlines()[0]

@@ -538,9 +538,8 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
 
 def _expected_task_order() -> list[str]:
     """Task order of what the node loads with an empty columns_dir: the shipped default, else untrained."""
-    from facial_perception.core.checkpoint import load_model
+    from facial_perception.core.checkpoint import DEFAULT_MODEL, load_model
     from facial_perception.core.progressive import default_task_specs
-    from facial_perception.ros.perception_node import DEFAULT_MODEL
 
     if DEFAULT_MODEL.is_file():
         return load_model(DEFAULT_MODEL)[0].task_names

@@ -519,7 +519,7 @@ _COMPARED = (
 
 def _model_path(checkpoint: str | None) -> str:
     """The checkpoint the benchmark loads: ``--checkpoint`` or the shipped default model."""
-    from facial_perception.bags.evaluate_bag import DEFAULT_MODEL
+    from facial_perception.core.checkpoint import DEFAULT_MODEL
 
     return str(Path(checkpoint).expanduser()) if checkpoint else str(DEFAULT_MODEL)
 

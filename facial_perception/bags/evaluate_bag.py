@@ -47,6 +47,7 @@ from facial_perception.bags.bag_io import (
     stamp_to_ns,
 )
 from facial_perception.bags.prepare_worker import FirstStageJob, FirstStageProcess, FrameRef
+from facial_perception.core.checkpoint import DEFAULT_MODEL
 from facial_perception.pipeline.face_images import normalized_points
 
 __all__ = [
@@ -532,7 +533,6 @@ class PipelineSettings:
 
 
 #: The trained default model shipped inside the package (the node uses the same file).
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.safetensors"
 
 
 def load_predictor(settings: PipelineSettings | None = None) -> tuple[Any, str]:

@@ -41,6 +41,8 @@ KIND_MODEL = "progressive"
 KIND_BEGAN = "began"
 TRAINING_STATE_VERSION = 1
 _MAX_HEADER = 100 * 1024 * 1024
+#: The model shipped inside the package, which the node, the demo and the tools load by default.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.safetensors"
 
 
 class CheckpointError(RuntimeError):

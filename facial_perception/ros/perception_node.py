@@ -58,6 +58,7 @@ from rclpy.qos import (
 from sensor_msgs.msg import CompressedImage, Image
 
 from facial_perception.action import AddTaskColumn
+from facial_perception.core.checkpoint import DEFAULT_MODEL
 from facial_perception.core.preprocess import preprocess_batch
 from facial_perception.msg import FaceArray, TrainingStatus
 from facial_perception.pipeline.detection import DetectorError, make_detector
@@ -93,7 +94,6 @@ __all__ = ["NODE_NAME", "LatestFrame", "ModelSource", "PerceptionNode", "main", 
 
 NODE_NAME = "facial_perception"
 #: The trained default model shipped inside the package (written by the training pipeline).
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.safetensors"
 UNTRAINED_WARNING = (
     "weights are untrained: no trained model found (model_path unset, no {current}, no {default}); "
     "using a randomly initialised 'lite' model -- faces are detected and tracked, but identity/age/gender/"
