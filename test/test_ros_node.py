@@ -531,6 +531,18 @@ def test_add_column_enrol_and_restart(harness, tmp_path, shared_datasets, real_f
             ForgetIdentity, "/facial_perception/forget_identity", ForgetIdentity.Request(name="eileen")
         )
         assert forget.success
+        harness.faces.clear()
+        assert harness.send_until_result(_raw(make_frame([0])), harness.raw_pub).faces[0].identity != "eileen"
+
+        # enrolled again from the command line, beside the running node (its model, its gallery file):
+        # the node names her from its next frames, without a restart
+        from facial_perception.pipeline.gallery_cli import main as gallery_command
+
+        served_file = tmp_path / "columns" / "current.safetensors"
+        argv = ["--gallery", str(tmp_path / "gallery.db"), "enrol", "eileen", str(astronaut_file)]
+        assert gallery_command([*argv, "--checkpoint", str(served_file)]) == 0
+        harness.faces.clear()
+        assert harness.send_until_result(_raw(make_frame([0])), harness.raw_pub).faces[0].identity == "eileen"
     finally:
         node.stop()
         harness.close()
