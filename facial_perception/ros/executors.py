@@ -48,6 +48,9 @@ class PooledExecutor(Executor):
     is re-raised by the next :meth:`spin_once` in the spinning thread, as rclpy's executors do.
     """
 
+    # what rclpy's Executor.__del__ reads, for an instance whose __init__ raised before the base's ran
+    _sigint_gc = None
+
     def __init__(self, num_threads: int = 4, *, context: Context | None = None) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
